@@ -1,0 +1,69 @@
+"""Stage 1: pretraining. Builds the embedded tiny base model, or continues pretraining a real one on raw text.
+
+    accelerate launch --config_file accelerate_config.yaml recipes/pretrain.py --config recipes/configs/pretrain/tiny.yaml
+
+From scratch it trains a byte-level BPE tokenizer and a small LLaMA on `dataset_name` (a `text` column), packs the
+corpus into `block_size` blocks and saves an ordinary Hugging Face model directory. With `base_model` set it
+continues pretraining that model instead (same packing, its own tokenizer).
+"""
+
+from pathlib import Path
+
+from transformers import (
+    AutoModelForCausalLM,
+    DataCollatorForLanguageModeling,
+    LlamaForCausalLM,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+from rlhf_kit.config import parse_config, save_config, to_dict
+from rlhf_kit.data import load_data
+from rlhf_kit.model import load_tokenizer
+from rlhf_kit.pretraining import PretrainArguments, pack_blocks, tiny_llama_config, train_tokenizer
+from rlhf_kit.runs import format_summary, resume_checkpoint, write_stage
+
+
+def main(argv=None, overrides=None):
+    args, training_args = parse_config(PretrainArguments, TrainingArguments, args=argv, overrides=overrides)
+    set_seed(training_args.seed)
+    out = training_args.output_dir
+    train_data = load_data(args.dataset_name, kind="text", split="train", seed=training_args.seed)
+    eval_data = load_data(args.dataset_name, kind="text", split="test", seed=training_args.seed)
+
+    # Tokenizer: the base model's, or a new one. A resumed run reuses the one it saved, so ids cannot shift.
+    resume = resume_checkpoint(out, training_args.resume_from_checkpoint)
+    if args.base_model:
+        tokenizer = load_tokenizer(args.base_model)
+        model = AutoModelForCausalLM.from_pretrained(args.base_model, use_safetensors=True)
+    else:
+        tokenizer = load_tokenizer(resume) if resume else train_tokenizer(train_data["text"], args.vocab_size)
+        model = LlamaForCausalLM(tiny_llama_config(args, tokenizer))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # raw-text blocks carry no padding except the last, short one
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        train_dataset=pack_blocks(train_data, tokenizer, args.block_size),
+        eval_dataset=pack_blocks(eval_data, tokenizer, args.block_size) if eval_data is not None else None,
+        processing_class=tokenizer,
+    )
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(out)
+    metrics = {"train_loss": train_result.training_loss, "parameters": model.num_parameters()}
+    if eval_data is not None:
+        metrics.update(trainer.evaluate())
+
+    if trainer.is_world_process_zero():
+        save_config(out, args, training_args)
+        write_stage(out, "pretrain", model=args.base_model or "from scratch", data=args.dataset_name,
+                    config=to_dict(args, training_args), metrics=metrics)
+        print(format_summary("pretrain", out, metrics))
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

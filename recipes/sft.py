@@ -1,0 +1,62 @@
+"""Stage 2: supervised fine-tuning (LoRA, QLoRA or full) with TRL's SFTTrainer.
+
+    accelerate launch --config_file accelerate_config.yaml recipes/sft.py --config recipes/configs/sft/tiny.yaml
+
+Any key can be overridden on the command line (`--learning_rate 1e-4`). The output directory holds the adapter (or
+full model), the tokenizer with its chat template, the resolved config and the stage record. An interrupted run
+resumes from its last checkpoint when started again with the same output_dir.
+"""
+
+from transformers import set_seed
+from trl import SFTTrainer
+
+from rlhf_kit.config import parse_config, save_config, to_dict
+from rlhf_kit.data import DataArguments, detect_dataset_format, load_data
+from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer
+from rlhf_kit.runs import format_summary, resume_checkpoint, write_stage
+from rlhf_kit.sft import SFTArguments, check_compatible, resolve_loss_masking
+
+
+def main(argv=None, overrides=None, callbacks=None):
+    data_args, model_args, args = parse_config(DataArguments, ModelArguments, SFTArguments, args=argv, overrides=overrides)
+    set_seed(args.seed)
+
+    # Data first: a bad row or a contradictory setting must fail before minutes of model loading.
+    train_data = load_data(data_args.dataset_name, kind="sft", split=data_args.dataset_train_split, seed=args.seed)
+    eval_data = None
+    if args.eval_strategy != "no":
+        eval_data = load_data(data_args.eval_source, kind="sft", split=data_args.dataset_test_split, seed=args.seed)
+    resolve_loss_masking(args, detect_dataset_format(train_data, "sft"), data_args.dataset_name)
+    check_compatible(model_args, args, has_eval_data=eval_data is not None)
+    resume = resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+
+    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
+                               trust_remote_code=args.trust_remote_code)
+    prepare_tokenizer(tokenizer)
+    model = load_model(model_args, tokenizer, trust_remote_code=args.trust_remote_code)
+
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        processing_class=tokenizer,
+        peft_config=lora_config(model_args, tokenizer, tied_embeddings=model.config.tie_word_embeddings),
+        callbacks=callbacks,
+    )
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir)
+    metrics = {"train_loss": train_result.training_loss}
+    if eval_data is not None:
+        metrics.update(trainer.evaluate())
+
+    if trainer.is_world_process_zero():
+        save_config(args.output_dir, data_args, model_args, args)
+        write_stage(args.output_dir, "sft", model=model_args.model_name_or_path, data=data_args.dataset_name,
+                    config=to_dict(data_args, model_args, args), metrics=metrics)
+        print(format_summary("sft", args.output_dir, metrics))
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

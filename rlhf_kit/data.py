@@ -1,0 +1,743 @@
+"""Loading, validating and mixing datasets for every stage.
+
+    train = load_data("data/sft", kind="sft")                    # data/sft/train.jsonl
+    test = load_data("data/sft", kind="sft", split="test")       # None when the directory has no test file
+    mix = load_data("a.jsonl:0.7,org/pairs:0.3", kind="preference")
+
+A source is a local file (.jsonl, .json, .csv, .parquet), a directory (files named after the split:
+``<split>.<ext>``, shards ``<split>-*.<ext>``, or a ``<split>/`` subdirectory), a glob, or a Hub dataset name.
+Each file is loaded on its own so that errors can name the file and the row; its format is detected from
+its columns and every row is validated before anything trains. A bad row raises
+
+    DataError("data/sft/train.jsonl: row 3: field 'messages[1].role': expected 'assistant' ..., got 'user'")
+
+and nothing is ever dropped or repaired: rows are returned with the columns TRL expects.
+
+Accepted formats (TRL's), by kind:
+    text         text
+    sft          messages | prompt + completion (plain or conversational) | text
+    preference   prompt + chosen + rejected (plain or conversational) | chosen + rejected (implicit prompt);
+                 an optional numeric `margin`
+    prompt       prompt (a string, or a conversation ending with a user turn); extra columns are kept
+                 because reward functions receive them
+"""
+
+import csv
+import difflib
+import glob
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field, fields
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMATS: dict[str, tuple[str, ...]] = {
+    "text": ("text",),
+    "sft": ("messages", "prompt_completion", "prompt_completion_conversational", "text"),
+    "preference": (
+        "preference",
+        "preference_conversational",
+        "preference_implicit",
+        "preference_implicit_conversational",
+    ),
+    "prompt": ("prompt", "prompt_conversational"),
+}
+
+# The columns each format requires (the conversational variants need the same columns as the plain ones).
+FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "text": ("text",),
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "prompt_completion_conversational": ("prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "preference_conversational": ("prompt", "chosen", "rejected"),
+    "preference_implicit": ("chosen", "rejected"),
+    "preference_implicit_conversational": ("chosen", "rejected"),
+    "prompt": ("prompt",),
+    "prompt_conversational": ("prompt",),
+}
+
+EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+ROLES = ("system", "user", "assistant")
+# Columns that hold text or conversations: read as strings from CSV, never guessed as numbers or NA.
+_TEXT_COLUMNS = ("text", "messages", "prompt", "completion", "chosen", "rejected")
+# pandas' default NA strings, still applied to the other CSV columns (pandas._libs.parsers.STR_NA_VALUES).
+_PANDAS_NA = ("", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+              "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null")
+_FILES_ACCEPTED = (
+    "Accepted sources: a .jsonl, .json, .csv or .parquet file; a directory holding <split>.<ext>, "
+    "<split>-*.<ext> or a <split>/ subdirectory; a glob; or a Hub dataset name."
+)
+
+
+class DataError(ValueError):
+    """A source or a row that cannot be used; the message names the source, row and field."""
+
+
+class RowError(DataError):
+    """A row that breaks its format; `load_data` adds the source and row number to the message."""
+
+    def __init__(self, field: str, expected: str):
+        super().__init__(f"field '{field}': {expected}")
+        self.field = field
+        self.expected = expected
+
+    def __reduce__(self):  # keep it picklable for multiprocessing (the default reduce passes only the message)
+        return RowError, (self.field, self.expected)
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+@dataclass
+class DataSource:
+    path: str  # file, directory, glob, or Hub dataset name
+    split: str = "train"  # for directories / Hub datasets: which split; ignored for a single file or glob
+    weight: float = 1.0  # mixing weight
+    name: str | None = None  # Hub config name
+
+    def __post_init__(self):
+        if isinstance(self.path, os.PathLike):
+            self.path = os.fspath(self.path)
+        if not isinstance(self.path, str) or not self.path.strip():
+            raise DataError(f"data source path must be a non-empty string, got {_describe(self.path)}")
+        if not isinstance(self.split, str) or not self.split:
+            raise DataError(f"{self.path}: split must be a non-empty string, got {_describe(self.split)}")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)):
+            raise DataError(f"{self.path}: weight must be a number, got {_describe(self.weight)}")
+        if not math.isfinite(self.weight) or self.weight <= 0:
+            raise DataError(f"{self.path}: weight must be a finite number > 0, got {self.weight} "
+                            "(remove the source to leave it out)")
+        if self.name is not None and not isinstance(self.name, str):
+            raise DataError(f"{self.path}: name (the Hub config) must be a string, got {_describe(self.name)}")
+
+
+def parse_sources(spec) -> list[DataSource]:
+    """Read sources from a string ("a.jsonl", "a.jsonl,b.jsonl", "a.jsonl:0.7,b.jsonl:0.3"), a dict with
+    DataSource's keys, a DataSource, or a list of any of these (YAML gives a list of dicts)."""
+    if isinstance(spec, DataSource):
+        sources = [spec]
+    elif isinstance(spec, (list, tuple)):
+        sources = [source for item in spec for source in parse_sources(item)]
+    elif isinstance(spec, dict):
+        sources = [_source_from_dict(spec)]
+    elif isinstance(spec, (str, os.PathLike)):
+        sources = [_source_from_str(part.strip()) for part in os.fspath(spec).split(",") if part.strip()]
+    else:
+        raise DataError(f"cannot read data sources from {_describe(spec)}; expected a path string like "
+                        "'a.jsonl:0.7,b.jsonl:0.3', a dict with keys path/split/weight/name, or a list of these")
+    if not sources:
+        raise DataError(f"no data source given in {spec!r}; expected at least one path or Hub dataset name")
+    return sources
+
+
+def _source_from_str(text: str) -> DataSource:
+    # "path:weight" -- the weight is whatever follows the last colon, if it is a number (so "C:\data" is a path)
+    path, sep, tail = text.rpartition(":")
+    try:
+        weight = float(tail) if sep and path else None
+    except ValueError:
+        weight = None
+    return DataSource(path=text) if weight is None else DataSource(path=path.strip(), weight=weight)
+
+
+def _source_from_dict(spec: dict) -> DataSource:
+    known = [f.name for f in fields(DataSource)]
+    for key in spec:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise DataError(f"unknown data source key '{key}' in {spec!r}; accepted keys: {', '.join(known)}.{hint}")
+    if "path" not in spec:
+        raise DataError(f"data source {spec!r} has no 'path'; accepted keys: {', '.join(known)}")
+    return DataSource(**spec)
+
+
+@dataclass
+class DataArguments:
+    """The data section of a recipe's YAML: which sources to load and which splits to take."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Training data: a file, directory, glob or Hub dataset name; several as "
+                  "'a.jsonl:0.7,b.jsonl:0.3', or in YAML a list of {path, split, weight, name}."},
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of dataset_name to train on."})
+    dataset_test_split: str = field(
+        default="test",
+        metadata={"help": "Split to evaluate on, from eval_dataset_name or else dataset_name. A directory or Hub "
+                  "dataset without it has no evaluation set; a single file is used whole."},
+    )
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Evaluation data, when it is not dataset_name's dataset_test_split."}
+    )
+
+    def __post_init__(self):
+        if self.dataset_name is None:
+            raise DataError("dataset_name is required: a file, directory, glob or Hub dataset name")
+        parse_sources(self.dataset_name)  # a malformed spec fails here, before any model loads
+        if self.eval_dataset_name is not None:
+            parse_sources(self.eval_dataset_name)
+
+    @property
+    def eval_source(self):
+        """Where evaluation data comes from: eval_dataset_name, or else dataset_name."""
+        return self.eval_dataset_name if self.eval_dataset_name is not None else self.dataset_name
+
+
+# ---------------------------------------------------------------------------------------------- formats
+
+
+def detect_format(columns: list[str], row: dict, kind: str, source: str) -> str:
+    """The format of a source from its columns, and from its first `row` for plain vs conversational."""
+    _check_kind(kind)
+    cols = set(columns)
+
+    def conversational(*names):
+        return any(isinstance(row.get(name), list) for name in names)
+
+    if kind == "text" and "text" in cols:
+        return "text"
+    if kind == "sft":
+        if "messages" in cols and {"prompt", "completion"} <= cols:
+            raise _source_error(source, "ambiguous format: both a 'messages' column and 'prompt' + 'completion' "
+                                "columns; TRL would train on one and ignore the other, so keep only the columns "
+                                "of the format you mean", columns, kind)
+        if "messages" in cols:
+            return "messages"
+        if {"prompt", "completion"} <= cols:
+            return "prompt_completion_conversational" if conversational("prompt", "completion") else "prompt_completion"
+        if "text" in cols:
+            return "text"
+    if kind == "preference" and {"chosen", "rejected"} <= cols:
+        if "prompt" in cols:
+            return "preference_conversational" if conversational("prompt", "chosen", "rejected") else "preference"
+        return "preference_implicit_conversational" if conversational("chosen", "rejected") else "preference_implicit"
+    if kind == "prompt" and "prompt" in cols:
+        return "prompt_conversational" if conversational("prompt") else "prompt"
+    raise _source_error(source, f"no format accepted for kind '{kind}' matches the columns{_format_hint(cols, kind)}",
+                        columns, kind)
+
+
+def detect_dataset_format(dataset: datasets.Dataset, kind: str) -> str:
+    """The format of a dataset returned by load_data (all its rows share it)."""
+    return detect_format(dataset.column_names, dataset[0], kind, "dataset")
+
+
+def _format_hint(cols: set, kind: str) -> str:
+    if "conversations" in cols:
+        return ("; a ShareGPT 'conversations' column ({'from', 'value'} turns) must be converted to a 'messages' "
+                "column of {'role', 'content'} turns")
+    if kind == "sft" and "prompt" in cols:
+        return "; a 'prompt' without 'completion' is prompt-only data (kind 'prompt', for PPO/GRPO)"
+    if kind in ("sft", "text", "prompt") and {"chosen", "rejected"} & cols:
+        return "; 'chosen'/'rejected' columns are preference data (kind 'preference')"
+    if kind == "preference" and {"chosen", "rejected"} & cols:
+        return "; a preference pair needs both 'chosen' and 'rejected'"
+    if kind in ("text", "prompt") and "messages" in cols:
+        return "; a 'messages' column is SFT data (kind 'sft')"
+    known = {column for fmt in FORMATS[kind] for column in FORMAT_COLUMNS[fmt]}
+    for column in sorted(cols, key=str):
+        close = difflib.get_close_matches(str(column).strip().lower(), sorted(known), n=1)
+        if close and close[0] != column:
+            return f"; did you mean '{close[0]}' instead of '{column}'?"
+    return ""
+
+
+def validate_row(row: dict, fmt: str) -> None:
+    """Raise RowError(field, expected) if `row` breaks `fmt` (a value of FORMATS); return None if it is valid."""
+    if fmt == "text":
+        _text(_get(row, "text"), "text", fmt)
+    elif fmt == "messages":
+        _conversation(_get(row, "messages"), "messages", fmt, last="assistant")
+    elif fmt == "prompt_completion":
+        _text(_get(row, "prompt"), "prompt", fmt)
+        _text(_get(row, "completion"), "completion", fmt)
+    elif fmt == "prompt_completion_conversational":
+        _conversation(_get(row, "prompt"), "prompt", fmt, last="user")
+        _assistant_turns(_get(row, "completion"), "completion", fmt)
+    elif fmt == "prompt":
+        _text(_get(row, "prompt"), "prompt", fmt)
+    elif fmt == "prompt_conversational":
+        _conversation(_get(row, "prompt"), "prompt", fmt, last="user")
+    elif fmt in FORMATS["preference"]:
+        _preference(row, fmt)
+    else:
+        known = ", ".join(f for fs in FORMATS.values() for f in dict.fromkeys(fs))
+        raise ValueError(f"unknown format {fmt!r}; expected one of {known}")
+
+
+def _preference(row: dict, fmt: str) -> None:
+    conversational, implicit = fmt.endswith("_conversational"), "implicit" in fmt
+    if not implicit:
+        if conversational:
+            _conversation(_get(row, "prompt"), "prompt", fmt, last="user")
+        else:
+            _text(_get(row, "prompt"), "prompt", fmt)
+    for name in ("chosen", "rejected"):
+        value = _get(row, name)
+        if not conversational:
+            _text(value, name, fmt)
+        elif implicit:
+            _conversation(value, name, fmt, last="assistant")
+        else:
+            _assistant_turns(value, name, fmt)
+    chosen, rejected = row["chosen"], row["rejected"]
+    if implicit and conversational:
+        # the prompt is implicit: everything before the last assistant turn, which must be the same in both
+        chosen_prompt, rejected_prompt = _turns(chosen[:-1]), _turns(rejected[:-1])
+        if chosen_prompt != rejected_prompt:
+            where = next((i for i, (a, b) in enumerate(zip(chosen_prompt, rejected_prompt)) if a != b), None)
+            detail = (f"they differ at turn {where}" if where is not None else
+                      f"chosen has {len(chosen_prompt)} prompt turns, rejected has {len(rejected_prompt)}")
+            raise RowError("rejected", "chosen and rejected must share the same prompt turns (everything before "
+                           f"the last assistant turn); {detail}")
+    if _same(chosen, rejected):
+        raise RowError("rejected", "chosen and rejected are identical; a preference pair needs two different responses")
+    if "margin" in row:
+        margin = row["margin"]
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+            raise RowError("margin", f"expected a finite number, got {_describe(margin)}")
+
+
+def _get(row: dict, field: str):
+    if field not in row:
+        raise RowError(field, f"missing: this row has no '{field}' key (other rows have it)")
+    return row[field]
+
+
+def _text(value, field: str, fmt: str | None = None) -> None:
+    if isinstance(value, str):
+        if value.strip():
+            return
+        raise RowError(field, f"expected a non-empty string, got {_describe(value)}")
+    note = ""
+    if isinstance(value, list) and fmt:
+        note = (f" (the source is in '{fmt}' format, detected from its first row, and every row must use the "
+                "same format)")
+    raise RowError(field, f"expected a string{note}, got {_describe(value)}")
+
+
+def _messages(value, field: str, fmt: str) -> list[str]:
+    """Check a list of well-formed messages; return their roles."""
+    if not isinstance(value, list):
+        note = ""
+        if isinstance(value, str):
+            note = (f" (the source is in '{fmt}' format, detected from its first row, and every row must use "
+                    "the same format)")
+        raise RowError(field, f"expected a list of messages {{'role': ..., 'content': ...}}{note}, "
+                       f"got {_describe(value)}")
+    if not value:
+        raise RowError(field, "expected a non-empty list of messages, got an empty list")
+    for i, message in enumerate(value):
+        _message(message, f"{field}[{i}]")
+    return [message["role"] for message in value]
+
+
+def _message(message, field: str) -> None:
+    if not isinstance(message, dict):
+        raise RowError(field, f"expected a message {{'role': ..., 'content': ...}}, got {_describe(message)}")
+    if message.get("role") is None:
+        hint = (" (ShareGPT 'from'/'value' turns must be converted to 'role'/'content')"
+                if message.get("from") is not None else "")
+        raise RowError(f"{field}.role", f"missing; expected one of 'system', 'user', 'assistant'{hint}")
+    role = message["role"]
+    if role not in ROLES:
+        hint = {"human": " (use 'user')", "gpt": " (use 'assistant')", "bot": " (use 'assistant')",
+                "model": " (use 'assistant')", "tool": " (tool turns are not supported)"}.get(role, "")
+        raise RowError(f"{field}.role", f"expected one of 'system', 'user', 'assistant'{hint}, got {_describe(role)}")
+    if "content" not in message:
+        raise RowError(f"{field}.content", "missing; expected a non-empty string")
+    _text(message["content"], f"{field}.content")
+    # Keys that are None are not the data's: Arrow gives every message the union of the keys seen in the
+    # column (one message with "name" gives all the others "name": None).
+    extra = sorted(str(key) for key, value in message.items() if key not in ("role", "content") and value is not None)
+    if extra:
+        raise RowError(field, f"unexpected key(s) {', '.join(map(repr, extra))}: a message may only have 'role' "
+                       "and 'content' (tool calls, names and multimodal parts are not supported); remove them")
+
+
+def _conversation(value, field: str, fmt: str, last: str) -> None:
+    roles = _messages(value, field, fmt)
+    start = 1 if roles[0] == "system" else 0
+    for i, role in enumerate(roles):
+        if role == "system" and i > 0:
+            raise RowError(f"{field}[{i}].role", f"a 'system' turn is only allowed as the first message, "
+                           f"found one at position {i}")
+        expected = ("user", "assistant")[(i - start) % 2]
+        if i >= start and role != expected:
+            raise RowError(f"{field}[{i}].role", f"expected '{expected}' (after an optional first system turn, "
+                           f"turns alternate user, assistant, user, ...), got '{role}'")
+    if roles[-1] != last:
+        article = "an" if last == "assistant" else "a"
+        raise RowError(field, f"expected the conversation to end with {article} {last} turn, "
+                       f"got '{roles[-1]}' as the last turn")
+
+
+def _assistant_turns(value, field: str, fmt: str) -> None:
+    for i, role in enumerate(_messages(value, field, fmt)):
+        if role != "assistant":
+            raise RowError(f"{field}[{i}].role", f"expected 'assistant' ('{field}' holds only the assistant's "
+                           f"response turns), got '{role}'")
+
+
+def _turns(messages: list[dict]) -> list[tuple[str, str]]:
+    return [(m["role"], m["content"].strip()) for m in messages]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, str):
+        return a.strip() == b.strip()
+    return _turns(a) == _turns(b)
+
+
+def _describe(value) -> str:
+    if value is None:
+        return "null (a missing value)"
+    if isinstance(value, str):
+        if not value:
+            return "an empty string"
+        if not value.strip():
+            return f"a whitespace-only string {value!r}"
+    if isinstance(value, list) and not value:
+        return "an empty list"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in FORMATS:
+        raise DataError(f"unknown data kind {kind!r}; expected one of {', '.join(map(repr, FORMATS))}")
+
+
+def _source_error(source: str, problem: str, columns, kind: str, files: bool = False) -> DataError:
+    found = ", ".join(repr(c) for c in columns) if columns else "none"
+    groups: dict[tuple, list[str]] = {}
+    for fmt in FORMATS[kind]:
+        groups.setdefault(FORMAT_COLUMNS[fmt], []).append(fmt)
+    accepted = "; ".join(f"{' / '.join(fmts)} (columns {', '.join(cols)})" for cols, fmts in groups.items())
+    message = f"{source}: {problem}. Columns found: {found}. Accepted formats for kind '{kind}': {accepted}."
+    return DataError(f"{message} {_FILES_ACCEPTED}" if files else message)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _extension(path: str) -> str | None:
+    return next((ext for ext in EXTENSIONS if path.lower().endswith(ext)), None)
+
+
+def _load_file(path: str, kind: str) -> tuple[datasets.Dataset, str]:
+    """Load, detect and validate one file; return the dataset and its format."""
+    ext = _extension(path)
+    if ext is None:
+        raise _source_error(path, f"unknown file type; accepted extensions: {', '.join(EXTENSIONS)}", [], kind)
+    if ext in (".jsonl", ".json"):
+        return _load_json(path, kind)
+    if ext == ".csv":
+        return _load_csv(path, kind)
+    schema = pq.read_schema(path) if os.path.getsize(path) else None
+    if schema is None or pq.read_metadata(path).num_rows == 0:  # the builder fails on these without saying why
+        raise _source_error(path, "empty file: no rows", schema.names if schema else [], kind)
+    return _check_dataset(_build("parquet", path), path, kind)
+
+
+def _build(builder: str, path: str, **kwargs) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
+    except Exception as error:  # the builders raise many types (Arrow, pandas, DatasetGenerationError)
+        raise DataError(f"{path}: could not be read as {builder.upper()}: {type(error).__name__}: {error}") from error
+
+
+def _json_records(path: str):
+    """Yield (row number, record) from a JSON Lines file (row = line number) or a JSON list (row = position)."""
+    with open(path, encoding="utf-8-sig") as f:
+        while (first := f.read(1)) and first.isspace():
+            pass
+        f.seek(0)
+        if first == "[":
+            try:
+                records = json.load(f)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}: invalid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
+                                "expected a JSON list of row objects or JSON Lines") from None
+            numbered = enumerate(records, 1)
+        else:
+            numbered = _json_lines(f, path)
+        for n, record in numbered:
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: row {n}: expected a JSON object with the columns as keys, "
+                                f"got {_describe(record)}")
+            yield n, record
+
+
+def _json_lines(f, path: str):
+    for n, line in enumerate(f, 1):
+        if line.strip():  # blank lines are skipped by datasets' reader too, so row numbers stay line numbers
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}: row {n}: invalid JSON ({error.msg} at column {error.colno}); expected "
+                                "one JSON object per line (or a .json file holding a list of objects)") from None
+
+
+def _load_json(path: str, kind: str) -> tuple[datasets.Dataset, str]:
+    # Validate the rows as written, before Arrow sees them: Arrow would turn a missing key into null and
+    # datasets 5.x JSON-encodes a column whose type varies between rows, hiding the bad row.
+    columns, first, count = {}, None, 0
+    for _, record in _json_records(path):
+        columns.update(dict.fromkeys(record))
+        first = record if first is None else first
+        count += 1
+    if count == 0:
+        raise _source_error(path, "empty file: no rows", [], kind)
+    fmt = detect_format(list(columns), first, kind, path)
+    _validate_rows(_json_records(path), fmt, path)
+    dataset = _build("json", path)
+    if len(dataset) != count:
+        raise DataError(f"{path}: datasets read {len(dataset)} rows but the file holds {count}; "
+                        "check the file for records spanning several lines")
+    return _drop_conflicting_columns(dataset, fmt, path), fmt
+
+
+def _load_csv(path: str, kind: str) -> tuple[datasets.Dataset, str]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header, first = next(reader, None), next(reader, None)
+    if not header:
+        raise _source_error(path, "empty file: no header and no rows", [], kind)
+    if first is None:  # checked here: datasets' CSV builder fails on it with "corresponds to no data"
+        raise _source_error(path, "no rows (only a header)", header, kind)
+    # Text columns stay strings ("007" is not 7, "None" and "NA" are not missing); only an empty cell is null.
+    text_columns = [c for c in header if c in _TEXT_COLUMNS]
+    na_values = {c: [""] if c in text_columns else list(_PANDAS_NA) for c in header}
+    dataset = _build("csv", path, converters={c: str for c in text_columns}, keep_default_na=False,
+                     na_values=na_values)
+    rows = dataset.to_list()
+    parsed = _parse_json_columns(rows, path)
+    fmt = detect_format(header, rows[0], kind, path)
+    _validate_rows(enumerate(rows, 1), fmt, path)
+    if parsed:
+        dataset = datasets.Dataset.from_list(rows)
+    return _drop_conflicting_columns(dataset, fmt, path), fmt
+
+
+def _parse_json_columns(rows: list[dict], path: str) -> bool:
+    """CSV cannot hold conversations: parse a column written as JSON lists of messages. True if any was."""
+    parsed = False
+    for column in ("messages", "prompt", "completion", "chosen", "rejected"):
+        first = next((row[column] for row in rows if row.get(column) is not None), None)
+        if not _looks_like_conversation(first):
+            continue
+        for n, row in enumerate(rows, 1):
+            if isinstance(row[column], str):
+                try:
+                    row[column] = json.loads(row[column])
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}: row {n}: field '{column}': expected a JSON list of messages (this CSV "
+                                    f"column holds conversations as JSON), got invalid JSON ({error.msg} at "
+                                    f"character {error.pos})") from None
+        parsed = True
+    return parsed
+
+
+def _looks_like_conversation(value) -> bool:
+    if not isinstance(value, str) or not value.lstrip().startswith("["):
+        return False
+    try:
+        value = json.loads(value)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
+
+
+def _check_dataset(dataset: datasets.Dataset, source: str, kind: str) -> tuple[datasets.Dataset, str]:
+    if len(dataset) == 0:
+        raise _source_error(source, "no rows", dataset.column_names, kind)
+    fmt = detect_format(dataset.column_names, dataset[0], kind, source)
+    _validate_rows(enumerate(_rows(dataset), 1), fmt, source)
+    return _drop_conflicting_columns(dataset, fmt, source), fmt
+
+
+def _rows(dataset: datasets.Dataset):
+    for batch in dataset.iter(batch_size=1024):
+        names = list(batch)
+        for values in zip(*(batch[name] for name in names)):
+            yield dict(zip(names, values))
+
+
+def _validate_rows(numbered_rows, fmt: str, source: str) -> None:
+    for n, row in numbered_rows:
+        try:
+            validate_row(row, fmt)
+        except RowError as error:
+            raise DataError(f"{source}: row {n}: {error}") from None
+
+
+def _drop_conflicting_columns(dataset: datasets.Dataset, fmt: str, source: str) -> datasets.Dataset:
+    # TRL's SFTTrainer takes any row with a 'prompt' key for prompt-completion data, and is_conversational()
+    # looks at an arbitrary one of prompt/completion/messages, so a stray column (ultrachat_200k ships a
+    # 'prompt' next to its 'messages') breaks training. Such a column only repeats the conversation.
+    if fmt not in ("messages", "text"):
+        return dataset
+    stray = [c for c in ("prompt", "completion") if c in dataset.column_names]
+    if not stray:
+        return dataset
+    warnings.warn(f"{source}: dropping column(s) {', '.join(map(repr, stray))} from '{fmt}' data: TRL would read "
+                  "them as prompt-completion data", stacklevel=4)
+    return dataset.remove_columns(stray)
+
+
+# ---------------------------------------------------------------------------------------------- resolving
+
+
+def _is_glob(path: str) -> bool:
+    return any(char in path for char in "*?[")
+
+
+def _is_local(path: str) -> bool:
+    """Existing paths and globs are local; so is anything that looks like a path. The rest is a Hub name."""
+    expanded = os.path.expanduser(path)
+    return (os.path.exists(expanded) or _is_glob(path) or _extension(path) is not None
+            or path.startswith((".", "/", "~", "\\")) or path.count("/") > 1 or "\\" in path)
+
+
+def _local_files(source: DataSource, split: str, kind: str) -> list[str]:
+    path = os.path.expanduser(source.path)
+    if _is_glob(path):
+        matches = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+        files = [p for p in matches if _extension(p)]
+        if not files:
+            seen = f" (it matches only {', '.join(matches[:5])})" if matches else ""
+            raise _source_error(source.path, f"the pattern matches no {'/'.join(EXTENSIONS)} files{seen}", [],
+                                kind, files=True)
+        return files
+    if os.path.isfile(path):
+        return [source.path]
+    if os.path.isdir(path):
+        return _split_files(source.path, split)
+    raise _source_error(source.path, f"file or directory not found (working directory {os.getcwd()})", [], kind,
+                        files=True)
+
+
+def _split_files(directory: str, split: str) -> list[str]:
+    """Files of `split` in a directory: <split>.<ext>, shards <split>-*.<ext>, and all files in <split>/."""
+    files = []
+    for entry in sorted(os.listdir(os.path.expanduser(directory))):
+        ext = _extension(entry)
+        full = os.path.join(directory, entry)
+        if ext and os.path.isfile(os.path.expanduser(full)):
+            stem = entry[: -len(ext)]
+            if stem == split or stem.startswith(split + "-"):
+                files.append(full)
+    subdirectory = os.path.join(directory, split)
+    if os.path.isdir(os.path.expanduser(subdirectory)):
+        for entry in sorted(os.listdir(os.path.expanduser(subdirectory))):
+            full = os.path.join(subdirectory, entry)
+            if _extension(entry) and os.path.isfile(os.path.expanduser(full)):
+                files.append(full)
+    return files
+
+
+def _load_source(source: DataSource, split: str, kind: str) -> list[tuple[str, datasets.Dataset, str]] | None:
+    """(name, dataset, format) for each file of the source; None if a non-train split does not exist."""
+    # load_data(split="train") takes each source's own split (e.g. a Hub "train_sft"); other splits are literal
+    wanted = source.split if split == "train" else split
+    if not _is_local(source.path):
+        loaded = _load_hub(source, wanted, kind, optional=split != "train")
+        return None if loaded is None else [loaded]
+    files = _local_files(source, wanted, kind)
+    if not files:
+        if split != "train":
+            return None
+        present = sorted(os.listdir(os.path.expanduser(source.path)))
+        raise _source_error(source.path, f"no file for split '{wanted}' in the directory: expected {wanted}.jsonl, "
+                            f"{wanted}.json, {wanted}.csv, {wanted}.parquet, shards {wanted}-*.<ext> or a {wanted}/ "
+                            f"subdirectory; the directory holds {', '.join(present) or 'nothing'}", [], kind,
+                            files=True)
+    return [(path, *_load_file(path, kind)) for path in files]
+
+
+def _load_hub(source: DataSource, split: str, kind: str, optional: bool) -> tuple[str, datasets.Dataset, str] | None:
+    label = f"{source.path}[{split}]"
+    try:
+        dataset = datasets.load_dataset(source.path, source.name, split=split)
+    except ValueError as error:
+        if optional and "Unknown split" in str(error):
+            return None
+        raise _hub_error(source, label, error, kind) from error
+    except Exception as error:  # offline, not found, gated: datasets raises many types
+        raise _hub_error(source, label, error, kind) from error
+    return (label, *_check_dataset(dataset, label, kind))
+
+
+def _hub_error(source: DataSource, label: str, error: Exception, kind: str) -> DataError:
+    return _source_error(label, f"'{source.path}' is not a local file or directory (working directory "
+                         f"{os.getcwd()}), and loading it as a Hub dataset failed: {type(error).__name__}: {error}",
+                         [], kind, files=True)
+
+
+# ---------------------------------------------------------------------------------------------- mixing
+
+
+def load_data(sources, kind: str, split: str = "train", seed: int = 0) -> datasets.Dataset | None:
+    """Load, validate and mix `sources` (anything parse_sources reads) as `kind` data ("text", "sft",
+    "preference", "prompt"). With split "train" each source's own split is used; another split is taken
+    as named, and sources without it are skipped (None if none has it). Several sources are mixed by
+    weight: the largest mixture in which no source repeats a row, shuffled with `seed`."""
+    _check_kind(kind)
+    loaded = []
+    for source in parse_sources(sources):
+        files = _load_source(source, split, kind)
+        if files is not None:
+            loaded.append((source, files))
+    if not loaded:
+        return None
+    formats = {name: fmt for _, files in loaded for name, _, fmt in files}
+    if len(set(formats.values())) > 1:
+        found = ", ".join(f"{name} is '{fmt}'" for name, fmt in formats.items())
+        raise DataError(f"sources of one dataset must share one format, because TRL reads one format per dataset: "
+                        f"{found}; convert them to one format")
+    parts = [(source, _concat([d for _, d, _ in files], [n for n, _, _ in files])) for source, files in loaded]
+    if len(parts) == 1:
+        return parts[0][1]
+    return _mix(parts, seed)
+
+
+def _mix(parts: list[tuple[DataSource, datasets.Dataset]], seed: int) -> datasets.Dataset:
+    total = sum(source.weight for source, _ in parts)
+    shares = [source.weight / total for source, _ in parts]
+    # the largest size N for which share_i * N <= len_i for every source: no row is used twice
+    size = min(len(dataset) / share for (_, dataset), share in zip(parts, shares))
+    pieces, left_out = [], []
+    for (source, dataset), share in zip(parts, shares):
+        take = min(len(dataset), round(share * size))
+        pieces.append(dataset.shuffle(seed=seed).select(range(take)))
+        if take < len(dataset):
+            left_out.append(f"{take} of {len(dataset)} rows of {source.path}")
+    if left_out and len({source.weight for source, _ in parts}) == 1:
+        sizes = ",".join(f"{source.path}:{len(dataset)}" for source, dataset in parts)
+        warnings.warn(f"equal weights mix equal numbers of rows, so the mixture uses {'; '.join(left_out)}. "
+                      f"To use every row, give weights proportional to the sizes, e.g. '{sizes}'", stacklevel=3)
+    return _concat(pieces, [source.path for source, _ in parts]).shuffle(seed=seed)
+
+
+def _concat(parts: list[datasets.Dataset], names: list[str]) -> datasets.Dataset:
+    if len(parts) == 1:
+        return parts[0]
+    try:
+        return datasets.concatenate_datasets(parts)
+    except (ValueError, TypeError, pa.ArrowException):
+        # datasets 5.2 concatenates only identical Arrow types: string vs large_string (JSON vs CSV), int vs
+        # float margins, or message structs with other keys all fail. Re-infer one schema from the rows.
+        pass
+    try:
+        return datasets.Dataset.from_list([row for part in parts for row in _rows(part)])
+    except (ValueError, TypeError, pa.ArrowException) as error:
+        found = "; ".join(f"{name}: {part.features}" for name, part in zip(names, parts))
+        raise DataError(f"cannot combine {', '.join(names)}: their columns have incompatible types ({found}): "
+                        f"{error}") from error

@@ -1,0 +1,252 @@
+"""Loading tokenizers and LLaMA-style models: chat template, pad/stop tokens, dtype, bitsandbytes, LoRA.
+
+Every stage loads through these functions so the tokenizer, chat template, pad and stop tokens agree from SFT to PPO.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, TaskType
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from trl import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|pad|>"
+
+# ChatML with `{% generation %}` markers around the assistant content *and* its <|im_end|>, so that
+# assistant-only loss trains the model to emit the end-of-turn token (a model that never sees it as a
+# target never learns to stop). The newline after <|im_end|> belongs to the template, not the model.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@dataclass
+class ModelArguments(ModelConfig):
+    """TRL's `ModelConfig` plus what rlhf-kit adds: chat-token training and the tokenizer source."""
+
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer to load; defaults to model_name_or_path."}
+    )
+    train_chat_tokens: bool = field(
+        default=True,
+        metadata={
+            "help": "With LoRA, also train the embedding rows of the chat special tokens (<|im_start|>, <|im_end|>, "
+            "pad). A base model has never seen them, so without this the adapter cannot learn to stop."
+        },
+    )
+    def __post_init__(self):
+        super().__post_init__()
+        if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
+            raise ValueError(
+                "load_in_4bit/load_in_8bit quantize the base weights, which then cannot be trained: set use_peft: true "
+                "(QLoRA) or drop the quantization flag."
+            )
+
+
+def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    return tokenizer
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Give a base tokenizer a chat template, a pad token distinct from EOS and a stop token. Returns added tokens.
+
+    Pad must differ from EOS: collators mask pad positions out of the labels, so pad == EOS would hide every EOS
+    from the loss and the model would never learn to stop.
+    """
+    added: list[str] = []
+    stops = {tokenizer.eos_token}
+    if tokenizer.chat_template is None:
+        new = [t for t in (IM_START, IM_END) if t not in tokenizer.get_vocab()]
+        if new:
+            tokenizer.add_special_tokens({"additional_special_tokens": new})
+            added += new
+        tokenizer.chat_template = CHATML_TEMPLATE
+        # One stop token everywhere: generation, TRL's EOS appending for plain prompt/completion, PPO's stop check.
+        tokenizer.eos_token = IM_END
+        stops.add(IM_END)
+    if tokenizer.pad_token is None or tokenizer.pad_token in stops:
+        if PAD not in tokenizer.get_vocab():
+            added.append(PAD)
+        tokenizer.add_special_tokens({"pad_token": PAD})
+    tokenizer.padding_side = "right"
+    return added
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that end an assistant turn: the tokenizer's EOS, plus <|im_end|> when the vocabulary has it."""
+    ids = [tokenizer.eos_token_id]
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in ids:
+        ids.append(im_end)
+    return [i for i in ids if i is not None]
+
+
+def chat_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    vocab = tokenizer.get_vocab()
+    return sorted({vocab[t] for t in (IM_START, IM_END, PAD) if t in vocab})
+
+
+def quantization_config(args: ModelArguments) -> BitsAndBytesConfig | None:
+    if args.load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=args.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=args.use_bnb_nested_quant,
+            bnb_4bit_compute_dtype=_dtype(args.dtype) or torch.float32,
+            bnb_4bit_quant_storage=args.bnb_4bit_quant_storage,
+        )
+    if args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def _dtype(name: str | None):
+    if name in (None, "auto"):
+        return name
+    return getattr(torch, name)
+
+
+def load_model(
+    args: ModelArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    sequence_classification: bool = False,
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load a causal LM (or a one-output sequence-classification model) matching `tokenizer`.
+
+    Grows the embeddings when `prepare_tokenizer` added tokens, and records pad and stop tokens in the model and
+    generation configs so `generate()` stops where the trained model does.
+    """
+    if args.model_name_or_path is None:
+        raise ValueError("model_name_or_path is not set: give a local model directory or a Hub model id.")
+    if is_adapter_dir(args.model_name_or_path):
+        # The previous stage saved a LoRA adapter: this stage starts from base + adapter, merged.
+        path = merged_model_dir(args.model_name_or_path, trust_remote_code=trust_remote_code)
+        args = dataclasses.replace(args, model_name_or_path=str(path), model_revision="main")
+    quant = quantization_config(args)
+    if quant is not None and device_map is None:
+        # bitsandbytes needs the weights placed at load time; one device per process under DDP.
+        from accelerate import PartialState
+
+        device_map = {"": PartialState().local_process_index if torch.cuda.is_available() else "cpu"}
+    kwargs = dict(
+        revision=args.model_revision,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=args.attn_implementation,
+        dtype=_dtype(args.dtype),
+        quantization_config=quant,
+        device_map=device_map,
+        use_safetensors=True,
+    )
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if sequence_classification:
+        model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, num_labels=1, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    # The base model's own EOS stays a stop token next to the chat template's end-of-turn token.
+    base_eos = model.config.eos_token_id
+    base_eos = base_eos if isinstance(base_eos, list) else [base_eos]
+    stops = stop_token_ids(tokenizer) + [i for i in base_eos if i is not None and i not in stop_token_ids(tokenizer)]
+    model.config.eos_token_id = stops[0]
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = stops
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def lora_config(
+    args: ModelArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    task_type: str = TaskType.CAUSAL_LM,
+    tied_embeddings: bool = False,
+) -> LoraConfig | None:
+    if not args.use_peft:
+        return None
+    trainable_tokens = None
+    # With tied embeddings PEFT also wraps lm_head, and TRL 1.16's fused LM-head loss reads lm_head.weight directly
+    # (it fails on the wrapper's missing `bias`, and would ignore the trained rows); there LoRA alone learns the stop.
+    if args.train_chat_tokens and task_type == TaskType.CAUSAL_LM and not tied_embeddings:
+        trainable_tokens = {"embed_tokens": chat_token_ids(tokenizer)}
+    modules_to_save = list(args.lora_modules_to_save or [])
+    if task_type == TaskType.SEQ_CLS and "score" not in modules_to_save:
+        modules_to_save.append("score")  # the new reward head must be trained and saved with the adapter
+    return LoraConfig(
+        task_type=task_type,
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules or "all-linear",
+        modules_to_save=modules_to_save or None,
+        trainable_token_indices=trainable_tokens,
+        use_rslora=args.use_rslora,
+        use_dora=args.use_dora,
+        bias="none",
+    )
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base(adapter_dir: str | Path) -> str:
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path.")
+    return base
+
+
+def merged_model_dir(adapter_dir: str | Path, trust_remote_code: bool = False) -> Path:
+    """Fold a causal-LM LoRA adapter into its base (in full precision) and cache the result beside the adapter.
+
+    A new stage trains a new adapter on top of the previous stage's *merged* weights. Merging happens in 16/32-bit
+    (never into 4-bit weights, which would round the adapter away); a QLoRA stage then re-quantizes the merged model.
+    """
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    out = adapter_dir / "merged"
+    if (out / "config.json").is_file():
+        return out
+    base = AutoModelForCausalLM.from_pretrained(
+        adapter_base(adapter_dir), dtype="auto", trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    tmp = adapter_dir / "merged.partial"
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)  # atomic: an interrupted merge never leaves a half-written "merged" directory
+    return out

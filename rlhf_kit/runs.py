@@ -1,0 +1,89 @@
+"""A stage's output directory: automatic resume, the stage record (lineage) and the end-of-stage summary."""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from transformers.trainer_utils import get_last_checkpoint
+
+STAGE_FILE = "rlhf_kit_stage.json"
+_LIBRARIES = ("rlhf-kit", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes")
+
+
+def resume_checkpoint(output_dir: str, resume_from_checkpoint: str | bool | None) -> str | None:
+    """The checkpoint to resume from: the one asked for, else the newest in `output_dir` (an interrupted run).
+
+    `resume_from_checkpoint` may be a path, "true"/True for "the last one, which must exist", or "false" to start over.
+    """
+    flag = str(resume_from_checkpoint).lower() if resume_from_checkpoint is not None else None
+    if flag in ("false", "no", "0"):
+        return None
+    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    if flag in ("true", "yes", "1"):
+        if last is None:
+            raise FileNotFoundError(f"resume_from_checkpoint=true but {output_dir} holds no checkpoint-* directory.")
+        return last
+    if resume_from_checkpoint is not None:
+        if not Path(resume_from_checkpoint).is_dir():
+            raise FileNotFoundError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a directory.")
+        return str(resume_from_checkpoint)
+    return last
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def read_stage(path: str | Path) -> dict[str, Any] | None:
+    file = Path(path) / STAGE_FILE
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def write_stage(
+    output_dir: str | Path,
+    stage: str,
+    *,
+    model: str,
+    data: str | list | None,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+) -> dict[str, Any]:
+    """Record what this stage did, with the stage record of the model it started from: the lineage chain.
+
+    Model cards are rendered from this chain, so a PPO policy's card can name its SFT model, its reward model and
+    the base model beneath them without anyone re-typing it.
+    """
+    record = {
+        "stage": stage,
+        "model": model,
+        "data": data,
+        "config": config,
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None},
+        "versions": library_versions(),
+        "parent": read_stage(model) if model and Path(model).is_dir() else None,
+        "complete": True,
+    }
+    path = Path(output_dir) / STAGE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str))
+    # The final directory is safe to load: Trainer's pickled training_args.bin goes (the config YAML replaces it).
+    (Path(output_dir) / "training_args.bin").unlink(missing_ok=True)
+    return record
+
+
+def format_summary(stage: str, output_dir: str, metrics: dict[str, Any]) -> str:
+    """A short table for the end of a stage: what was produced and how it scored."""
+    rows = [(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in sorted(metrics.items())]
+    width = max([len(k) for k, _ in rows] + [10])
+    lines = [f"== {stage} finished: {output_dir}", *(f"  {k:<{width}}  {v}" for k, v in rows)]
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny random LLaMA and tokenizer saved like a Hub model, built offline once per session."""
+
+import os
+
+# Before anything imports huggingface_hub: tests never touch the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def read_jsonl(path, limit=None):
+    rows = []
+    with open(path) as f:
+        for line in f:
+            rows.append(json.loads(line))
+            if limit and len(rows) >= limit:
+                break
+    return rows
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "vocab_size": 512, "max_position_embeddings": 256}
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> str:
+    """A tiny LLaMA pretrained for a few seconds by the real pretraining recipe; a base model (no chat template).
+
+    Briefly pretrained rather than random: LoRA on a random network barely moves its near-uniform outputs, so no
+    later stage would have a learning signal to test.
+    """
+    path = tmp_path_factory.mktemp("tiny-base")
+    load_recipe("pretrain")(["--config", "recipes/configs/pretrain/tiny.yaml"], overrides={
+        **TINY_SHAPE, "output_dir": str(path), "max_steps": 60, "per_device_train_batch_size": 16,
+        "learning_rate": 3e-3, "warmup_steps": 5, "logging_steps": 20, "eval_strategy": "no", "save_strategy": "no",
+        "disable_tqdm": True, "report_to": "none",
+    })
+    return str(path)
+
+
+@pytest.fixture
+def sft_rows():
+    return read_jsonl(REPO / "data/sft/train.jsonl", limit=64)
+
+
+def load_recipe(name: str):
+    """A recipe's `main`, loaded from its file exactly as `accelerate launch recipes/<name>.py` would run it."""
+    import runpy
+
+    return runpy.run_path(str(REPO / "recipes" / f"{name}.py"), run_name=f"recipe_{name}")["main"]
+
+
+def losses(log_history):
+    return [entry["loss"] for entry in log_history if "loss" in entry]

@@ -1,0 +1,135 @@
+"""Stage 2: LoRA / QLoRA / full SFT through the real recipe on the tiny model: loss falls, adapters reload, resume."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, load_recipe, losses
+from peft import AutoPeftModelForCausalLM, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+FAST = {
+    "max_steps": 12, "per_device_train_batch_size": 8, "logging_steps": 1, "eval_strategy": "no",
+    "save_strategy": "no", "learning_rate": 3e-3, "warmup_steps": 0, "lr_scheduler_type": "constant",
+    "disable_tqdm": True, "max_length": 64, "report_to": "none",
+}
+
+
+def run_sft(tiny_base, out, **overrides):
+    main = load_recipe("sft")
+    callbacks = overrides.pop("callbacks", None)
+    return main(["--config", "recipes/configs/sft/tiny.yaml"], callbacks=callbacks,
+                overrides={"model_name_or_path": tiny_base, "output_dir": str(out), **FAST, **overrides})
+
+
+def logits(model, tok):
+    batch = tok.apply_chat_template([[{"role": "user", "content": "Review the coffee."}]], add_generation_prompt=True,
+                                    return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_lora_sft_learns_and_adapter_reloads_identically(tiny_base, tmp_path):
+    out = tmp_path / "sft"
+    trainer = run_sft(tiny_base, out)
+    curve = losses(trainer.state.log_history)
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.3, curve  # nats
+
+    # The output dir is a standard PEFT adapter plus the tokenizer that carries the chat template.
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template is not None and tok.pad_token_id != tok.eos_token_id
+    trained = trainer.model.eval()
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), out).eval()
+    torch.testing.assert_close(logits(reloaded, tok), logits(trained, tok), rtol=0, atol=1e-5)
+    assert json.loads((out / "rlhf_kit_stage.json").read_text())["stage"] == "sft"
+    assert (out / "rlhf_kit_config.yaml").is_file()
+
+
+def test_sft_trains_only_assistant_tokens_including_stop(tiny_base, tmp_path):
+    trainer = run_sft(tiny_base, tmp_path / "sft", max_steps=1)
+    tok = trainer.processing_class
+    row = trainer.train_dataset[0]
+    trained = tok.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != -100])
+    assert trained.endswith("<|im_end|>") and "<|im_start|>" not in trained and "user" not in trained
+
+
+def test_full_finetune_and_prompt_completion_format(tiny_base, tmp_path):
+    out = tmp_path / "full"
+    trainer = run_sft(tiny_base, out, use_peft=False, max_steps=4,
+                      dataset_name="data/examples/sft_prompt_completion.jsonl", learning_rate=1e-3)
+    assert trainer.args.assistant_only_loss is False
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    row = trainer.train_dataset[0]
+    prompt_len = len(trainer.processing_class(row["prompt"], add_special_tokens=False)["input_ids"])
+    # Completion-only loss: the prompt is masked out, the completion and its stop token are trained.
+    assert row["labels"][:prompt_len] == [-100] * prompt_len
+    assert row["labels"][prompt_len:] == row["input_ids"][prompt_len:]
+    assert row["input_ids"][-1] == trainer.processing_class.eos_token_id
+
+
+def test_bad_row_fails_before_model_loads(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl: row 1: field 'messages'"):
+        run_sft("/no/such/model", tmp_path / "o", dataset_name=str(bad))
+
+
+class Interrupt(TrainerCallback):
+    def __init__(self, at_step):
+        self.at_step = at_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at_step:
+            raise KeyboardInterrupt("simulated interruption")
+
+
+class StepRecorder(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_base, tmp_path):
+    settings = dict(max_steps=6, save_strategy="steps", save_steps=3, save_total_limit=None)
+    straight = run_sft(tiny_base, tmp_path / "straight", **settings)
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(tiny_base, tmp_path / "resumed", callbacks=[Interrupt(at_step=4)], **settings)
+    assert (tmp_path / "resumed/checkpoint-3").is_dir() and not (tmp_path / "resumed/checkpoint-6").exists()
+    recorder = StepRecorder()
+    # The same command again: it picks up checkpoint-3 by itself and trains only steps 4-6.
+    resumed = run_sft(tiny_base, tmp_path / "resumed", callbacks=[recorder], **settings)
+    assert recorder.steps == [4, 5, 6]
+    # The history of steps 1-3 comes back from the checkpoint; steps 4-6 are trained again after the resume.
+    steps = [e["step"] for e in resumed.state.log_history if "loss" in e]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert losses(resumed.state.log_history) == pytest.approx(losses(straight.state.log_history), rel=1e-4)
+
+
+def test_qlora_4bit_sft_on_cpu(tiny_base, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "qlora"
+    trainer = run_sft(tiny_base, out, load_in_4bit=True, use_bnb_nested_quant=True, max_steps=10)
+    base = trainer.model.get_base_model()
+    assert base.is_loaded_in_4bit
+    assert "Linear4bit" in type(base.model.layers[0].self_attn.q_proj.base_layer).__name__
+    curve = losses(trainer.state.log_history)
+    assert sum(curve[-3:]) < sum(curve[:3]), curve
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(out)
+    assert isinstance(reloaded, PeftModel)
+
+
+def test_recipe_runs_through_accelerate_launch(tiny_base, tmp_path):
+    out = tmp_path / "launched"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml",
+           "recipes/sft.py", "--config", "recipes/configs/sft/tiny.yaml", "--model_name_or_path", tiny_base,
+           "--output_dir", str(out), "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no",
+           "--disable_tqdm", "true", "--max_length", "64"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "== sft finished" in result.stdout
+    assert (out / "adapter_model.safetensors").is_file()
