@@ -32,8 +32,11 @@ def main(argv=None, overrides=None, callbacks=None):
 
     tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
                                trust_remote_code=args.trust_remote_code)
+    new_chat_template = tokenizer.chat_template is None
     prepare_tokenizer(tokenizer)
     model = load_model(model_args, tokenizer, trust_remote_code=args.trust_remote_code)
+    peft_config = lora_config(model_args, tokenizer, tied_embeddings=model.config.tie_word_embeddings,
+                              new_chat_template=new_chat_template)
 
     trainer = SFTTrainer(
         model=model,
@@ -41,7 +44,7 @@ def main(argv=None, overrides=None, callbacks=None):
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,
-        peft_config=lora_config(model_args, tokenizer, tied_embeddings=model.config.tie_word_embeddings),
+        peft_config=peft_config,
         callbacks=callbacks,
     )
     train_result = trainer.train(resume_from_checkpoint=resume)

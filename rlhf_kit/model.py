@@ -188,16 +188,29 @@ def lora_config(
     args: ModelArguments,
     tokenizer: PreTrainedTokenizerBase,
     task_type: str = TaskType.CAUSAL_LM,
+    *,
     tied_embeddings: bool = False,
+    new_chat_template: bool = False,
 ) -> LoraConfig | None:
+    """LoRA settings from `args`; `new_chat_template` says the base had no template and `prepare_tokenizer` gave it one.
+
+    A base model has never produced <|im_start|>/<|im_end|>: pretraining only pushed their output logits down. So with
+    a new template (and `train_chat_tokens`), their embedding rows are trained and lm_head is trained whole: TRL 1.16's
+    fused LM-head loss reads `lm_head.weight` directly, so PEFT's per-row trainable tokens on lm_head would be ignored.
+    """
     if not args.use_peft:
         return None
     trainable_tokens = None
-    # With tied embeddings PEFT also wraps lm_head, and TRL 1.16's fused LM-head loss reads lm_head.weight directly
-    # (it fails on the wrapper's missing `bias`, and would ignore the trained rows); there LoRA alone learns the stop.
-    if args.train_chat_tokens and task_type == TaskType.CAUSAL_LM and not tied_embeddings:
-        trainable_tokens = {"embed_tokens": chat_token_ids(tokenizer)}
     modules_to_save = list(args.lora_modules_to_save or [])
+    if args.train_chat_tokens and new_chat_template and task_type == TaskType.CAUSAL_LM:
+        if tied_embeddings:
+            # PEFT would wrap the tied lm_head too, which TRL's fused loss cannot read (it fails on `.bias`).
+            logger.warning("Tied embeddings: the chat tokens' rows are not trained separately; LoRA alone must "
+                           "learn to emit <|im_end|>. Train longer or use a model with untied embeddings.")
+        else:
+            trainable_tokens = {"embed_tokens": chat_token_ids(tokenizer)}
+            if "lm_head" not in modules_to_save:
+                modules_to_save.append("lm_head")
     if task_type == TaskType.SEQ_CLS and "score" not in modules_to_save:
         modules_to_save.append("score")  # the new reward head must be trained and saved with the adapter
     return LoraConfig(

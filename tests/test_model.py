@@ -86,7 +86,12 @@ def test_generation_stops_on_im_end(tiny_base):
 def test_lora_config_trains_chat_token_rows(tiny_base):
     tok = load_tokenizer(tiny_base)
     prepare_tokenizer(tok)
-    config = lora_config(ModelArguments(model_name_or_path=tiny_base, use_peft=True, lora_r=4), tok)
+    args = ModelArguments(model_name_or_path=tiny_base, use_peft=True, lora_r=4)
+    config = lora_config(args, tok, new_chat_template=True)
     ids = config.trainable_token_indices["embed_tokens"]
     assert set(tok.convert_ids_to_tokens(ids)) == {IM_START, IM_END, PAD}
+    assert "lm_head" in config.modules_to_save  # the output rows of <|im_end|> must be trainable too
+    # A tokenizer that came with its template (an instruct model, or a later stage) needs no extra rows.
+    plain = lora_config(args, tok, new_chat_template=False)
+    assert plain.trainable_token_indices is None and not plain.modules_to_save
     assert lora_config(ModelArguments(model_name_or_path=tiny_base), tok) is None

@@ -1,0 +1,109 @@
+"""The `rlhf-kit` command: pipeline, eval, chat."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _pipeline(ns: argparse.Namespace) -> int:
+    from .pipeline import PipelineConfig, run_pipeline
+
+    config = PipelineConfig.from_yaml(ns.config)
+    if ns.output_dir:
+        config.output_dir = ns.output_dir
+    run_pipeline(config, force=ns.force, log=print)
+    if config.evaluation and not ns.no_eval:
+        from .pipeline import report
+
+        report(config, log=print)
+    return 0
+
+
+def _eval(ns: argparse.Namespace) -> int:
+    import json
+
+    from . import task
+    from .data import load_data
+    from .evaluation import evaluate_policy, format_table, load_policy, win_rate
+
+    prompts = load_data(ns.prompts, kind="prompt", split=ns.split)["prompt"][: ns.num_prompts]
+    reward_model = None
+    if ns.reward_model:
+        from .rewards import RewardModel
+
+        reward_model = RewardModel.from_pretrained(ns.reward_model)
+    reference = load_policy(ns.reference, "reference") if ns.reference else None
+    results = [evaluate_policy(load_policy(path), prompts, reward_model=reward_model, reference=reference,
+                               max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, seed=ns.seed)
+               for path in [ns.model] + ([ns.against] if ns.against else [])]
+    if ns.against:
+        ours, theirs = results
+        ours.metrics["gold_win_rate"] = win_rate(prompts, ours.responses, theirs.responses, task.gold_score)
+        if reward_model is not None:
+            judge = lambda p, r: reward_model.score_texts_for([p], [r]).item()  # noqa: E731
+            ours.metrics["rm_win_rate"] = win_rate(prompts, ours.responses, theirs.responses, judge)
+    columns = sorted({k for r in results for k in r.metrics})
+    print(format_table(results, columns))
+    if ns.output:
+        with open(ns.output, "w") as f:
+            json.dump({r.name: r.metrics for r in results}, f, indent=2)
+    return 0
+
+
+def _chat(ns: argparse.Namespace) -> int:
+    from .chat import chat
+
+    def lines():
+        while True:
+            try:
+                yield input("\nyou> ")
+            except EOFError:
+                return
+
+    chat(ns.model, lines=lines(), write=lambda s: print(s, end="", flush=True),
+         max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, system=ns.system)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf-kit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pipeline", help="pretrain -> SFT -> reward model -> PPO -> evaluation, resuming finished stages")
+    p.add_argument("config", help="pipeline YAML, e.g. recipes/configs/pipeline/tiny.yaml")
+    p.add_argument("--output_dir", help="override the pipeline's output_dir")
+    p.add_argument("--force", action="store_true", help="rerun stages even when their output is finished")
+    p.add_argument("--no_eval", action="store_true", help="skip the final evaluation report")
+    p.set_defaults(func=_pipeline)
+
+    p = sub.add_parser("eval", help="gold score, reward-model score, KL, length, stop rate and win rate of a model")
+    p.add_argument("model", help="a stage output directory (full model or LoRA adapter)")
+    p.add_argument("--reward_model", help="reward stage output to score with")
+    p.add_argument("--reference", help="model to measure KL against (usually the SFT output)")
+    p.add_argument("--against", help="a second model: report the first one's win rate against it")
+    p.add_argument("--prompts", default="data/prompts", help="prompt-only data (default: data/prompts)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--num_prompts", type=int, default=100)
+    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="write the metrics as JSON here")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("chat", help="chat in the terminal with any stage's output")
+    p.add_argument("model")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--system", help="a system message")
+    p.set_defaults(func=_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    return ns.func(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Evaluating policies on held-out prompts: gold score, reward-model score, KL to a reference, length, stops, wins.
+
+    result = evaluate_policy("outputs/tiny/ppo", prompts, reward_model=rm, reference="outputs/tiny/sft")
+
+Responses are *sampled* at temperature 1 (with a fixed seed), the distribution PPO optimizes and the one whose
+KL to the reference is meaningful: KL is estimated per prompt as sum_t log pi(y_t) - log ref(y_t) over the sampled
+response tokens (the k1 estimator, unbiased for KL(pi || ref)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import task
+from .model import ModelArguments, load_model, load_tokenizer, prepare_tokenizer, stop_token_ids
+
+
+@dataclass
+class Policy:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+
+
+@dataclass
+class Generations:
+    prompts: list
+    responses: list[str]
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    stopped: list[bool]
+
+
+@dataclass
+class EvalResult:
+    name: str
+    metrics: dict[str, float]
+    responses: list[str] = field(default_factory=list)
+
+
+def load_policy(path: str, name: str | None = None) -> Policy:
+    """Any stage's output: a full model, or a LoRA adapter (merged into its base once, cached beside it).
+
+    A base model gets the same chat template SFT gives it, so base and SFT answer the very same prompts.
+    """
+    tokenizer = load_tokenizer(path)
+    prepare_tokenizer(tokenizer)
+    model = load_model(ModelArguments(model_name_or_path=path), tokenizer).eval()
+    return Policy(name or Path(path).name, model, tokenizer)
+
+
+def _prompt_ids(tokenizer, prompt) -> list[int]:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
+
+
+@torch.no_grad()
+def generate(policy: Policy, prompts: list, *, max_new_tokens: int = 32, temperature: float = 1.0,
+             batch_size: int = 32, seed: int = 0, progress: bool = True) -> Generations:
+    tok, model = policy.tokenizer, policy.model
+    stops = set(stop_token_ids(tok))
+    torch.manual_seed(seed)
+    out = Generations(prompts=list(prompts), responses=[], prompt_ids=[], response_ids=[], stopped=[])
+    for start in tqdm(range(0, len(prompts), batch_size), desc=f"generating ({policy.name})", disable=not progress):
+        ids = [_prompt_ids(tok, p) for p in prompts[start : start + batch_size]]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids])
+        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        gen = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
+                             max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
+                             top_k=0, top_p=1.0, eos_token_id=sorted(stops), pad_token_id=tok.pad_token_id)
+        for prompt_ids, row in zip(ids, gen[:, width:].tolist()):
+            cut = next((i + 1 for i, t in enumerate(row) if t in stops), None)
+            response = row[:cut] if cut else row
+            out.prompt_ids.append(prompt_ids)
+            out.response_ids.append(response)
+            out.stopped.append(cut is not None)
+            out.responses.append(tok.decode(response, skip_special_tokens=True).strip())
+    return out
+
+
+@torch.no_grad()
+def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
+                      batch_size: int = 32) -> torch.Tensor:
+    """Sum of log p(response token | prefix) per sample, at temperature 1. (N,)"""
+    totals = []
+    for start in range(0, len(prompt_ids), batch_size):
+        rows = [p + r for p, r in zip(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size])]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=model.device)
+        attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits[:, :-1].float(), dim=-1)
+        token_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, width-1): log p(ids[t+1] | ids[:t+1])
+        for i, (p, r) in enumerate(zip(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size])):
+            totals.append(token_logp[i, len(p) - 1 : len(p) - 1 + len(r)].sum().item())
+    return torch.tensor(totals)
+
+
+def evaluate_policy(policy: Policy, prompts: list, *, reward_model=None, reference: Policy | None = None,
+                    max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0) -> EvalResult:
+    gens = generate(policy, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    gold = [task.gold_score(p, r) for p, r in zip(prompts, gens.responses)]
+    metrics = {
+        "gold_score": sum(gold) / len(gold),
+        "format_rate": sum(task.follows_format(p, r) for p, r in zip(prompts, gens.responses)) / len(prompts),
+        "response_tokens": sum(map(len, gens.response_ids)) / len(prompts),
+        "stop_rate": sum(gens.stopped) / len(prompts),
+    }
+    if reward_model is not None:
+        metrics["reward_model_score"] = reward_model.score_texts_for(prompts, gens.responses).mean().item()
+    if reference is not None:
+        pad = policy.tokenizer.pad_token_id
+        own = sequence_logprobs(policy.model, gens.prompt_ids, gens.response_ids, pad)
+        ref = sequence_logprobs(reference.model, gens.prompt_ids, gens.response_ids, pad)
+        metrics["kl_to_reference"] = (own - ref).mean().item()
+    return EvalResult(policy.name, metrics, gens.responses)
+
+
+def win_rate(prompts: list, ours: list[str], theirs: list[str], judge) -> float:
+    """Share of prompts where `judge(prompt, response)` prefers ours; ties count one half."""
+    wins = 0.0
+    for p, a, b in zip(prompts, ours, theirs):
+        sa, sb = judge(p, a), judge(p, b)
+        wins += 1.0 if sa > sb else 0.5 if sa == sb else 0.0
+    return wins / len(prompts)
+
+
+def format_table(results: list[EvalResult], columns: list[str]) -> str:
+    """A Markdown table, one row per model."""
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for r in results:
+        cells = [f"{r.metrics[c]:.3f}" if c in r.metrics else "-" for c in columns]
+        lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,201 @@
+"""The one-command pipeline: pretrain -> SFT -> reward model -> PPO -> evaluation, each stage by its own recipe.
+
+Each stage runs as `accelerate launch recipes/<stage>.py --config <its yaml>` in a child process, exactly as a user
+would run it by hand, with the previous stage's output handed over on the command line. A stage whose output
+directory already holds a finished stage record is skipped, so an interrupted pipeline resumes at the stage it was
+in (and that stage resumes from its own last checkpoint).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, check_keys, load_yaml
+from .runs import read_stage
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+STAGE_ORDER = ("pretrain", "sft", "reward", "ppo")
+
+# Which earlier stage's output feeds which key of a later stage's config.
+WIRING: dict[str, dict[str, str]] = {
+    "pretrain": {},
+    "sft": {"model_name_or_path": "pretrain"},
+    "reward": {"model_name_or_path": "sft"},
+    "ppo": {"model_name_or_path": "sft", "reward_model_path": "reward"},
+}
+
+
+@dataclass
+class PipelineConfig:
+    """`stages` maps a stage name to its recipe YAML; `overrides` maps a stage name to extra `--key value` pairs."""
+
+    output_dir: str = "outputs/pipeline"
+    accelerate_config: str = "accelerate_config.yaml"
+    stages: dict[str, str] = field(default_factory=dict)
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = [s for s in self.stages if s not in STAGE_ORDER]
+        if unknown:
+            raise ConfigError(f"Unknown pipeline stage(s) {unknown}; stages are {list(STAGE_ORDER)}.")
+        for stage, cfg in self.stages.items():
+            if not Path(cfg).is_file():
+                raise ConfigError(f"Pipeline stage '{stage}': config file {cfg} does not exist.")
+        for stage in self.overrides:
+            if stage not in self.stages:
+                raise ConfigError(f"overrides for stage '{stage}', which the pipeline does not run.")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> PipelineConfig:
+        values = load_yaml(path)
+        check_keys(list(values), [cls], f"pipeline config {path}")
+        return cls(**values)
+
+    def ordered_stages(self) -> list[str]:
+        return [s for s in STAGE_ORDER if s in self.stages]
+
+    def stage_dir(self, stage: str) -> Path:
+        return Path(self.output_dir) / stage
+
+
+def stage_command(config: PipelineConfig, stage: str) -> list[str]:
+    """The `accelerate launch` command line that runs one stage with its inputs wired to earlier outputs."""
+    args: dict[str, Any] = {"output_dir": str(config.stage_dir(stage))}
+    for key, source in WIRING[stage].items():
+        if source in config.stages:
+            args[key] = str(config.stage_dir(source))
+    args.update(config.overrides.get(stage, {}))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config.accelerate_config,
+           str(RECIPES / f"{stage}.py"), "--config", config.stages[stage]]
+    for key, value in args.items():
+        cmd += [f"--{key}", *(map(str, value) if isinstance(value, (list, tuple)) else [str(value)])]
+    return cmd
+
+
+def is_finished(config: PipelineConfig, stage: str) -> bool:
+    record = read_stage(config.stage_dir(stage))
+    return bool(record and record.get("complete"))
+
+
+def run_pipeline(
+    config: PipelineConfig,
+    *,
+    force: bool = False,
+    log: Callable[[str], None] = lambda _: None,
+    run: Callable[[list[str]], int] = lambda cmd: subprocess.call(cmd),
+) -> dict[str, str]:
+    """Run every configured stage in order; returns {stage: "ran" | "skipped"}."""
+    status: dict[str, str] = {}
+    for stage in config.ordered_stages():
+        if is_finished(config, stage) and not force:
+            log(f"[pipeline] {stage}: finished output in {config.stage_dir(stage)}, skipping")
+            status[stage] = "skipped"
+            continue
+        cmd = stage_command(config, stage)
+        log(f"[pipeline] {stage}: {' '.join(cmd[2:])}")
+        code = run(cmd)
+        if code != 0:
+            raise RuntimeError(f"Pipeline stage '{stage}' failed with exit code {code}; rerun to resume from it.")
+        status[stage] = "ran"
+    return status
+
+
+REPORT_COLUMNS = ["format_rate", "gold_score", "reward_model_score", "kl_to_reference", "response_tokens",
+                  "stop_rate", "gold_win_rate_vs_sft", "rm_win_rate_vs_sft"]
+
+
+def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Evaluate base, SFT and PPO on held-out prompts; write report.json, report.md and the PPO training plot."""
+    import json
+
+    from . import task
+    from .data import load_data
+    from .evaluation import evaluate_policy, format_table, load_policy, win_rate
+
+    settings = {"prompts": "data/prompts", "split": "test", "num_prompts": 100, "max_new_tokens": 32, "seed": 0,
+                **config.evaluation}
+    prompts_data = load_data(settings["prompts"], kind="prompt", split=settings["split"])
+    prompts = prompts_data["prompt"][: settings["num_prompts"]]
+    reward_model = None
+    if "reward" in config.stages:
+        from .rewards import RewardModel
+
+        reward_model = RewardModel.from_pretrained(str(config.stage_dir("reward")))
+    rows = {"base": "pretrain", "sft": "sft", "ppo": "ppo"}
+    policies = {name: load_policy(str(config.stage_dir(stage)), name) for name, stage in rows.items()
+                if stage in config.stages}
+    reference = policies.get("sft")
+    results = [evaluate_policy(policy, prompts, reward_model=reward_model, reference=reference,
+                               max_new_tokens=settings["max_new_tokens"], seed=settings["seed"])
+               for policy in policies.values()]
+    sft = next((r for r in results if r.name == "sft"), None)
+    for r in results:
+        if sft is not None:
+            r.metrics["gold_win_rate_vs_sft"] = win_rate(prompts, r.responses, sft.responses, task.gold_score)
+            if reward_model is not None:
+                def rm_judge(prompt, response):
+                    return reward_model.score_texts_for([prompt], [response]).item()
+
+                r.metrics["rm_win_rate_vs_sft"] = win_rate(prompts, r.responses, sft.responses, rm_judge)
+    out = Path(config.output_dir)
+    table = format_table(results, REPORT_COLUMNS)
+    rm_eval = _reward_eval(config)
+    data = {"prompts": len(prompts), "settings": settings, "rows": {r.name: r.metrics for r in results},
+            "reward_model_heldout": rm_eval,
+            "samples": {r.name: list(zip(map(str, prompts[:5]), r.responses[:5])) for r in results}}
+    (out / "report.json").write_text(json.dumps(data, indent=2))
+    md = [f"# rlhf-kit pipeline report ({len(prompts)} held-out prompts)", "", table, ""]
+    if rm_eval:
+        md.append(f"Reward model on held-out preference pairs: accuracy {rm_eval.get('accuracy', float('nan')):.3f}, "
+                  f"agreement with the gold annotator {rm_eval.get('gold_agreement', float('nan')):.3f}.")
+    plot = plot_ppo_training(config.stage_dir("ppo"), out / "ppo_training.png") if "ppo" in config.stages else None
+    if plot:
+        md.append(f"\n![gold and reward-model score against KL during PPO]({plot.name})")
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    log("\n".join(md))
+    return data
+
+
+def _reward_eval(config: PipelineConfig) -> dict[str, Any] | None:
+    if "reward" not in config.stages:
+        return None
+    from .rewards import read_eval_report
+
+    return read_eval_report(config.stage_dir("reward"))
+
+
+def plot_ppo_training(ppo_dir: Path, png: Path) -> Path | None:
+    """Gold and reward-model score against KL across PPO's periodic evaluations: over-optimization shows as the
+    reward-model curve still rising while the gold curve flattens or falls."""
+    import json
+
+    state = ppo_dir / "trainer_state.json"
+    if not state.is_file():
+        return None
+    history = [e for e in json.loads(state.read_text())["log_history"] if "eval_kl" in e]
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kl = [e["eval_kl"] for e in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("eval_reward/gold", "gold score"), ("eval_reward/rm", "reward model (normalized)")):
+        if any(key in e for e in history):
+            ax.plot(kl, [e.get(key, float("nan")) for e in history], marker="o", label=label)
+    ax.set_xlabel("KL(policy || SFT), nats per response")
+    ax.set_ylabel("mean score on held-out prompts")
+    ax.set_title("PPO: gold vs reward-model score")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
