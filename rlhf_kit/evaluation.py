@@ -108,6 +108,7 @@ def evaluate_policy(policy: Policy, prompts: list, *, reward_model=None, referen
     gold = [task.gold_score(p, r) for p, r in zip(prompts, gens.responses)]
     metrics = {
         "gold_score": sum(gold) / len(gold),
+        "shape_rate": sum(map(task.has_review_shape, gens.responses)) / len(prompts),
         "format_rate": sum(task.follows_format(p, r) for p, r in zip(prompts, gens.responses)) / len(prompts),
         "response_tokens": sum(map(len, gens.response_ids)) / len(prompts),
         "stop_rate": sum(gens.stopped) / len(prompts),

@@ -106,7 +106,7 @@ def run_pipeline(
     return status
 
 
-REPORT_COLUMNS = ["format_rate", "gold_score", "reward_model_score", "kl_to_reference", "response_tokens",
+REPORT_COLUMNS = ["shape_rate", "format_rate", "gold_score", "reward_model_score", "kl_to_reference", "response_tokens",
                   "stop_rate", "gold_win_rate_vs_sft", "rm_win_rate_vs_sft"]
 
 

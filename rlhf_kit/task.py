@@ -171,6 +171,13 @@ def _adjectives(prompt: Text, response: Text) -> list[str] | None:
     return adjectives
 
 
+def has_review_shape(response: Text) -> bool:
+    """Whether `response` has the answer's shape, ``The {noun} is a1( and aK)*.`` with task words, whatever item it
+    names. It separates "learned the format" (SFT's job) from "reviewed the right item" (part of the gold score)."""
+    match = _RESPONSE.fullmatch(_content(response, role="assistant").strip())
+    return match is not None and all(a in SENTIMENT for a in match.group(2).split(" and "))
+
+
 def follows_format(prompt: Text, response: Text) -> bool:
     """Whether `response` is ``The {item} is a1( and aK)*.`` for the prompt's item,
     with 1-4 known adjectives. Repetition is allowed here: it is well-formed, just

@@ -263,3 +263,13 @@ def test_readme_command_writes_the_datasets(tmp_path):
         [sys.executable, "data/make_datasets.py", "--out", str(tmp_path)], cwd=DATA.parent, check=True, capture_output=True
     )
     assert (tmp_path / "sft/train.jsonl").read_bytes() == (DATA / "sft/train.jsonl").read_bytes()
+
+
+def test_review_shape_ignores_which_item():
+    from rlhf_kit.task import has_review_shape
+
+    assert has_review_shape("The phone is great and red.")  # right shape, whichever item the prompt named
+    assert has_review_shape([{"role": "assistant", "content": " The coffee is bland. "}])
+    assert not has_review_shape("The phone is great and xylophone.")  # not a task word
+    assert not has_review_shape("The phone is great")  # no period
+    assert not has_review_shape("I bought a new phone yesterday.")
