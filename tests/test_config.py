@@ -114,10 +114,12 @@ def test_saved_config_has_no_tokens(tmp_path):
 def test_every_shipped_recipe_config_parses(repo):
     """Every YAML we ship must parse with its recipe's dataclasses (recipes rot when nothing parses them)."""
     from rlhf_kit.data import DataArguments
+    from rlhf_kit.reward_modeling import RewardArguments
 
     stage_types = {
         "pretrain": (PretrainArguments, TrainingArguments),
         "sft": (DataArguments, ModelArguments, SFTArguments),
+        "reward": (DataArguments, ModelArguments, RewardArguments),
     }
     found = 0
     for stage, types in stage_types.items():
@@ -125,4 +127,4 @@ def test_every_shipped_recipe_config_parses(repo):
             # use_cpu: GPU configs ask for bf16, which transformers refuses to even parse on a CPU-only machine.
             parse_config(*types, args=["--config", str(cfg)], overrides={"use_cpu": True})
             found += 1
-    assert found >= 3
+    assert found >= 5

@@ -1,0 +1,103 @@
+"""Stage 3: a reward model from preference pairs (LoRA, QLoRA or full) with TRL's RewardTrainer.
+
+    accelerate launch --config_file accelerate_config.yaml recipes/reward.py --config recipes/configs/reward/tiny.yaml
+
+The model (the SFT output, or a base) gets a new one-output `score` head that is trained and saved with the adapter.
+After training, the reward model is scored on a reference set to record the normalization (mean 0, std 1) and on the
+held-out split for the report that PPO's gate reads. The output directory holds the adapter (or full model), the
+tokenizer with its chat template, rlhf_kit_reward.json (normalization, base model), reward_eval.json (the report),
+the resolved config and the stage record. An interrupted run resumes from its last checkpoint when started again.
+"""
+
+from transformers import set_seed
+from trl import RewardTrainer
+
+from rlhf_kit.config import parse_config, save_config, to_dict
+from rlhf_kit.data import DataArguments, detect_dataset_format, load_data
+from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, prepare_tokenizer
+from rlhf_kit.reward_modeling import (
+    RewardArguments,
+    check_reward_setup,
+    evaluate_reward_model,
+    fit_normalization,
+    format_report,
+    reference_samples,
+    reward_lora_config,
+    reward_metadata,
+)
+from rlhf_kit.rewards import RewardModel, write_reward_files
+from rlhf_kit.runs import format_summary, resume_checkpoint, write_stage
+
+
+def main(argv=None, overrides=None, callbacks=None):
+    data_args, model_args, args = parse_config(DataArguments, ModelArguments, RewardArguments,
+                                               args=argv, overrides=overrides)
+    set_seed(args.seed)
+
+    # Data first: a bad row or a contradictory setting must fail before minutes of model loading.
+    train_data = load_data(data_args.dataset_name, kind="preference", split=data_args.dataset_train_split,
+                           seed=args.seed)
+    eval_data = load_data(data_args.eval_source, kind="preference", split=data_args.dataset_test_split, seed=args.seed)
+    # The normalization reference: reference_dataset, else the held-out split, else the training data.
+    reference_source = args.reference_dataset or (data_args.eval_source if eval_data is not None
+                                                  else data_args.dataset_name)
+    reference_data = eval_data if eval_data is not None else train_data
+    if args.reference_dataset is not None:
+        reference_data = load_data(args.reference_dataset, kind="preference", split=data_args.dataset_test_split,
+                                   seed=args.seed)
+        if reference_data is None:
+            raise ValueError(f"reference_dataset {args.reference_dataset} has no '{data_args.dataset_test_split}' "
+                             "split; give a file (used whole) or a directory with that split.")
+    conversational = detect_dataset_format(train_data, "preference").endswith("_conversational")
+    check_reward_setup(model_args, args, has_eval_data=eval_data is not None)
+    resume = resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+
+    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
+                               trust_remote_code=args.trust_remote_code)
+    added = prepare_tokenizer(tokenizer)
+    model = load_model(model_args, tokenizer, sequence_classification=True, trust_remote_code=args.trust_remote_code)
+    base_model = model.config.name_or_path  # the SFT adapter's merged directory, or the base itself
+
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=eval_data if args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=reward_lora_config(model_args, tokenizer, added),
+        callbacks=callbacks,
+    )
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir)
+
+    # Normalize and evaluate with the scoring code PPO uses. Every process scores (a sharded model needs all
+    # of them in each forward); only the main one writes.
+    reward_model = RewardModel(trainer.model, tokenizer, conversational=conversational)
+    batch_size = args.per_device_eval_batch_size
+    reference = reference_samples(reference_data, args.reference_pairs, args.seed)
+    normalization = fit_normalization(reward_model.score(reference, batch_size=batch_size, normalize=False))
+    reward_model.offset, reward_model.scale = normalization["offset"], normalization["scale"]
+    report = None
+    if eval_data is not None:
+        report = evaluate_reward_model(reward_model, eval_data, buckets=args.calibration_buckets, batch_size=batch_size)
+
+    metrics = {"train_loss": train_result.training_loss, **normalization}
+    if report is not None:
+        metrics.update(eval_accuracy=report["accuracy"], eval_mean_margin=report["mean_margin"],
+                       eval_calibration_error=report["calibration_error"])
+    if trainer.is_world_process_zero():
+        metadata = reward_metadata(model_args, base_model, normalization=normalization, report=report,
+                                   reference={"source": str(reference_source), "samples": len(reference)},
+                                   conversational=conversational)
+        write_reward_files(args.output_dir, metadata, report)
+        save_config(args.output_dir, data_args, model_args, args)
+        write_stage(args.output_dir, "reward", model=model_args.model_name_or_path, data=data_args.dataset_name,
+                    config=to_dict(data_args, model_args, args), metrics=metrics)
+        if report is not None:
+            print(format_report(report))
+        print(format_summary("reward", args.output_dir, metrics))
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+"""Scoring with a trained reward model, and the gate PPO passes before it trusts one.
+
+    rm = RewardModel.from_pretrained("outputs/tiny-reward")
+    rm.score([[{"role": "user", "content": "Review the tea."}, {"role": "assistant", "content": "The tea is fun."}]])
+    rm.score_texts_for(["Review the tea."], ["The tea is fun."])          # the same, built from prompt + completion
+
+A reward stage directory (`recipes/reward.py`) holds a LoRA adapter with the score head in it (or a full model), the
+tokenizer with its chat template, `rlhf_kit_reward.json` (normalization and how to rebuild the model) and
+`reward_eval.json` (the held-out report `gate` reads). Scores are normalized on load,
+`(raw - offset) / scale`, where offset and scale make the scores on a reference set mean 0 / std 1, so a KL
+coefficient means the same thing whichever reward model PPO uses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .model import IM_END, ModelArguments, is_adapter_dir, load_model
+
+REWARD_FILE = "rlhf_kit_reward.json"
+EVAL_FILE = "reward_eval.json"
+HEAD = "score"  # the one-output linear layer of transformers' *ForSequenceClassification models
+DEFAULT_MIN_ACCURACY = 0.6
+QUANTIZATION_KEYS = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "use_bnb_nested_quant",
+                      "bnb_4bit_quant_storage")
+
+Sample = str | list[dict[str, str]]
+
+
+class RewardGateError(ValueError):
+    """The reward model is not fit to drive PPO; the message says what to fix and how to override."""
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, sample: Sample) -> list[int]:
+    """Token ids of one sample exactly as TRL 1.16's RewardTrainer tokenizes a chosen or rejected response.
+
+    A conversation goes through the chat template as is (no generation prompt: the template itself closes the
+    assistant turn with its end-of-turn token). Plain text gets the tokenizer's EOS appended unless it already ends
+    with it, then is tokenized with the tokenizer's own special tokens (a BOS where the tokenizer adds one).
+    """
+    if isinstance(sample, str):
+        eos = tokenizer.eos_token
+        return tokenizer(text=sample if sample.endswith(eos) else sample + eos)["input_ids"]
+    if tokenizer.chat_template is None:
+        raise ValueError("this tokenizer has no chat template, so it cannot score conversations; pass plain text")
+    return tokenizer.apply_chat_template(list(sample), tokenize=True, return_dict=True)["input_ids"]
+
+
+def read_reward_file(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / REWARD_FILE
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def read_eval_report(path: str | Path) -> dict[str, Any] | None:
+    file = Path(path) / EVAL_FILE
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def write_reward_files(output_dir: str | Path, metadata: dict[str, Any], report: dict[str, Any] | None) -> None:
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REWARD_FILE).write_text(json.dumps(metadata, indent=2))
+    if report is not None:
+        (out / EVAL_FILE).write_text(json.dumps(report, indent=2))
+
+
+class RewardModel:
+    """A sequence-classification reward model, its own tokenizer and its normalization.
+
+    Build one with `from_pretrained(reward_dir)`, or wrap a model in memory (the reward recipe does, to evaluate
+    with the very code PPO scores with).
+    """
+
+    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, *, offset: float = 0.0, scale: float = 1.0,
+                 conversational: bool = True, metadata: dict[str, Any] | None = None):
+        pad = model.config.get_text_config().pad_token_id
+        if tokenizer.pad_token_id is None or pad != tokenizer.pad_token_id:
+            # The model reads the reward at the last token that is not pad_token_id: a mismatch reads it elsewhere.
+            raise ValueError(f"the model's pad_token_id ({pad}) differs from the tokenizer's "
+                             f"({tokenizer.pad_token_id}); set model.config.pad_token_id = tokenizer.pad_token_id")
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.offset, self.scale = float(offset), float(scale)
+        self.conversational = conversational
+        self.metadata = dict(metadata or {})
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, device=None, dtype=None, trust_remote_code: bool = False) -> RewardModel:
+        """Load a reward stage output (adapter + score head, or a full/merged model) with its normalization.
+
+        An adapter trained on a 4-bit base is loaded on the same 4-bit base, unmerged, so its scores are the ones
+        its evaluation and normalization measured; any other adapter is merged into its base for speed.
+        """
+        path = str(path)
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{path} is not a directory; pass a reward stage output_dir")
+        meta = read_reward_file(path)
+        saved_head = _saved_head(path)
+        if not saved_head:
+            raise ValueError(f"{path} holds no '{HEAD}' head weights: the adapter was saved without the reward head, "
+                             f"so loading it would score with a random head. Train with modules_to_save=['{HEAD}'] "
+                             "(rlhf_kit.model.lora_config(..., task_type=TaskType.SEQ_CLS) adds it).")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype if dtype is not None else meta.get("dtype") or "float32"
+        dtype = str(dtype).removeprefix("torch.")
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        quant = {k: v for k, v in meta.get("quantization", {}).items() if k in QUANTIZATION_KEYS}
+        quantized = bool(quant.get("load_in_4bit") or quant.get("load_in_8bit"))
+        adapter = is_adapter_dir(path)
+        args = ModelArguments(model_name_or_path=_base_model(path, meta) if adapter else path, dtype=dtype,
+                              use_peft=quantized, **(quant if adapter else {}))
+        with _quiet_head_report(adapter):
+            model = load_model(args, tokenizer, sequence_classification=True, trust_remote_code=trust_remote_code,
+                               device_map={"": _placement(device)} if quantized else None)
+        if adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, path)
+            if not quantized:
+                model = model.merge_and_unload()
+        if not quantized:
+            model = model.to(device)
+        _check_head(model, saved_head, path)
+        return cls(model, tokenizer, offset=meta.get("offset", 0.0), scale=meta.get("scale", 1.0),
+                   conversational=meta.get("conversational", tokenizer.chat_template is not None),
+                   metadata={**meta, "source": path})
+
+    def save_pretrained(self, output_dir: str | Path) -> None:
+        """Save a full (merged) reward model: an ordinary transformers directory plus the normalization."""
+        if getattr(self.model, "peft_config", None) is not None:
+            raise ValueError("this reward model is an unmerged adapter on a quantized base; merging into 4/8-bit "
+                             "weights would round the adapter away. Train without quantization to export a merged RM.")
+        self.model.save_pretrained(output_dir, safe_serialization=True)
+        self.tokenizer.save_pretrained(output_dir)
+        meta = {**self.metadata, "offset": self.offset, "scale": self.scale, "conversational": self.conversational,
+                "adapter": False, "quantization": {}}
+        meta.pop("base_model", None)
+        write_reward_files(output_dir, meta, None)
+        source = self.metadata.get("source")
+        if source and (Path(source) / EVAL_FILE).is_file():
+            (Path(output_dir) / EVAL_FILE).write_text((Path(source) / EVAL_FILE).read_text())
+
+    def encode(self, sample: Sample) -> list[int]:
+        return encode(self.tokenizer, sample)
+
+    @torch.no_grad()
+    def score(self, samples: Sequence[Sample], *, batch_size: int = 16, normalize: bool = True) -> torch.Tensor:
+        """Rewards (N,) float32 on CPU for N samples: plain texts or full conversations (prompt and response).
+
+        Each sample is tokenized exactly as in reward training (`encode`). Batches hold samples of similar length,
+        so little padding is computed; the result is in the order given.
+        """
+        if isinstance(samples, (str, dict)) or (len(samples) and isinstance(samples[0], dict)):
+            raise TypeError("score() takes a list of samples: a list of strings, or a list of conversations "
+                            "(each a list of {'role', 'content'} messages)")
+        ids = [self.encode(sample) for sample in samples]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        rewards = torch.empty(len(ids), dtype=torch.float32)
+        device = next(self.model.parameters()).device
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = self._collate([ids[i] for i in chunk], device)
+            logits = self.model(**batch, use_cache=False).logits  # (B, 1)
+            rewards[chunk] = logits[:, 0].float().cpu()
+        return (rewards - self.offset) / self.scale if normalize else rewards
+
+    def _collate(self, ids: list[list[int]], device) -> dict[str, torch.Tensor]:
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, x in enumerate(ids):  # right padding, as TRL's DataCollatorForPreference
+            input_ids[row, : len(x)] = torch.tensor(x)
+            attention_mask[row, : len(x)] = 1
+        return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+    def to_sample(self, prompt: Sample, completion: str | list[dict[str, str]]) -> Sample:
+        """One prompt (string or messages) + one completion (string or assistant messages) in the RM's format."""
+        if self.conversational:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            reply = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
+            return messages + reply
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise ValueError("this reward model was trained on plain-text pairs: pass prompts and completions as "
+                             "strings (a completion is appended to its prompt as is)")
+        return prompt + completion
+
+    def score_texts_for(self, prompts: Sequence[Sample], completions: Sequence[str | list[dict[str, str]]], *,
+                        batch_size: int = 16, normalize: bool = True) -> torch.Tensor:
+        """Rewards (N,) for N (prompt, completion) pairs, e.g. a policy's decoded completions (stop token removed)."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
+        samples = [self.to_sample(p, c) for p, c in zip(prompts, completions)]
+        return self.score(samples, batch_size=batch_size, normalize=normalize)
+
+
+@contextmanager
+def _quiet_head_report(active: bool):
+    """Hide transformers' load report when it only says the base lacks the score head (and has an lm_head).
+
+    Loading an adapter RM first loads its causal-LM base as a seq-cls model, and the report then warns that
+    score.weight was "newly initialized": the classic sign of a lost head, though here the adapter's head replaces it
+    next and `_check_head` verifies that. Any other key in the report is still shown.
+    """
+    log = logging.getLogger("transformers.modeling_utils")
+
+    def only_head_keys(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        keys = [line.split("|")[0].strip() for line in message.splitlines()[2:] if "|" in line]
+        rows = [k for k in keys if k and not set(k) <= set("-+")]
+        return not rows or not all(k.startswith((f"{HEAD}.", "lm_head.")) for k in rows)
+
+    if active:
+        log.addFilter(only_head_keys)
+    try:
+        yield
+    finally:
+        log.removeFilter(only_head_keys)
+
+
+def _placement(device: torch.device) -> int | str:
+    if device.type == "cuda":
+        return device.index if device.index is not None else torch.cuda.current_device()
+    return str(device)
+
+
+def _base_model(path: str, meta: dict[str, Any]) -> str:
+    """The adapter's base: the absolute path recorded at training time, else adapter_config.json's (maybe relative)."""
+    recorded = meta.get("base_model")
+    if recorded and Path(recorded).is_dir():
+        return recorded
+    from .model import adapter_base
+
+    return adapter_base(path)
+
+
+def _saved_head(path: str) -> dict[str, torch.Tensor]:
+    """The score-head tensors as saved in `path` ({"weight": ..., "bias": ...}), from any *.safetensors file."""
+    from safetensors import safe_open
+
+    head = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                parts = key.split(".")  # "score.weight", or "base_model.model.score.weight" in an adapter
+                if len(parts) >= 2 and parts[-2] == HEAD:
+                    head[parts[-1]] = f.get_tensor(key)
+    return head
+
+
+def _check_head(model, saved: dict[str, torch.Tensor], path: str) -> None:
+    """Fail loudly if the loaded score head is not the saved one.
+
+    The two classic reward-model bugs both pass silently in transformers/PEFT: an adapter saved without its head
+    (the base's fresh random head is used), and a head bias the architecture does not declare (the loader drops it
+    as an "unexpected key" with a log line). Either would give scores unrelated to the evaluation.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    module = getattr(base, HEAD)
+    if hasattr(module, "modules_to_save"):  # PEFT's wrapper on an unmerged model: the trained copy is active
+        module = module.modules_to_save[module.active_adapters[0]]
+    for name, tensor in saved.items():
+        loaded = getattr(module, name, None)
+        if loaded is None:
+            raise ValueError(f"{path} saves a reward head '{name}' ({HEAD}.{name}) that the model architecture does "
+                             f"not have, so transformers would drop it on load and shift every score. Fold it into "
+                             f"the normalization offset ({REWARD_FILE}) or load with an architecture that has it.")
+        if loaded.shape != tensor.shape or not torch.equal(loaded.detach().cpu(), tensor.to(loaded.dtype)):
+            raise ValueError(f"the loaded reward head {HEAD}.{name} differs from the one saved in {path}")
+
+
+def tokenizer_compatibility(reward_tokenizer: PreTrainedTokenizerBase,
+                            policy_tokenizer: PreTrainedTokenizerBase) -> tuple[str, str | None]:
+    """How PPO may feed the policy's samples to the reward model: ("shared" | "re-render", problem or None).
+
+    "shared": identical vocabulary, chat template and pad / EOS / <|im_end|> ids. The policy's token ids mean the
+    same to the RM, and rendering a conversation gives the same ids for both.
+    "re-render": a different vocabulary. PPO decodes the policy's completions to text and `score_texts_for`
+    re-renders prompt + completion with the RM's own tokenizer and chat template, so this is fine, provided the RM
+    has a chat template to render with.
+    Incompatible (the problem is returned): an identical vocabulary with a different chat template or pad / EOS /
+    <|im_end|> ids -- two tokenizers that look interchangeable but format or end turns differently, typically an RM
+    trained from another model's tokenizer setup -- or a different vocabulary and no RM chat template.
+    """
+    if reward_tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+        if reward_tokenizer.chat_template is None:
+            return "re-render", ("the reward model's tokenizer differs from the policy's and has no chat template, so "
+                                 "PPO cannot render the policy's conversations for it. Train the reward model with "
+                                 "recipes/reward.py (it gives the tokenizer a chat template) or from the policy's SFT "
+                                 "model.")
+        return "re-render", None
+    differences = []
+    if reward_tokenizer.chat_template != policy_tokenizer.chat_template:
+        differences.append("chat template")
+    for name, rm_id, policy_id in _special_ids(reward_tokenizer, policy_tokenizer):
+        if rm_id != policy_id:
+            differences.append(f"{name} id ({rm_id} in the reward model, {policy_id} in the policy)")
+    if differences:
+        return "shared", ("the reward model and the policy share a vocabulary but differ in " + ", ".join(differences)
+                          + ": the reward model was trained on conversations formatted or ended differently from "
+                          "the policy's. Train the reward model from the policy's SFT model (model_name_or_path: "
+                          "<sft output_dir>) so both use one tokenizer setup.")
+    return "shared", None
+
+
+def _special_ids(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase):
+    yield "pad", a.pad_token_id, b.pad_token_id
+    yield "eos", a.eos_token_id, b.eos_token_id
+    yield IM_END, a.get_vocab().get(IM_END), b.get_vocab().get(IM_END)
+
+
+def gate(reward_dir: str, policy_tokenizer: PreTrainedTokenizerBase, *, min_accuracy: float = DEFAULT_MIN_ACCURACY,
+         allow_weak_reward_model: bool = False) -> dict[str, Any]:
+    """Check that the reward model in `reward_dir` may drive PPO; return its held-out report.
+
+    Refuses (RewardGateError) when the held-out pairwise accuracy in reward_eval.json is missing or below
+    `min_accuracy`, or when the tokenizers are incompatible (see `tokenizer_compatibility`). With
+    `allow_weak_reward_model` the problems become one warning. The returned report gains a "gate" entry:
+    {"passed", "overridden", "tokenizer": "shared" | "re-render", "problems"}.
+    """
+    problems = []
+    report = read_eval_report(reward_dir)
+    if report is None:
+        problems.append(f"{reward_dir} has no {EVAL_FILE}, so its held-out accuracy is unknown. Train it with "
+                        "recipes/reward.py on preference data that has a test split (or set eval_dataset_name).")
+        report = {}
+    elif report["accuracy"] < min_accuracy:
+        problems.append(f"held-out pairwise accuracy {report['accuracy']:.3f} on {report['pairs']} pairs is below "
+                        f"min_accuracy {min_accuracy} (chance is 0.5): PPO would optimize mostly noise. Train the "
+                        f"reward model longer, with a higher learning rate or on more or cleaner preference data "
+                        f"(see {EVAL_FILE}), or lower min_accuracy if you know this task is hard.")
+    mode, problem = tokenizer_compatibility(AutoTokenizer.from_pretrained(reward_dir), policy_tokenizer)
+    if problem:
+        problems.append(problem)
+    report["gate"] = {"passed": not problems, "overridden": bool(problems) and allow_weak_reward_model,
+                      "tokenizer": mode, "problems": problems}
+    if problems:
+        message = (f"reward model {reward_dir} failed the PPO gate:\n" + "\n".join(f"  - {p}" for p in problems)
+                   + "\nTo run PPO with it anyway, set allow_weak_reward_model: true.")
+        if not allow_weak_reward_model:
+            raise RewardGateError(message)
+        warnings.warn(message.replace("To run PPO with it anyway", "Running anyway because"), stacklevel=2)
+    return report
+
+
+class RewardModelFunction:
+    """A TRL-style reward function, `fn(prompts, completions, **kwargs) -> list[float]`, backed by a RewardModel.
+
+    Prompts and completions may be strings or TRL's conversational form (message lists); extra dataset columns
+    arrive as keyword arguments and are ignored.
+
+        reward = RewardModelFunction("outputs/tiny-reward")
+        reward(prompts=["Review the tea."], completions=["The tea is fun."])  # -> [1.3...]
+    """
+
+    def __init__(self, reward_model: RewardModel | str, *, batch_size: int = 16, normalize: bool = True,
+                 name: str = "reward_model"):
+        if not isinstance(reward_model, RewardModel):
+            reward_model = RewardModel.from_pretrained(reward_model)
+        self.reward_model = reward_model
+        self.batch_size, self.normalize = batch_size, normalize
+        self.__name__ = name
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        rewards = self.reward_model.score_texts_for(prompts, completions, batch_size=self.batch_size,
+                                                    normalize=self.normalize)
+        return rewards.tolist()
