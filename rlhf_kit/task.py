@@ -206,10 +206,10 @@ def gold_score(prompt: Text, response: Text) -> float:
     return total / len(adjectives)
 
 
-def gold_reward(prompts: Sequence[Text], completions: Sequence[Text], **columns) -> list[float]:
+def gold(prompts: Sequence[Text], completions: Sequence[Text], **columns) -> list[float]:
     """`gold_score` as a TRL-style reward function, for PPO's ``reward_funcs`` or ``eval_reward_funcs``
-    (``rlhf_kit.task:gold_reward``): prompts and completions as strings or message lists; extra dataset
-    columns are ignored."""
+    (``rlhf_kit.task:gold``, logged as ``reward/gold``): prompts and completions as strings or message lists;
+    extra dataset columns are ignored."""
     return [gold_score(p, c) for p, c in zip(prompts, completions)]
 
 

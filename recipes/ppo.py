@@ -1,0 +1,106 @@
+"""Stage 4: PPO against the reward model (and/or Python reward functions), with a LoRA policy and critic.
+
+    accelerate launch --config_file accelerate_config.yaml recipes/ppo.py --config recipes/configs/ppo/tiny.yaml
+
+The policy starts from the SFT output (an adapter is merged into its base first); the reference is that model with the
+adapter disabled and the critic a second adapter on it, so one copy of the weights serves all three. Any key can be
+overridden on the command line (`--kl_coef 0.1`). The output directory holds the policy adapter (standard PEFT layout,
+what the export stage loads), the critic in critic/, the tokenizer, completions.jsonl, the resolved config, a model
+card and the stage record. An interrupted run resumes from its last checkpoint when started again.
+"""
+
+import dataclasses
+
+from transformers import set_seed
+
+from rlhf_kit.config import parse_config, save_config, to_dict
+from rlhf_kit.data import DataArguments, load_data
+from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer
+from rlhf_kit.rewards import RewardModel, gate, tokenizer_compatibility
+from rlhf_kit.rollout import import_reward_func
+from rlhf_kit.runs import format_summary, resume_checkpoint, write_stage
+from rlhf_kit.trainers.ppo import PPOTrainer
+from rlhf_kit.trainers.ppo_config import PPOConfig
+
+
+def main(argv=None, overrides=None, callbacks=None):
+    data_args, model_args, args = parse_config(DataArguments, ModelArguments, PPOConfig, args=argv, overrides=overrides)
+    set_seed(args.seed)
+
+    # Data, reward functions and the reward-model gate first: each can fail in a second, before any model loads.
+    train_data = load_data(data_args.dataset_name, kind="prompt", split=data_args.dataset_train_split, seed=args.seed)
+    eval_data = load_data(data_args.eval_source, kind="prompt", split=data_args.dataset_test_split, seed=args.seed)
+    reward_funcs = [import_reward_func(name) for name in args.reward_funcs]
+    eval_reward_funcs = [import_reward_func(name) for name in args.eval_reward_funcs]
+    if not args.reward_model_path and not reward_funcs:
+        raise ValueError("PPO needs a reward: set reward_model_path (a reward stage output), reward_funcs, or both")
+    if not model_args.use_peft:
+        raise ValueError("PPO trains the policy as a LoRA adapter (the reference is the same weights with it "
+                         "disabled): set use_peft: true (add load_in_4bit: true for QLoRA)")
+    resume = resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+
+    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
+                               trust_remote_code=args.trust_remote_code)
+    prepare_tokenizer(tokenizer)  # the SFT tokenizer already has its template and pad token: this changes nothing
+    reward_model, reward_report = None, {}
+    if args.reward_model_path:
+        reward_report = gate(args.reward_model_path, tokenizer, min_accuracy=args.min_reward_accuracy,
+                             allow_weak_reward_model=args.allow_weak_reward_model)
+        reward_model = RewardModel.from_pretrained(args.reward_model_path, trust_remote_code=args.trust_remote_code)
+    model = load_model(model_args, tokenizer, trust_remote_code=args.trust_remote_code)
+    critic_model = load_full_critic(args, tokenizer, args.trust_remote_code) if args.critic == "full" else None
+    # The SFT stage already trained the chat tokens' embeddings (and they are merged): PPO's adapter skips them.
+    peft_config = lora_config(dataclasses.replace(model_args, train_chat_tokens=False), tokenizer)
+
+    trainer = PPOTrainer(
+        model=model,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        reward_model=reward_model,
+        reward_funcs=reward_funcs,
+        eval_reward_funcs=eval_reward_funcs,
+        peft_config=peft_config,
+        critic_model=critic_model,
+        callbacks=callbacks,
+    )
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir)
+
+    # Held-out prompts: the SFT policy's scores (the step-0 evaluation, with eval_on_start) against the final ones.
+    metrics = {"train_loss": train_result.training_loss}
+    if eval_data is not None:
+        evals = [e for e in trainer.state.log_history if "eval_reward" in e]
+        start = next((e for e in evals if e["step"] == 0), {})
+        metrics.update({f"{k}_at_start": v for k, v in start.items() if k.startswith("eval_")})
+        # eval_strategy "steps" already evaluated the last update (evaluation is seeded, so it would repeat exactly).
+        final = evals[-1] if evals and evals[-1]["step"] == trainer.state.global_step > 0 else trainer.evaluate()
+        metrics.update({k: v for k, v in final.items() if k.startswith("eval_")})
+    trainer.save_state()  # trainer_state.json: the log history, periodic evaluations included
+    if "accuracy" in reward_report:
+        metrics["reward_model_accuracy"] = reward_report["accuracy"]
+
+    if trainer.is_world_process_zero():
+        save_config(args.output_dir, data_args, model_args, args)
+        trainer.create_model_card(model_name=f"{args.output_dir.rstrip('/').split('/')[-1]}",
+                                  dataset_name=str(data_args.dataset_name))
+        write_stage(args.output_dir, "ppo", model=model_args.model_name_or_path, data=data_args.dataset_name,
+                    config=to_dict(data_args, model_args, args), metrics=metrics)
+        print(format_summary("ppo", args.output_dir, metrics))
+    return trainer
+
+
+def load_full_critic(args, tokenizer, trust_remote_code):
+    """critic: full — a trainable copy of the reward model (or critic_model_path), which must share the tokenizer."""
+    critic = RewardModel.from_pretrained(args.critic_model_path or args.reward_model_path,
+                                         trust_remote_code=trust_remote_code)
+    mode, problem = tokenizer_compatibility(critic.tokenizer, tokenizer)
+    if mode != "shared" or problem:
+        raise ValueError("critic: full scores the policy's own tokens, so its model must share the policy's "
+                         "tokenizer; use critic: lora (the default) with this reward model")
+    return critic.model
+
+
+if __name__ == "__main__":
+    main()

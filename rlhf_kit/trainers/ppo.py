@@ -1,0 +1,673 @@
+"""PPO for language models with a LoRA policy, a LoRA (or full) critic and a frozen reference on one base model.
+
+TRL removed its ``PPOTrainer`` in 2026 (1.12.0 was the last release with ``trl.experimental.ppo``); this is
+rlhf-kit's own, in TRL's shape: a config dataclass (:class:`PPOConfig`) extending ``TrainingArguments`` and a
+``transformers.Trainer`` subclass whose ``train()`` is the PPO loop, so ``report_to``, callbacks, ``save_model``
+and the model card behave as in any other trainer.
+
+    trainer = PPOTrainer(model=sft_model, args=PPOConfig(output_dir="out", reward_model_path=...),
+                         processing_class=tokenizer, train_dataset=prompts, reward_model=reward_model,
+                         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    trainer.train()
+
+Each update (one ``global_step``): **rollout** (sample responses, truncate after the first stop token, recompute
+the log-probs with the training forward pass, reference log-probs and values), **score** (reward model and reward
+functions, weighted; missing-stop penalty; KL penalty per token, score on the last real token), **advantages**
+(GAE, whitened), **update** (``num_ppo_epochs`` over shuffled mini-batches, clipped policy and value losses).
+
+Departures from the paper recipe (Ouyang et al. 2022, https://arxiv.org/abs/2203.02155; Ziegler et al. 2019,
+https://arxiv.org/abs/1909.08593), all on purpose: the reference and the critic share the policy's frozen base
+(adapters), the value head starts from the reward head, old log-probs are recomputed rather than taken from
+``generate`` (whose scores can differ from the training forward in padding, precision and kernels), and micro-batch
+losses are weighted by their token counts so that gradient accumulation gives the same step as one big batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import set_peft_model_state_dict
+from peft.utils import load_peft_weights
+from safetensors.torch import load_file, save_file
+from transformers import GenerationConfig, Trainer, TrainerControl, TrainerState
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint
+
+from ..losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_from_logits,
+    gae,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    value_loss,
+)
+from ..model import stop_token_ids
+from ..rollout import (
+    Rollout,
+    as_completions,
+    assemble_rewards,
+    call_reward_func,
+    import_reward_func,
+    left_pad,
+    truncate_at_stop,
+)
+from .ppo_config import PPOConfig
+from .ppo_model import CRITIC, POLICY, build_policy_and_critic, eval_mode
+
+logger = logging.getLogger(__name__)
+
+PPO_STATE = "ppo_state.json"
+COMPLETIONS_FILE = "completions.jsonl"
+# Trend warnings look at this many recent updates.
+TREND_WINDOW = 10
+
+
+class PPOHealthError(RuntimeError):
+    """The first update found the rollout and the training forward pass (or policy and reference) disagreeing."""
+
+
+class PPOTrainer(Trainer):
+    """Proximal Policy Optimization with a KL-penalized reward, on a LoRA policy.
+
+    Args:
+        model: the SFT policy, a causal LM (an adapter is added from `peft_config`) or a PeftModel whose adapter is
+            named "default".
+        args: a :class:`PPOConfig`.
+        processing_class: the policy's tokenizer, with a pad token distinct from every stop token.
+        train_dataset: prompt-only data, TRL's format: a `prompt` column of strings or of message lists; other
+            columns are passed to reward functions as keyword arguments.
+        eval_dataset: held-out prompts for :meth:`evaluate`.
+        reward_model: a :class:`rlhf_kit.rewards.RewardModel` (any tokenizer: completions are decoded to text).
+        reward_funcs: callables or 'module:function' strings, ``fn(prompts, completions, **columns) -> list[float]``;
+            default ``args.reward_funcs``.
+        eval_reward_funcs: rewards measured at evaluation only; default ``args.eval_reward_funcs``.
+        peft_config: the policy's LoRA config (required unless `model` is a PeftModel).
+        critic_model: the critic for ``critic: full``, a sequence-classification model sharing the policy tokenizer.
+        callbacks: transformers callbacks.
+    """
+
+    _name = "PPO"
+
+    def __init__(self, model, args: PPOConfig, processing_class, train_dataset, eval_dataset=None, *,
+                 reward_model=None, reward_funcs: Sequence[Callable | str] | None = None,
+                 eval_reward_funcs: Sequence[Callable | str] | None = None, peft_config=None, critic_model=None,
+                 callbacks=None):
+        self.reward_model = reward_model
+        self.reward_funcs = [_as_func(f) for f in (args.reward_funcs if reward_funcs is None else reward_funcs)]
+        self.eval_reward_funcs = [_as_func(f) for f in
+                                  (args.eval_reward_funcs if eval_reward_funcs is None else eval_reward_funcs)]
+        self.reward_weights = _reward_weights(args, reward_model, self.reward_funcs)
+        self.stop_token_ids = _stop_ids(processing_class, args.stop_token)
+        if critic_model is not None and critic_model is getattr(reward_model, "model", None):
+            raise ValueError("critic_model is the reward model itself, which training would change under PPO's feet: "
+                             "load a second copy for the critic")
+        if args.eval_on_start and eval_dataset is None:
+            raise ValueError("eval_on_start needs an eval_dataset (held-out prompts)")
+        policy = build_policy_and_critic(
+            model, peft_config, critic=args.critic, reward_model=reward_model, critic_model=critic_model,
+            activation_checkpointing=args.activation_checkpointing,
+            activation_checkpointing_kwargs=args.activation_checkpointing_kwargs)
+        # Our own sampling config replaces the model's: a checkpoint's generation_config.json may set top_p, top_k
+        # or a repetition penalty, and any of them would sample from a distribution the log-probs do not describe.
+        policy.lm.generation_config = GenerationConfig(
+            max_new_tokens=args.response_length, do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
+            eos_token_id=self.stop_token_ids, pad_token_id=processing_class.pad_token_id,
+            bos_token_id=processing_class.bos_token_id, use_cache=True)
+        self._encoder = _prompt_encoder(processing_class)
+        train_dataset = _drop_long_prompts(train_dataset, self._encoder, args.max_prompt_length)
+        if len(train_dataset) < args.batch_size:
+            raise ValueError(f"the training set has {len(train_dataset)} prompts, fewer than one rollout batch "
+                             f"({args.batch_size} = per_device_train_batch_size * gradient_accumulation_steps * "
+                             "num_mini_batches * processes); use a smaller batch or more prompts")
+        super().__init__(model=policy, args=args, processing_class=processing_class, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, callbacks=callbacks)
+        if args.adaptive_kl:
+            self.kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
+        else:
+            self.kl_ctl = FixedKLController(args.kl_coef)
+        self._trend: list[tuple[float, float, float]] = []  # (score, kl, response length) per update
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------------------------------------ the loop
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
+        """Run PPO until ``max_steps`` updates; resume from a checkpoint directory (or True: the newest one)."""
+        start = time.time()
+        self._setup_training(resume_from_checkpoint)
+        args = self.args
+        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        if args.eval_on_start and self.state.global_step == 0 and self.eval_dataset is not None:
+            self.evaluate()
+        losses = []
+        while self.state.global_step < self.state.max_steps and not self.control.should_training_stop:
+            self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
+            rollout = self.rollout(self._prompt_batch(self.state.global_step))
+            self.score(rollout)
+            self.compute_advantages(rollout)
+            stats = self.update(rollout)
+            losses.append(stats["loss/total"])
+            self._end_step(rollout, stats)
+        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+        self.is_in_train = False
+        metrics = {"train_runtime": time.time() - start, "train_updates": len(losses)}
+        return TrainOutput(self.state.global_step, float(np.mean(losses)) if losses else float("nan"), metrics)
+
+    def _setup_training(self, resume_from_checkpoint) -> None:
+        args = self.args
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(args.output_dir)
+            if resume_from_checkpoint is None:
+                raise FileNotFoundError(f"resume_from_checkpoint=True but {args.output_dir} has no checkpoint-*")
+        if args.fp16:
+            raise ValueError("fp16 needs loss scaling, which this trainer does not do; use bf16 (or a bfloat16 dtype)")
+        self.is_in_train = True
+        self.control = TrainerControl()
+        max_steps = self._num_updates()
+        self.state = TrainerState(
+            is_local_process_zero=self.is_local_process_zero(), is_world_process_zero=self.is_world_process_zero(),
+            max_steps=max_steps, num_train_epochs=math.ceil(max_steps / self._batches_per_epoch()),
+            train_batch_size=args.batch_size)
+        self.state.compute_steps(args, max_steps)
+        self.create_optimizer_and_scheduler(num_training_steps=max_steps)
+        self.model_wrapped = self.accelerator.prepare(self.model)
+        for name in ("model", "optimizer", "lr_scheduler"):
+            setattr(self.callback_handler, name, getattr(self, name))
+        self._fresh_start = resume_from_checkpoint is None
+        if resume_from_checkpoint:
+            self._load_checkpoint(str(resume_from_checkpoint))
+        self._health_checked = args.health_check_tolerance is None
+        self.model.train()
+
+    def _end_step(self, rollout: Rollout, stats: dict[str, float]) -> None:
+        """Advance the step counter and the schedules, then log / evaluate / save as the callbacks decide."""
+        args = self.args
+        self.state.global_step += 1
+        self.state.epoch = self.state.global_step / self._batches_per_epoch()
+        self.lr_scheduler.step()
+        metrics = self._rollout_metrics(rollout)
+        # The controller moves after the rollout it measured, as in Ziegler et al.; a resumed run restores it.
+        self.kl_ctl.update(metrics["objective/kl"], args.batch_size)
+        metrics.update(stats, episode=self.state.global_step * args.batch_size,
+                       learning_rate=self.lr_scheduler.get_last_lr()[0])
+        self._warn_on_trends(metrics, rollout)
+        self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+        if self.control.should_log:
+            self.log(metrics)
+            self._log_samples(rollout)
+            self.control.should_log = False
+        if self.control.should_evaluate and self.eval_dataset is not None:
+            self.evaluate()
+        self.control.should_evaluate = False
+        if self.control.should_save:
+            self._save_checkpoint()
+            self.control = self.callback_handler.on_save(args, self.state, self.control)
+            self.control.should_save = False
+
+    # ------------------------------------------------------------------------------------------------ rollout
+
+    @torch.no_grad()
+    def rollout(self, batch: dict[str, list]) -> Rollout:
+        """Sample one response per prompt and compute what PPO needs about it, without gradients.
+
+        `batch` holds dataset columns (`prompt` and any others), one list entry per prompt.
+        """
+        prompts = list(batch["prompt"])
+        columns = {k: list(v) for k, v in batch.items() if k != "prompt"}
+        tokenizer, device = self.processing_class, self.args.device
+        query_ids, query_mask = left_pad([self._encoder(p) for p in prompts], tokenizer.pad_token_id)
+        query_ids, query_mask = query_ids.to(device), query_mask.to(device)
+        pieces = []
+        with eval_mode(self.model), self.accelerator.autocast():
+            for chunk in torch.arange(len(prompts)).split(self.args.rollout_forward_batch_size):
+                generated = self.model.policy.generate(input_ids=query_ids[chunk], attention_mask=query_mask[chunk])
+                pieces.append(generated[:, query_ids.shape[1]:])  # (b, T_chunk): the new tokens only
+        width = max(p.shape[1] for p in pieces)
+        responses = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=tokenizer.pad_token_id)
+                               for p in pieces])
+        response_ids, response_mask, stopped = truncate_at_stop(responses, self.stop_token_ids, tokenizer.pad_token_id)
+        rollout = Rollout(prompts, columns, query_ids, query_mask, response_ids, response_mask, stopped)
+        rollout.completions = self._decode(rollout)
+        self._score_logprobs_and_values(rollout)
+        return rollout
+
+    def _score_logprobs_and_values(self, rollout: Rollout) -> None:
+        """Old log-probs (the training forward pass at the sampling temperature), reference log-probs and values."""
+        shape, device = rollout.response_ids.shape, rollout.response_ids.device
+        old, ref, values = (torch.zeros(shape, device=device) for _ in range(3))
+        temperature = self.args.temperature
+        with eval_mode(self.model), self.accelerator.autocast():
+            for chunk in torch.arange(len(rollout)).split(self.args.rollout_forward_batch_size):
+                part = rollout.select(chunk)
+                ids, mask, width = part.input_ids, part.attention_mask, part.response_ids.shape[1]
+                logits = self.model.policy_logits(ids, mask, width)
+                old[chunk, :width] = logprobs_from_logits(logits, part.response_ids, temperature)
+                del logits
+                ref_logits = self.model.reference_logits(ids, mask, width)
+                ref[chunk, :width] = logprobs_from_logits(ref_logits, part.response_ids, temperature)
+                del ref_logits
+                values[chunk, :width] = self.model.values(ids, mask, width)
+        rollout.old_logprobs, rollout.ref_logprobs, rollout.values = old, ref, values
+
+    def _decode(self, rollout: Rollout) -> list[str]:
+        """Response texts without the stop token and padding: what reward models and functions judge."""
+        keep = rollout.response_mask.bool() & ~torch.isin(
+            rollout.response_ids, torch.tensor(self.stop_token_ids, device=rollout.response_ids.device))
+        rows = [ids[k].tolist() for ids, k in zip(rollout.response_ids, keep)]
+        return self.processing_class.batch_decode(rows, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------------------------------------ score
+
+    def reward_components(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """Each reward source's (B,) scores on CPU: the reward model raw and normalized, then each function."""
+        out = {}
+        if self.reward_model is not None:
+            raw = self.reward_model.score_texts_for(rollout.prompts, rollout.completions, normalize=False,
+                                                    batch_size=self.args.reward_batch_size)
+            out["rm_raw"] = raw
+            out["rm"] = (raw - self.reward_model.offset) / self.reward_model.scale
+        completions = as_completions(rollout.prompts, rollout.completions)
+        for func in self.reward_funcs:
+            out[_func_name(func)] = call_reward_func(func, rollout.prompts, completions, rollout.columns)
+        return out
+
+    def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """Fill ``scores``, ``rewards`` and ``kl`` of the rollout; return the per-source scores."""
+        components = self.reward_components(rollout)
+        total = sum(w * components[s] for w, s in zip(self.reward_weights, self._sources()))
+        rollout.reward_components = components
+        self.assemble_rewards(rollout, total.to(rollout.response_ids.device))
+        return components
+
+    def _sources(self) -> list[str]:
+        """Names of the weighted reward sources, in the order of ``reward_weights``."""
+        return (["rm"] if self.reward_model is not None else []) + [_func_name(f) for f in self.reward_funcs]
+
+    def assemble_rewards(self, rollout: Rollout, scores: torch.Tensor) -> None:
+        """Per-token rewards from (B,) scores: missing-stop penalty, KL penalty, score on the last real token."""
+        rollout.rewards, rollout.kl, rollout.scores = assemble_rewards(
+            scores, rollout.stopped, rollout.old_logprobs, rollout.ref_logprobs, rollout.response_mask,
+            kl_coef=self.kl_ctl.value, kl_estimator=self.args.kl_estimator,
+            missing_eos_penalty=self.args.missing_eos_penalty, whiten=self.args.whiten_rewards)
+
+    def compute_advantages(self, rollout: Rollout) -> None:
+        """GAE over the per-token rewards, then advantages whitened over real tokens."""
+        advantages, rollout.returns = gae(rollout.rewards, rollout.values, rollout.response_mask,
+                                          self.args.gamma, self.args.lam)
+        rollout.advantages = masked_whiten(advantages, rollout.response_mask)
+
+    # ------------------------------------------------------------------------------------------------ update
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        """``num_ppo_epochs`` passes over shuffled mini-batches; one optimizer step per mini-batch."""
+        args = self.args
+        totals: dict[str, list[float]] = defaultdict(list)
+        for _ in range(args.num_ppo_epochs):
+            order = torch.randperm(len(rollout), device=rollout.response_ids.device)
+            for mini_batch in order.split(args.mini_batch_size):
+                # Each micro-batch's token-mean loss is weighted by its share of the mini-batch's tokens, so the
+                # accumulated gradient is that of the token mean over the whole mini-batch, however it is split.
+                tokens = rollout.response_mask[mini_batch].sum()
+                micro_batches = mini_batch.split(args.per_device_train_batch_size)
+                for i, micro in enumerate(micro_batches):
+                    part = rollout.select(micro)
+                    sync = i == len(micro_batches) - 1
+                    with nullcontext() if sync else self.accelerator.no_sync(self.model_wrapped):
+                        loss, metrics = self._ppo_loss(part, rollout)
+                        self.accelerator.backward(loss * part.response_mask.sum() / tokens)
+                    for key, value in metrics.items():
+                        totals[key].append(float(value))
+                max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else math.inf
+                grad_norm = self.accelerator.clip_grad_norm_(self.model.trainable, max_norm)
+                totals["grad_norm"].append(float(grad_norm))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        return {key: float(np.nanmean(values)) for key, values in totals.items()}
+
+    def _ppo_loss(self, part: Rollout, rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        mask, width = part.response_mask, part.response_ids.shape[1]
+        logits, values = self.model_wrapped(part.input_ids, part.attention_mask, width)
+        logprobs = logprobs_from_logits(logits, part.response_ids, self.args.temperature)
+        if not self._health_checked:
+            self._health_check(logprobs.detach(), part, rollout)
+        pg_loss, pg_metrics = policy_loss(logprobs, part.old_logprobs, part.advantages, mask, self.args.cliprange)
+        vf_loss, vf_metrics = value_loss(values, part.values, part.returns, mask, self.args.cliprange_value)
+        loss = pg_loss + self.args.vf_coef * vf_loss
+        with torch.no_grad():
+            entropy = masked_mean(entropy_from_logits(logits.detach() / self.args.temperature), mask)
+        metrics = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "loss/total": loss.detach(),
+                   "policy/entropy": entropy, "policy/clipfrac": pg_metrics["clipfrac"],
+                   "policy/approx_kl": pg_metrics["approx_kl"], "policy/ratio_mean": pg_metrics["ratio_mean"],
+                   "policy/ratio_max": pg_metrics["ratio_max"], "value/clipfrac": vf_metrics["value_clipfrac"],
+                   "value/explained_variance": vf_metrics["explained_variance"]}
+        return loss, metrics
+
+    def _health_check(self, logprobs: torch.Tensor, part: Rollout, rollout: Rollout) -> None:
+        """Before the first optimizer step: ratio = 1, and (fresh run) policy = reference, within tolerance."""
+        self._health_checked = True
+        tolerance = self.args.health_check_tolerance
+        ratio_gap = float(masked_mean((logprobs - part.old_logprobs).abs(), part.response_mask))
+        if not ratio_gap <= tolerance:
+            raise PPOHealthError(
+                f"PPO health check: before any update the training forward pass gives log-probs that differ from the "
+                f"rollout's by {ratio_gap:.3g} per token on average (tolerance {tolerance}), so the PPO ratio is not "
+                "1 and clipping would act on noise. Usual causes: dropout still active in the model or adapter, "
+                "a custom forward that treats padding or position ids differently in train and eval mode, or "
+                "non-deterministic mixed-precision kernels (then raise health_check_tolerance).")
+        if not self._fresh_start:
+            return
+        kl_gap = float(masked_mean((rollout.old_logprobs - rollout.ref_logprobs).abs(), rollout.response_mask))
+        if not kl_gap <= tolerance:
+            raise PPOHealthError(
+                f"PPO health check: before any update the policy differs from the reference by {kl_gap:.3g} nats per "
+                f"token on average (tolerance {tolerance}); a new LoRA adapter starts as the identity (B = 0), so the "
+                "KL must start at 0. Usual causes: a policy adapter that is already trained (resume from its "
+                "checkpoint instead), an adapter whose disable_adapter() does not restore the base, or "
+                "modules_to_save that were changed before training.")
+
+    # ------------------------------------------------------------------------------------------------ data
+
+    def _batches_per_epoch(self) -> int:
+        return len(self.train_dataset) // self.args.batch_size
+
+    def _num_updates(self) -> int:
+        args = self.args
+        if args.max_steps > 0:
+            return args.max_steps
+        episodes = args.total_episodes or int(args.num_train_epochs * len(self.train_dataset))
+        return max(1, episodes // args.batch_size)
+
+    def _prompt_batch(self, step: int) -> dict[str, list]:
+        """This process's prompts for update `step`: a pure function of (seed, step), so a resumed run continues
+        with the very prompts the interrupted one would have used."""
+        args = self.args
+        epoch, index = divmod(step, self._batches_per_epoch())
+        order = torch.randperm(len(self.train_dataset), generator=torch.Generator().manual_seed(args.seed + epoch))
+        start = index * args.batch_size + args.process_index * args.local_batch_size
+        return self.train_dataset[order[start : start + args.local_batch_size].tolist()]
+
+    # ------------------------------------------------------------------------------------------------ logging
+
+    def _rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
+        mask = rollout.response_mask.float()
+        kl = (rollout.kl * mask).sum(1)
+        non_score = -self.kl_ctl.value * kl
+        metrics = {
+            "objective/kl": kl.mean(), "objective/kl_coef": torch.tensor(self.kl_ctl.value),
+            "objective/scores": rollout.scores.mean(), "objective/non_score_reward": non_score.mean(),
+            "objective/rlhf_reward": (rollout.scores + non_score).mean(),
+            "objective/response_length": mask.sum(1).mean(), "objective/stop_rate": rollout.stopped.float().mean(),
+        }
+        for name, values in rollout.reward_components.items():
+            metrics[f"reward/{name}"] = values.mean()
+        return self._mean_over_processes(metrics)
+
+    def _mean_over_processes(self, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+        stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(self.args.device) for v in metrics.values()])
+        if self.accelerator.num_processes > 1:
+            stacked = self.accelerator.reduce(stacked, reduction="mean")
+        return dict(zip(metrics, stacked.tolist()))
+
+    def _log_samples(self, rollout: Rollout) -> None:
+        count = min(self.args.log_completions, len(rollout))
+        if count == 0 or not self.is_world_process_zero():
+            return
+        rows = [{"step": self.state.global_step, "prompt": rollout.prompts[i], "completion": rollout.completions[i],
+                 "score": round(float(rollout.scores[i]), 4), "stopped": bool(rollout.stopped[i])} for i in range(count)]
+        Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(self.args.output_dir) / COMPLETIONS_FILE, "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        for row in rows:
+            logger.info("step %d  score %+.3f  %r", row["step"], row["score"], row["completion"])
+
+    def _warn_on_trends(self, metrics: dict[str, float], rollout: Rollout) -> None:
+        """One warning each for two ways PPO fails quietly: drifting without learning, and collapsing."""
+        self._trend.append((metrics["objective/scores"], metrics["objective/kl"], metrics["objective/response_length"]))
+        recent = self._trend[-TREND_WINDOW:]
+        if len(recent) == TREND_WINDOW and "flat" not in self._warned:
+            half = TREND_WINDOW // 2
+            score_gain = np.mean([s for s, _, _ in recent[half:]]) - np.mean([s for s, _, _ in recent[:half]])
+            kl_gain = np.mean([k for _, k, _ in recent[half:]]) - np.mean([k for _, k, _ in recent[:half]])
+            score_spread = float(rollout.scores.std()) if len(rollout) > 1 else 1.0
+            if kl_gain > 1.0 and score_gain < 0.05 * max(score_spread, 1e-3):
+                self._warned.add("flat")
+                warnings.warn(f"PPO: over the last {TREND_WINDOW} updates the KL grew by {kl_gain:.2f} nats while the "
+                              f"score changed by {score_gain:+.3f}: the policy is drifting without earning reward. "
+                              "Lower learning_rate, raise kl_coef, or check the reward model.", RuntimeWarning,
+                              stacklevel=2)
+        distinct = len(set(rollout.completions)) / len(rollout)
+        if "collapse" not in self._warned and (metrics["objective/response_length"] < 1.5 or
+                                               (len(rollout) >= 8 and distinct < 0.2)):
+            self._warned.add("collapse")
+            warnings.warn(f"PPO: responses collapsed (mean length {metrics['objective/response_length']:.1f} tokens, "
+                          f"{distinct:.0%} distinct): the policy found one answer the reward likes. Raise kl_coef, "
+                          "lower learning_rate, or look at completions.jsonl for a reward-model exploit.", RuntimeWarning,
+                          stacklevel=2)
+
+    # ------------------------------------------------------------------------------------------------ evaluate
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Sample one response per held-out prompt (training temperature, fixed seed) and score it.
+
+        Returns ``{prefix}_reward`` (the weighted training score, before the missing-stop penalty),
+        ``{prefix}_reward/<source>`` for the reward model (``rm``, ``rm_raw``), each reward function and each
+        evaluation-only function, ``{prefix}_kl`` (sum over tokens of log pi - log ref, the k1 estimate of
+        KL(pi || ref) per response, averaged), ``{prefix}_stop_rate`` and ``{prefix}_response_length``.
+        """
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        dataset = dataset.shard(self.args.world_size, self.args.process_index)
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(()))
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):  # evaluation never shifts the training random stream
+            torch.manual_seed(self.args.seed)
+            for start in range(0, len(dataset), self.args.local_batch_size):
+                for name, values in self._evaluate_batch(dataset[start : start + self.args.local_batch_size]).items():
+                    sums[name] = sums[name] + values.sum()
+        means = self._mean_over_processes({name: total / len(dataset) for name, total in sums.items()})
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in means.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _evaluate_batch(self, batch: dict[str, list]) -> dict[str, torch.Tensor]:
+        rollout = self.rollout(batch)
+        components = self.reward_components(rollout)
+        completions = as_completions(rollout.prompts, rollout.completions)
+        for func in self.eval_reward_funcs:
+            components[_func_name(func)] = call_reward_func(func, rollout.prompts, completions, rollout.columns)
+        out = {f"reward/{name}": values for name, values in components.items()}
+        out["reward"] = sum(w * components[s] for w, s in zip(self.reward_weights, self._sources()))
+        mask = rollout.response_mask.float()
+        out["kl"] = ((rollout.old_logprobs - rollout.ref_logprobs) * mask).sum(1).cpu()
+        out["stop_rate"] = rollout.stopped.float().cpu()
+        out["response_length"] = mask.sum(1).cpu()
+        return out
+
+    # ------------------------------------------------------------------------------------------------ save
+
+    def _save(self, output_dir: str | None = None, state_dict=None, with_critic: bool | None = None) -> None:
+        """The policy adapter in PEFT's standard layout, the tokenizer, and with save_critic the critic in critic/."""
+        output_dir = output_dir or self.args.output_dir
+        with_critic = self.args.save_critic if with_critic is None else with_critic
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        model.policy.save_pretrained(output_dir, selected_adapters=[POLICY])
+        if with_critic:
+            critic_dir = Path(output_dir) / CRITIC
+            if model.critic is None:
+                model.policy.save_pretrained(output_dir, selected_adapters=[CRITIC])  # PEFT writes it in critic/
+                save_file(model.value_head.state_dict(), str(critic_dir / "value_head.safetensors"))
+            else:
+                model.critic.save_pretrained(critic_dir)
+        self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_checkpoint(self) -> None:
+        """checkpoint-N: adapters, value head, optimizer, scheduler, KL controller, RNG, data position, state."""
+        ckpt = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        self._save(str(ckpt), with_critic=True)
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.random.get_rng_state()
+        ckpt.mkdir(parents=True, exist_ok=True)
+        torch.save(rng, ckpt / f"rng_state_{self.args.process_index}.pth")
+        if self.args.should_save:
+            torch.save(self.optimizer.state_dict(), ckpt / "optimizer.pt")
+            torch.save(self.lr_scheduler.state_dict(), ckpt / "scheduler.pt")
+            epoch, index = divmod(self.state.global_step, self._batches_per_epoch())
+            ppo_state = {"kl_controller": self.kl_ctl.state_dict(), "data_epoch": epoch, "data_batch": index,
+                         "dataset_size": len(self.train_dataset), "batch_size": self.args.batch_size,
+                         "warned": sorted(self._warned), "trend": self._trend}
+            (ckpt / PPO_STATE).write_text(json.dumps(ppo_state, indent=2))
+            self.state.save_to_json(str(ckpt / "trainer_state.json"))
+            self._rotate_checkpoints()
+
+    def _load_checkpoint(self, ckpt: str) -> None:
+        model = self.model
+        set_peft_model_state_dict(model.policy, load_peft_weights(ckpt), adapter_name=POLICY)
+        critic_dir = os.path.join(ckpt, CRITIC)
+        if model.critic is None:
+            set_peft_model_state_dict(model.policy, load_peft_weights(critic_dir), adapter_name=CRITIC)
+            model.value_head.load_state_dict(load_file(os.path.join(critic_dir, "value_head.safetensors")))
+        else:
+            model.critic.load_state_dict(type(model.critic).from_pretrained(critic_dir).state_dict())
+        device = self.args.device
+        self.optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), map_location=device))
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt")))
+        saved = TrainerState.load_from_json(os.path.join(ckpt, "trainer_state.json"))
+        self.state.global_step, self.state.epoch, self.state.log_history = saved.global_step, saved.epoch, saved.log_history
+        ppo_state = json.loads(Path(ckpt, PPO_STATE).read_text())
+        if (ppo_state["dataset_size"], ppo_state["batch_size"]) != (len(self.train_dataset), self.args.batch_size):
+            warnings.warn(f"resuming {ckpt} with another dataset size or batch size than it was saved with "
+                          f"({ppo_state['dataset_size']}, {ppo_state['batch_size']}); the prompt order will differ")
+        self.kl_ctl.load_state_dict(ppo_state["kl_controller"])
+        self._warned, self._trend = set(ppo_state["warned"]), [tuple(t) for t in ppo_state["trend"]]
+        rng = torch.load(os.path.join(ckpt, f"rng_state_{self.args.process_index}.pth"), weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.random.set_rng_state(rng["cpu"])
+        if torch.cuda.is_available() and "cuda" in rng:
+            torch.cuda.random.set_rng_state(rng["cuda"])
+        logger.info("resumed from %s at update %d", ckpt, self.state.global_step)
+
+    def _rotate_checkpoints(self) -> None:
+        limit = self.args.save_total_limit
+        if not limit:
+            return
+        checkpoints = sorted(Path(self.args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        for old in checkpoints[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None) -> None:
+        """A TRL-style README.md for the saved policy adapter."""
+        if not self.is_world_process_zero():
+            return
+        from trl.trainer.utils import generate_model_card
+
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        base = self.model.lm.config._name_or_path
+        card = generate_model_card(
+            base_model=base if base and not os.path.isdir(base) else None, model_name=model_name or "ppo-policy",
+            hub_model_id=self.hub_model_id or model_name or Path(self.args.output_dir).name, dataset_name=dataset_name,
+            tags=["rlhf-kit", "ppo", *tags], wandb_url=None, trackio_url=None, trainer_name="PPO",
+            trainer_citation=_CITATION, paper_title="Training language models to follow instructions with human "
+            "feedback", paper_id="2203.02155")
+        card.save(os.path.join(self.args.output_dir, "README.md"))
+
+
+_CITATION = """@article{ouyang2022training,
+    title   = {{Training language models to follow instructions with human feedback}},
+    author  = {Long Ouyang and Jeff Wu and Xu Jiang and others},
+    journal = {arXiv preprint arXiv:2203.02155},
+    year    = {2022}
+}"""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Setup helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _as_func(func: Callable | str) -> Callable:
+    return import_reward_func(func) if isinstance(func, str) else func
+
+
+def _func_name(func: Callable) -> str:
+    return getattr(func, "__name__", type(func).__name__)
+
+
+def _reward_weights(args: PPOConfig, reward_model, reward_funcs: list) -> list[float]:
+    count = (reward_model is not None) + len(reward_funcs)
+    if count == 0:
+        raise ValueError("PPO needs a reward: set reward_model_path, reward_funcs, or both")
+    names = [_func_name(f) for f in reward_funcs]
+    if len(set(names)) != len(names) or "rm" in names or "rm_raw" in names:
+        raise ValueError(f"reward functions need distinct names, other than 'rm' / 'rm_raw': got {names}")
+    weights = args.reward_weights if args.reward_weights is not None else [1.0] * count
+    if len(weights) != count:
+        raise ValueError(f"reward_weights has {len(weights)} entries for {count} reward sources (the reward model "
+                         "first, if any, then reward_funcs in order)")
+    return [float(w) for w in weights]
+
+
+def _stop_ids(tokenizer, stop_token: str) -> list[int]:
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; call rlhf_kit.model.prepare_tokenizer (pad must differ "
+                         "from EOS, or stop tokens could not be told apart from padding)")
+    if stop_token == "eos":
+        ids = stop_token_ids(tokenizer)
+    else:
+        token_id = tokenizer.convert_tokens_to_ids(stop_token)
+        if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id:
+            raise ValueError(f"stop_token {stop_token!r} is not one token of the tokenizer's vocabulary; give 'eos' or "
+                             "a token string such as '<|im_end|>'")
+        ids = [token_id]
+    if not ids or tokenizer.pad_token_id in ids:
+        raise ValueError(f"the pad token ({tokenizer.pad_token!r}) is also a stop token; PPO needs them distinct: "
+                         "call rlhf_kit.model.prepare_tokenizer, which adds <|pad|>")
+    return ids
+
+
+def _prompt_encoder(tokenizer) -> Callable[[str | list], list[int]]:
+    """Prompt -> token ids: the chat template with a generation prompt for messages, plain encoding for text."""
+
+    def encode(prompt):
+        if isinstance(prompt, str):
+            return tokenizer(prompt)["input_ids"]
+        if tokenizer.chat_template is None:
+            raise ValueError("conversational prompts need a tokenizer with a chat template; use the SFT stage's "
+                             "tokenizer (it has one) or plain-text prompts")
+        return tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"]
+
+    return encode
+
+
+def _drop_long_prompts(dataset, encode, max_prompt_length: int | None):
+    if "prompt" not in dataset.column_names:
+        raise ValueError(f"PPO needs prompt-only data with a 'prompt' column; got columns {dataset.column_names}")
+    if max_prompt_length is None:
+        return dataset
+    keep = [i for i, p in enumerate(dataset["prompt"]) if len(encode(p)) <= max_prompt_length]
+    if len(keep) < len(dataset):
+        warnings.warn(f"dropped {len(dataset) - len(keep)} of {len(dataset)} prompts longer than "
+                      f"max_prompt_length={max_prompt_length} tokens", stacklevel=3)
+    return dataset.select(keep)

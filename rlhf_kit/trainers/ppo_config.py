@@ -1,0 +1,165 @@
+"""Settings of rlhf-kit's PPO trainer: transformers' TrainingArguments plus what PPO adds.
+
+Batch sizes follow TRL's PPO (up to 1.12): one *update* (a ``global_step``) samples a rollout of
+``per_device_train_batch_size * gradient_accumulation_steps * num_mini_batches`` prompts per process, then runs
+``num_ppo_epochs`` passes over it in ``num_mini_batches`` shuffled mini-batches, each one optimizer step accumulated
+over ``gradient_accumulation_steps`` micro-batches of ``per_device_train_batch_size`` sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from ..losses import KL_ESTIMATORS
+
+CRITICS = ("lora", "full")
+
+
+@dataclass
+class PPOConfig(TrainingArguments):
+    """TrainingArguments for PPO with a LoRA policy, a critic on the same frozen base and a KL-penalized reward.
+
+    Example (YAML, see ``recipes/configs/ppo/tiny.yaml``)::
+
+        reward_model_path: outputs/tiny-reward
+        response_length: 16
+        temperature: 0.7
+        kl_coef: 0.05
+    """
+
+    # --- rewards
+    reward_model_path: str | None = field(
+        default=None, metadata={"help": "Reward stage output (LoRA adapter or full/merged model) to score with."}
+    )
+    reward_funcs: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Python reward functions as 'module:function' import strings; each is called as "
+                  "fn(prompts=..., completions=..., **extra_dataset_columns) -> list[float]."},
+    )
+    reward_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "One weight per reward source, the reward model first (if any), then reward_funcs in "
+                  "order. Default: 1 each. The score is the weighted sum."},
+    )
+    eval_reward_funcs: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Extra 'module:function' rewards measured at evaluation only, never trained on (e.g. a "
+                  "gold scorer, to see whether the learned reward is being hacked)."},
+    )
+    allow_weak_reward_model: bool = field(
+        default=False, metadata={"help": "Run even if the reward model fails the gate (accuracy, tokenizer)."}
+    )
+    min_reward_accuracy: float = field(
+        default=0.6, metadata={"help": "Held-out pairwise accuracy the reward model must reach (the gate)."}
+    )
+    reward_batch_size: int = field(default=32, metadata={"help": "Samples per reward-model forward pass."})
+    # --- critic
+    critic: str = field(
+        default="lora",
+        metadata={"help": "'lora': a second LoRA adapter plus a value head on the policy's frozen base (no second "
+                  "model in memory). 'full': a separate full sequence-classification critic (critic_model_path)."},
+    )
+    critic_model_path: str | None = field(
+        default=None, metadata={"help": "critic 'full' only: the model to start the critic from (default: the reward "
+                                "model, which must share the policy's tokenizer)."}
+    )
+    save_critic: bool = field(
+        default=True, metadata={"help": "Also save the critic (adapter + value head, or full model) in output_dir/critic."}
+    )
+    # --- batch shape
+    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout."})
+    num_mini_batches: int = field(default=1, metadata={"help": "Optimizer steps per PPO epoch."})
+    total_episodes: int | None = field(
+        default=None, metadata={"help": "Prompts to train on in all; default num_train_epochs * dataset size. "
+                                "max_steps > 0 (updates) overrides it."}
+    )
+    rollout_forward_batch_size: int = field(
+        default=64, metadata={"help": "Sequences per generate() and no-grad forward call during the rollout."}
+    )
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Drop prompts longer than this many tokens (with a warning)."}
+    )
+    # --- sampling
+    response_length: int = field(default=64, metadata={"help": "Most new tokens per response (max_new_tokens)."})
+    temperature: float = field(
+        default=0.7,
+        metadata={"help": "Sampling temperature; the same one scales the logits when log-probs are scored. Pure "
+                  "softmax sampling: no top-k / top-p, whose truncated distribution PPO's ratios would not describe."},
+    )
+    stop_token: str = field(
+        default="eos",
+        metadata={"help": "'eos': the tokenizer's EOS (plus <|im_end|> in a ChatML vocabulary); or one token string."},
+    )
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "Subtracted from the score of a response that never emits the stop token."}
+    )
+    # --- KL penalty
+    kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient beta (initial value if adaptive)."})
+    kl_estimator: str = field(
+        default="k1", metadata={"help": "Per-token KL estimator in the reward: 'k1' (log-ratio) or 'k3' (unbiased, >= 0)."}
+    )
+    adaptive_kl: bool = field(default=False, metadata={"help": "Adapt kl_coef towards kl_target (Ziegler et al.)."})
+    kl_target: float = field(default=6.0, metadata={"help": "Adaptive KL: target KL per sequence, in nats."})
+    kl_horizon: float = field(default=10000.0, metadata={"help": "Adaptive KL: horizon in episodes."})
+    # --- advantages and losses
+    gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Rescale per-token rewards to unit variance."})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip range epsilon."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip range, in units of the value head."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss in the total loss."})
+    # --- health checks and logging
+    health_check_tolerance: float | None = field(
+        default=1e-2,
+        metadata={"help": "At the first update, the mean |log-ratio| (policy vs rollout) and, on a fresh run, the mean "
+                  "|log policy - log reference| must be below this, else training stops and says why. None: off."},
+    )
+    log_completions: int = field(
+        default=4, metadata={"help": "Sample completions written to output_dir/completions.jsonl at each logging step."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub (as TRL's configs)."})
+    # --- TrainingArguments defaults that suit PPO
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every this many PPO updates."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks = [
+            (self.critic in CRITICS, f"critic must be one of {CRITICS}, got {self.critic!r}"),
+            (self.kl_estimator in KL_ESTIMATORS, f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}"),
+            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}; PPO needs sampling"),
+            (self.num_ppo_epochs >= 1 and self.num_mini_batches >= 1, "num_ppo_epochs and num_mini_batches must be >= 1"),
+            (self.response_length >= 1, f"response_length must be >= 1, got {self.response_length}"),
+            (0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"gamma and lam must lie in [0, 1], got {self.gamma}, {self.lam}"),
+            (self.cliprange > 0 and self.cliprange_value > 0, "cliprange and cliprange_value must be > 0"),
+            (self.kl_coef >= 0 and self.vf_coef >= 0, "kl_coef and vf_coef must be >= 0"),
+            (self.critic != "full" or bool(self.critic_model_path or self.reward_model_path),
+             "critic: full starts the critic from critic_model_path or reward_model_path; set one"),
+            (not self.adaptive_kl or self.kl_coef > 0, "adaptive_kl needs kl_coef > 0: a zero coefficient never moves"),
+            (self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
+             "missing_eos_penalty is subtracted from the score: give a positive number (or leave it unset)"),
+            (self.save_strategy in ("steps", "no"),
+             f"save_strategy {self.save_strategy.value!r}: PPO counts updates, use 'steps' (every save_steps) or 'no'"),
+            (self.eval_strategy in ("steps", "no"),
+             f"eval_strategy {self.eval_strategy.value!r}: PPO counts updates, use 'steps' (every eval_steps) or 'no'"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def mini_batch_size(self) -> int:
+        """Sequences per optimizer step, per process."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def local_batch_size(self) -> int:
+        """Prompts per rollout, per process."""
+        return self.mini_batch_size * self.num_mini_batches
+
+    @property
+    def batch_size(self) -> int:
+        """Prompts per rollout over all processes: the episodes one update consumes."""
+        return self.local_batch_size * self.world_size

@@ -1,0 +1,424 @@
+"""Stage 4: PPO. Reward assembly on hand-built sequences, the first-update health checks, adapters and gradients,
+accumulation invariance, and through the real recipe: the reward model's held-out score rises with bounded KL, the
+policy saves as a standard PEFT adapter, and an interrupted run resumes where it stopped."""
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, load_recipe
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from rlhf_kit.config import parse_config
+from rlhf_kit.data import DataArguments, load_data
+from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config
+from rlhf_kit.rewards import RewardModel
+from rlhf_kit.rollout import Rollout, left_pad, truncate_at_stop
+from rlhf_kit.trainers.ppo import PPOHealthError, PPOTrainer
+from rlhf_kit.trainers.ppo_config import PPOConfig
+from rlhf_kit.trainers.ppo_model import CRITIC, POLICY
+
+PROMPTS = load_data(REPO / "data/prompts", kind="prompt")
+HELD_OUT = load_data(REPO / "data/prompts", kind="prompt", split="test")
+PPO_FAST = {
+    "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "num_mini_batches": 2, "num_ppo_epochs": 2,
+    "response_length": 12, "logging_steps": 1, "save_strategy": "no", "eval_on_start": False,
+    "disable_tqdm": True, "report_to": "none", "log_completions": 2,
+}
+
+
+def quiet(fn, *args, **kwargs):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def sft(tiny_base, tmp_path_factory):
+    """The tiny base fine-tuned (fully: fastest to learn) through the SFT recipe until it answers in the format."""
+    out = tmp_path_factory.mktemp("ppo-sft")
+    quiet(load_recipe("sft"), ["--config", "recipes/configs/sft/tiny.yaml"], overrides={
+        "model_name_or_path": tiny_base, "output_dir": str(out), "use_peft": False, "max_steps": 200,
+        "per_device_train_batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 0, "lr_scheduler_type": "constant",
+        "eval_strategy": "no", "save_strategy": "no", "logging_steps": 50, "max_length": 64, "disable_tqdm": True})
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def reward_dir(sft, tmp_path_factory):
+    """A LoRA reward model trained from the SFT model through the reward recipe (as the pipeline does)."""
+    out = tmp_path_factory.mktemp("ppo-reward")
+    quiet(load_recipe("reward"), ["--config", "recipes/configs/reward/tiny.yaml"], overrides={
+        "model_name_or_path": sft, "output_dir": str(out), "max_steps": 150, "per_device_train_batch_size": 16,
+        "learning_rate": 3e-3, "warmup_steps": 0, "eval_strategy": "no", "save_strategy": "no",
+        "logging_steps": 50, "disable_tqdm": True, "report_to": "none"})
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def reward_model(reward_dir):
+    return RewardModel.from_pretrained(reward_dir)
+
+
+def positivity(prompts, completions, item, **columns):
+    """A reward function in TRL's signature; `item` is an extra dataset column."""
+    texts = [c[-1]["content"] for c in completions]
+    return [float(sum(w in t for w in ("great", "lovely", "fun")) + (i in t)) for t, i in zip(texts, item)]
+
+
+def make_trainer(sft, tmp_path, reward_model=None, reward_funcs=(positivity,), model=None, train_dataset=PROMPTS,
+                 **overrides):
+    tokenizer = load_tokenizer(sft)
+    model_args = ModelArguments(model_name_or_path=sft, use_peft=True, lora_r=8, lora_alpha=16,
+                                train_chat_tokens=False)
+    args = PPOConfig(output_dir=str(tmp_path / "ppo"), **{**PPO_FAST, "max_steps": 2, "seed": 0, **overrides})
+    return PPOTrainer(model=model or load_model(model_args, tokenizer), args=args, processing_class=tokenizer,
+                      train_dataset=train_dataset, eval_dataset=HELD_OUT.select(range(16)), reward_model=reward_model,
+                      reward_funcs=list(reward_funcs), peft_config=lora_config(model_args, tokenizer))
+
+
+def hand_rollout(trainer, rows):
+    """A rollout whose responses are given token by token (stop tokens, pads and all)."""
+    tokenizer = trainer.processing_class
+    prompt = [{"role": "user", "content": "Review the tea."}]
+    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"]
+    query_ids, query_mask = left_pad([prompt_ids] * len(rows), tokenizer.pad_token_id)
+    ids, mask, stopped = truncate_at_stop(torch.tensor(rows), trainer.stop_token_ids, tokenizer.pad_token_id)
+    return Rollout([prompt] * len(rows), {"item": ["tea"] * len(rows)}, query_ids, query_mask, ids, mask, stopped)
+
+
+# ------------------------------------------------------------------------------------------------ reward assembly
+
+
+def test_score_lands_on_last_real_token_and_missing_stop_is_penalized(sft, tmp_path):
+    trainer = make_trainer(sft, tmp_path, missing_eos_penalty=1.5, kl_coef=0.1)
+    tok = trainer.processing_class
+    stop, pad = trainer.stop_token_ids[0], tok.pad_token_id
+    a, b, c = tok.convert_tokens_to_ids(tok.tokenize("The tea is"))[:3]
+    rollout = hand_rollout(trainer, [
+        [a, b, stop, a, b],  # stops at 2; what follows the stop token is cut
+        [a, stop, pad, pad, pad],  # stops at 1
+        [stop, pad, pad, pad, pad],  # an empty answer: just the stop token
+        [a, b, c, a, b],  # never stops: truncated at response_length
+    ])
+    assert rollout.response_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert rollout.stopped.tolist() == [True, True, True, False]
+    assert trainer._decode(rollout)[1] == tok.decode([a])  # the stop token is not part of the judged text
+
+    # Policy and reference disagree by 0.5 nats on every position, padding included: padding must stay 0.
+    rollout.old_logprobs = torch.full((4, 5), -1.0)
+    rollout.ref_logprobs = torch.full((4, 5), -1.5)
+    trainer.assemble_rewards(rollout, torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    mask = rollout.response_mask.float()
+    expected = -0.1 * 0.5 * mask
+    expected[0, 2] += 1.0
+    expected[1, 1] += 2.0
+    expected[2, 0] += 3.0
+    expected[3, 4] += 4.0 - 1.5  # the penalty is subtracted, the reward model's judgement kept
+    torch.testing.assert_close(rollout.rewards, expected)
+    torch.testing.assert_close(rollout.kl, 0.5 * mask)
+    torch.testing.assert_close(rollout.scores, torch.tensor([1.0, 2.0, 3.0, 2.5]))
+
+
+def test_k3_kl_penalty_and_whitened_rewards(sft, tmp_path):
+    trainer = make_trainer(sft, tmp_path, kl_estimator="k3", kl_coef=0.2, whiten_rewards=True)
+    stop, pad = trainer.stop_token_ids[0], trainer.processing_class.pad_token_id
+    rollout = hand_rollout(trainer, [[5, 6, stop], [5, stop, pad], [7, 8, 9]])
+    rollout.old_logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, 0.0], [-0.2, -0.3, -0.4]])
+    rollout.ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5], [-1.0, -3.0, 0.0], [-0.2, -0.3, -0.1]])
+    trainer.assemble_rewards(rollout, torch.tensor([1.0, -1.0, 0.5]))
+    d = rollout.old_logprobs - rollout.ref_logprobs
+    k3 = (torch.exp(-d) - 1 + d) * rollout.response_mask
+    torch.testing.assert_close(rollout.kl, k3)
+    mask = rollout.response_mask.bool()
+    raw = -0.2 * k3
+    raw[0, 2] += 1.0
+    raw[1, 1] += -1.0
+    raw[2, 2] += 0.5
+    # Whitening rescales the spread over real tokens and keeps the mean; padding stays 0.
+    assert float(rollout.rewards[mask].mean()) == pytest.approx(float(raw[mask].mean()), abs=1e-6)
+    assert float(rollout.rewards[mask].std()) == pytest.approx(1.0, abs=1e-4)
+    assert float(rollout.rewards[~mask].abs().sum()) == 0
+
+
+def test_gae_on_the_assembled_rewards(sft, tmp_path):
+    trainer = make_trainer(sft, tmp_path, gamma=1.0, lam=1.0, kl_coef=0.0)
+    stop, pad = trainer.stop_token_ids[0], trainer.processing_class.pad_token_id
+    rollout = hand_rollout(trainer, [[5, 6, stop], [5, stop, pad]])
+    rollout.old_logprobs = rollout.ref_logprobs = torch.zeros(2, 3)
+    rollout.values = torch.tensor([[0.5, 0.25, 0.0], [1.0, 0.0, 9.0]])  # 9.0 sits on padding and must be ignored
+    trainer.assemble_rewards(rollout, torch.tensor([2.0, -1.0]))
+    trainer.compute_advantages(rollout)
+    # gamma = lam = 1: returns are the reward-to-go, the score at the last real token.
+    torch.testing.assert_close(rollout.returns, torch.tensor([[2.0, 2.0, 2.0], [-1.0, -1.0, 0.0]]))
+    raw = torch.tensor([1.5, 1.75, 2.0, -2.0, -1.0])  # returns - values on real tokens
+    torch.testing.assert_close(rollout.advantages[rollout.response_mask.bool()], (raw - raw.mean()) / raw.std())
+
+
+def test_weighted_rewards_see_dataset_columns(sft, tmp_path, reward_model):
+    def constant(prompts, completions, **columns):
+        assert columns["item"] == ["tea"] * len(prompts)
+        return [1.0] * len(prompts)
+
+    trainer = make_trainer(sft, tmp_path, reward_model=reward_model, reward_funcs=[constant],
+                           reward_weights=[0.5, 2.0])
+    stop = trainer.stop_token_ids[0]
+    rollout = hand_rollout(trainer, [[5, 6, stop], [7, stop, 0]])
+    rollout.old_logprobs = rollout.ref_logprobs = torch.zeros(2, 3)
+    rollout.completions = ["The tea is great.", "The tea is awful."]
+    components = trainer.score(rollout)
+    torch.testing.assert_close(components["rm"], (components["rm_raw"] - reward_model.offset) / reward_model.scale)
+    torch.testing.assert_close(rollout.scores, 0.5 * components["rm"] + 2.0)
+
+
+class TextOnlyJudge:
+    """A reward model seen only through text, as one with another tokenizer is: it must get decoded completions."""
+
+    offset, scale, model = 0.0, 1.0, None
+
+    def __init__(self):
+        self.seen = []
+
+    def score_texts_for(self, prompts, completions, *, batch_size, normalize):
+        self.seen += list(zip(prompts, completions))
+        return torch.tensor([float("great" in c) for c in completions])
+
+
+def test_plain_text_prompts_and_a_reward_model_with_another_tokenizer(sft, tmp_path):
+    judge = TextOnlyJudge()
+    plain = load_data(REPO / "data/examples/prompts_standard.jsonl", kind="prompt")
+    trainer = make_trainer(sft, tmp_path, reward_model=judge, reward_funcs=[], train_dataset=plain, max_steps=1)
+    quiet(trainer.train)
+    assert len(judge.seen) == 16 and all(isinstance(p, str) and isinstance(c, str) for p, c in judge.seen)
+    assert not any(t in c for _, c in judge.seen for t in ("<|im_end|>", "<|pad|>", "<|im_start|>"))
+    assert "reward/rm" in trainer.state.log_history[-1]
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def test_adapters_dropout_and_sampling_setup(sft, tmp_path, reward_model):
+    tokenizer = load_tokenizer(sft)
+    model = load_model(ModelArguments(model_name_or_path=sft), tokenizer)
+    model.config.attention_dropout = 0.3
+    trainer = make_trainer(sft, tmp_path, reward_model=reward_model, model=model, temperature=0.6,
+                           stop_token="<|im_end|>")
+    wrapper = trainer.model
+    assert set(wrapper.policy.peft_config) == {POLICY, CRITIC}
+    assert all(m.p == 0 for m in wrapper.modules() if isinstance(m, torch.nn.Dropout))
+    assert wrapper.lm.config.attention_dropout == 0
+    assert all(m.attention_dropout == 0 for m in wrapper.modules() if hasattr(m, "attention_dropout"))
+    generation = wrapper.lm.generation_config
+    assert (generation.temperature, generation.top_k, generation.top_p, generation.do_sample) == (0.6, 0, 1.0, True)
+    assert trainer.stop_token_ids == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    # The value head starts as the reward head in normalized units: w / scale, (b - offset) / scale.
+    head = reward_model.model.score
+    torch.testing.assert_close(wrapper.value_head.weight, head.weight / reward_model.scale)
+    torch.testing.assert_close(wrapper.value_head.bias, torch.tensor([-reward_model.offset / reward_model.scale]))
+
+
+def test_each_forward_trains_only_its_own_adapter(sft, tmp_path):
+    wrapper = make_trainer(sft, tmp_path).model
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    mask = torch.ones_like(ids)
+    for which, expect in (("policy_logits", f".{POLICY}."), ("values", f".{CRITIC}.")):
+        wrapper.zero_grad(set_to_none=True)
+        getattr(wrapper, which)(ids, mask, 3).float().sum().backward()
+        got = {n for n, p in wrapper.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert got and all(expect in n or (which == "values" and n.startswith("value_head")) for n in got), got
+    assert all(p.requires_grad for p in wrapper.trainable)
+
+
+def test_old_and_reference_logprobs_are_the_training_forward_at_the_sampling_temperature(sft, tmp_path):
+    trainer = make_trainer(sft, tmp_path, temperature=0.5)
+    rollout = trainer.rollout(PROMPTS[:4])
+    # The reference is the SFT model itself, loaded separately; the fresh policy adapter equals it.
+    reference = AutoModelForCausalLM.from_pretrained(sft)
+    ids, mask = rollout.input_ids, rollout.attention_mask
+    with torch.no_grad():
+        logits = reference(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+    width = rollout.response_ids.shape[1]
+    expected = torch.log_softmax(logits[:, -width - 1 : -1] / 0.5, -1).gather(-1, rollout.response_ids[..., None])[..., 0]
+    real = rollout.response_mask.bool()
+    torch.testing.assert_close(rollout.ref_logprobs[real], expected[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(rollout.old_logprobs[real], expected[real], atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ health checks
+
+
+def test_health_check_stops_on_dropout(sft, tmp_path):
+    trainer = make_trainer(sft, tmp_path)
+    for module in trainer.model.modules():  # as if something switched dropout back on after setup
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5
+    with pytest.raises(PPOHealthError, match="ratio is not 1.*dropout"):
+        trainer.train()
+
+
+def test_health_check_stops_when_policy_starts_away_from_reference(sft, tmp_path):
+    trainer = make_trainer(sft, tmp_path)
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
+            if f"lora_B.{POLICY}" in name:
+                param.normal_(0, 0.5)
+    with pytest.raises(PPOHealthError, match="differs from the reference"):
+        trainer.train()
+
+
+def test_pad_must_differ_from_stop_token(sft, tmp_path):
+    tokenizer = load_tokenizer(sft)
+    tokenizer.pad_token = tokenizer.eos_token
+    args = PPOConfig(output_dir=str(tmp_path), **PPO_FAST)
+    with pytest.raises(ValueError, match="pad token .* also a stop token"):
+        PPOTrainer(model=None, args=args, processing_class=tokenizer, train_dataset=PROMPTS, reward_funcs=[positivity])
+
+
+def test_trend_warnings(sft, tmp_path):
+    trainer = make_trainer(sft, tmp_path)
+    stop = trainer.stop_token_ids[0]
+    varied = hand_rollout(trainer, [[5 + i, stop] for i in range(8)])
+    varied.scores, varied.completions = torch.randn(8), [f"answer {i}" for i in range(8)]
+    with pytest.warns(RuntimeWarning, match="drifting without earning reward"):
+        for step in range(10):  # KL climbs 0.5 nats per update, the score stays put
+            metrics = {"objective/scores": 0.0, "objective/kl": 0.5 * step, "objective/response_length": 2.0}
+            trainer._warn_on_trends(metrics, varied)
+    same = hand_rollout(trainer, [[5, stop]] * 8)
+    same.scores, same.completions = torch.zeros(8), ["The tea is fun."] * 8
+    with pytest.warns(RuntimeWarning, match="responses collapsed"):
+        trainer._warn_on_trends({"objective/scores": 0.0, "objective/kl": 0.0, "objective/response_length": 2.0}, same)
+
+
+# ------------------------------------------------------------------------------------------------ the update
+
+
+def test_accumulation_invariance(sft, tmp_path):
+    """8 sequences x 1 micro-batch and 4 x 2 accumulated give the same update (token-weighted micro-batches)."""
+    weights = []
+    for size, accumulation in ((8, 1), (4, 2)):
+        torch.manual_seed(0)
+        trainer = make_trainer(sft, tmp_path / f"{size}", per_device_train_batch_size=size,
+                               gradient_accumulation_steps=accumulation, num_mini_batches=1, num_ppo_epochs=1,
+                               max_steps=1, learning_rate=1e-2)
+        quiet(trainer.train)
+        weights.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, atol=2e-6, rtol=1e-4, msg=name)
+
+
+def test_logs_every_health_metric_and_sample_completions(sft, tmp_path, reward_model):
+    trainer = make_trainer(sft, tmp_path, reward_model=reward_model, reward_funcs=[], adaptive_kl=True,
+                           kl_target=0.01, kl_horizon=100, max_steps=3)
+    quiet(trainer.train)
+    logs = [e for e in trainer.state.log_history if "objective/kl" in e]
+    assert [e["step"] for e in logs] == [1, 2, 3]
+    for key in ("reward/rm_raw", "reward/rm", "objective/kl", "objective/kl_coef", "policy/entropy", "policy/clipfrac",
+                "value/clipfrac", "policy/approx_kl", "loss/value", "loss/policy", "value/explained_variance",
+                "objective/response_length", "objective/stop_rate", "learning_rate", "episode"):
+        assert all(key in e for e in logs), key
+    assert logs[0]["objective/kl"] == pytest.approx(0, abs=1e-6)  # a fresh adapter is the reference
+    assert logs[-1]["objective/kl_coef"] != logs[0]["objective/kl_coef"]  # the adaptive controller moved
+    samples = [json.loads(line) for line in (tmp_path / "ppo/completions.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and {"prompt", "completion", "score", "stopped"} <= set(samples[0])
+
+
+# ------------------------------------------------------------------------------------------------ the recipe
+
+
+def run_ppo(sft, reward_dir, out, callbacks=None, **overrides):
+    settings = {"model_name_or_path": sft, "reward_model_path": reward_dir, "output_dir": str(out), **overrides}
+    return quiet(load_recipe("ppo"), ["--config", "recipes/configs/ppo/tiny.yaml"], overrides=settings,
+                 callbacks=callbacks)
+
+
+def test_ppo_raises_held_out_reward_with_bounded_kl(sft, reward_dir, tmp_path):
+    out = tmp_path / "ppo"
+    trainer = run_ppo(sft, reward_dir, out, max_steps=25, save_strategy="no", eval_strategy="no")
+    record = json.loads((out / "rlhf_kit_stage.json").read_text())
+    metrics = record["metrics"]
+    # Held-out prompts, one sample each at the training temperature: the SFT policy (step 0) against the PPO policy.
+    assert metrics["eval_reward/rm"] > metrics["eval_reward/rm_at_start"] + 0.5, metrics
+    assert metrics["eval_kl"] < 10.0, metrics
+    assert metrics["eval_kl_at_start"] == pytest.approx(0.0, abs=1e-4)
+    assert record["stage"] == "ppo" and record["parent"]["stage"] == "sft"
+
+    # The policy is a standard PEFT adapter on the merged SFT weights; the critic sits in critic/.
+    assert (out / "adapter_model.safetensors").is_file() and (out / "critic/value_head.safetensors").is_file()
+    assert (out / "README.md").is_file() and (out / "completions.jsonl").is_file()
+    assert (out / "trainer_state.json").is_file()
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out).eval()
+    rollout = trainer.rollout(HELD_OUT[:4])
+    with torch.no_grad():
+        logits = reloaded(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                          position_ids=(rollout.attention_mask.cumsum(1) - 1).clamp(min=0)).logits
+    width = rollout.response_ids.shape[1]
+    expected = torch.log_softmax(logits[:, -width - 1 : -1] / trainer.args.temperature, -1)
+    expected = expected.gather(-1, rollout.response_ids[..., None])[..., 0]
+    real = rollout.response_mask.bool()
+    torch.testing.assert_close(rollout.old_logprobs[real], expected[real], atol=1e-5, rtol=0)
+
+
+class Interrupt(TrainerCallback):
+    def __init__(self, at_step):
+        self.at_step = at_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at_step:
+            raise KeyboardInterrupt("simulated interruption")
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(sft, reward_dir, tmp_path):
+    # Evaluated on 20 plain-text prompts (the other prompt format) to keep the three runs short.
+    settings = dict(max_steps=4, save_steps=2, save_total_limit=None, eval_on_start=False, per_device_train_batch_size=8,
+                    eval_strategy="no", eval_dataset_name="data/examples/prompts_standard.jsonl")
+    straight = run_ppo(sft, reward_dir, tmp_path / "straight", **settings)
+    with pytest.raises(KeyboardInterrupt):
+        run_ppo(sft, reward_dir, tmp_path / "resumed", callbacks=[Interrupt(at_step=3)], **settings)
+    ckpt = tmp_path / "resumed/checkpoint-2"
+    assert ckpt.is_dir() and not (tmp_path / "resumed/checkpoint-4").exists()
+    for name in ("adapter_model.safetensors", "critic/adapter_model.safetensors", "critic/value_head.safetensors",
+                 "optimizer.pt", "scheduler.pt", "rng_state_0.pth", "ppo_state.json", "trainer_state.json"):
+        assert (ckpt / name).is_file(), name
+    assert json.loads((ckpt / "ppo_state.json").read_text())["data_batch"] == 2
+
+    resumed = run_ppo(sft, reward_dir, tmp_path / "resumed", **settings)  # the same command again
+    def steps(trainer):
+        return {e["step"]: e for e in trainer.state.log_history if "objective/kl" in e}
+
+    assert sorted(steps(resumed)) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in ("objective/scores", "objective/kl", "loss/policy", "loss/value", "policy/clipfrac"):
+            assert steps(resumed)[step][key] == pytest.approx(steps(straight)[step][key], rel=1e-4, abs=1e-6), key
+
+
+def test_full_critic(sft, reward_dir, tmp_path):
+    out = tmp_path / "full"
+    trainer = run_ppo(sft, reward_dir, out, critic="full", max_steps=2, eval_on_start=False, save_strategy="no",
+                      eval_strategy="no")
+    assert trainer.model.critic is not None and trainer.model.value_head is None
+    assert (out / "critic/model.safetensors").is_file()
+
+
+def test_shipped_configs_parse():
+    for name in ("tiny", "llama-8b-lora"):
+        data_args, model_args, args = parse_config(DataArguments, ModelArguments, PPOConfig,
+                                                   args=["--config", f"{REPO}/recipes/configs/ppo/{name}.yaml",
+                                                         "--bf16", "false"])  # bf16 needs a GPU
+        assert model_args.use_peft and args.reward_model_path and args.batch_size >= 32
+
+
+def test_recipe_runs_through_accelerate_launch(sft, reward_dir, tmp_path):
+    out = tmp_path / "launched"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml",
+           "recipes/ppo.py", "--config", "recipes/configs/ppo/tiny.yaml", "--model_name_or_path", sft,
+           "--reward_model_path", reward_dir, "--output_dir", str(out), "--max_steps", "1",
+           "--eval_on_start", "false", "--eval_strategy", "no", "--save_strategy", "no"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "== ppo finished" in result.stdout
+    assert (out / "adapter_model.safetensors").is_file()
