@@ -1,4 +1,4 @@
-"""The `rlhf-kit` command: pipeline, eval, chat."""
+"""The `rlhf-kit` command: pipeline, eval, chat, export, push."""
 
 from __future__ import annotations
 
@@ -66,6 +66,35 @@ def _chat(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _export(ns: argparse.Namespace) -> int:
+    # The recipe itself, so `rlhf-kit export` and `python recipes/export.py` cannot drift apart.
+    import runpy
+
+    from .pipeline import RECIPES
+
+    argv = list(ns.args)
+    if argv[:1] in (["-h"], ["--help"]):
+        from transformers import HfArgumentParser
+
+        from .export import ExportArguments
+
+        print(HfArgumentParser(ExportArguments, prog="rlhf-kit export [MODEL_PATH] [--config YAML]").format_help())
+        return 0
+    if argv and not argv[0].startswith("-"):
+        argv = ["--model_path", *argv]
+    runpy.run_path(str(RECIPES / "export.py"), run_name="recipe_export")["main"](argv)
+    return 0
+
+
+def _push(ns: argparse.Namespace) -> int:
+    from .hub import push
+
+    result = push(ns.path, ns.repo_id, formats=ns.formats, gguf_types=ns.gguf_types, base_model_id=ns.base_model_id,
+                  private=not ns.public, revision=ns.revision, commit_message=ns.commit_message, dry_run=ns.dry_run)
+    print(result.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-kit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--system", help="a system message")
     p.set_defaults(func=_chat)
+
+    # prefix_chars="+": every --key goes through to the recipe's strict config parser, not to argparse.
+    p = sub.add_parser("export", prefix_chars="+", add_help=False,
+                       help="adapter / merged / GGUF export of a stage output, with its model card (recipes/export.py)")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("push", help="upload an export, or a stage output (exported first), to the Hugging Face Hub")
+    p.add_argument("path", help="an export directory (rlhf-kit export) or a stage output directory")
+    p.add_argument("--repo_id", required=True, help="<namespace>/<name>")
+    p.add_argument("--formats", nargs="+", help="for a stage output: adapter, merged, gguf (default: its model)")
+    p.add_argument("--gguf_types", nargs="+", help="for a stage output with gguf: f16, q8_0, ...")
+    p.add_argument("--base_model_id", help="for a stage output: the Hub id of the adapter's base")
+    p.add_argument("--public", action="store_true", help="create the repository public (default: private)")
+    p.add_argument("--revision", help="branch to push to, created if missing (default: main)")
+    p.add_argument("--commit_message")
+    p.add_argument("--dry_run", action="store_true", help="list the files that would be uploaded; needs no token")
+    p.set_defaults(func=_push)
     return parser
 
 

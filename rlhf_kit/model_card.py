@@ -1,0 +1,359 @@
+"""Model cards: Hub metadata and the lineage of a model (base -> SFT -> reward model -> PPO) from its stage records.
+
+    write_card("outputs/tiny-ppo-export")                        # README.md beside the model
+    render_card("outputs/tiny-ppo-export", repo_id="me/tiny-ppo") # the same card, with load snippets for the Hub
+
+Everything comes from the directory itself: rlhf_kit_stage.json (each stage's record, its parent's record nested
+inside), rlhf_kit_export.yaml (license, the base's Hub id, the name) and the artifacts present (adapter, merged
+model, GGUF files, reward normalization). So a card can be rendered again anywhere the directory is copied.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .rewards import REWARD_FILE
+from .runs import STAGE_FILE, library_versions, read_stage
+
+TITLES = {"base": "base model", "pretrain": "pretraining", "sft": "SFT", "reward": "reward model", "ppo": "PPO",
+          "dpo": "DPO", "grpo": "GRPO", "rloo": "RLOO"}
+# The metrics that say whether a stage worked, first in the lineage table; all metrics are listed in the details.
+KEY_METRICS = {
+    "pretrain": ("eval_loss", "train_loss", "parameters"),
+    "sft": ("eval_loss", "train_loss"),
+    "reward": ("eval_accuracy", "eval_mean_margin", "train_loss"),
+    "ppo": ("eval_reward", "eval_reward_at_start", "eval_kl", "eval_stop_rate", "reward_model_accuracy"),
+}
+RL_STAGES = ("ppo", "grpo", "rloo")
+_VERSIONS = ("rlhf-kit", "torch", "transformers", "trl", "peft", "accelerate")
+
+
+def lineage(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The steps that produced a model, oldest first: [{"stage", "record" (None for a base), "model", "output"}].
+
+    The chain follows each record's `parent`. An RL stage's reward model is not its parent (the policy starts from
+    the SFT model) but is part of how it was made, so it appears right before that stage: from the record's
+    `reward_model` entry if it has one, else from the stage record in its `reward_model_path`.
+    """
+    chain = []
+    while record:
+        chain.append(record)
+        record = record.get("parent")
+    chain.reverse()
+    steps = []
+    if chain and chain[0]["stage"] != "pretrain":
+        steps.append({"stage": "base", "record": None, "model": None, "output": chain[0]["model"]})
+    for rec in chain:
+        reward_path = (rec.get("config") or {}).get("reward_model_path")
+        if rec["stage"] in RL_STAGES and reward_path:
+            reward = rec.get("reward_model")
+            if reward is None and Path(str(reward_path)).is_dir():
+                reward = read_stage(reward_path)
+            steps.append({"stage": "reward", "record": reward, "model": (reward or {}).get("model"),
+                          "output": reward_path})
+        steps.append({"stage": rec["stage"], "record": rec, "model": rec.get("model"),
+                      "output": (rec.get("config") or {}).get("output_dir")})
+    return steps
+
+
+def render_card(model_dir: str | Path, repo_id: str | None = None) -> str:
+    """The README.md for the model in `model_dir` (an export or a stage output)."""
+    model_dir = Path(model_dir)
+    record = read_stage(model_dir)
+    if record is None:
+        raise ValueError(f"{model_dir} has no {STAGE_FILE}: a card is rendered from the stage records.")
+    options = _export_options(model_dir)
+    artifacts = _artifacts(model_dir)
+    steps = lineage(record)
+    name = options.get("model_name") or Path(str(options.get("model_path") or model_dir)).resolve().name
+    where = repo_id or str(model_dir)
+    sections = [
+        "---\n" + _metadata(steps, artifacts, options).strip() + "\n---",
+        f"# {name}\n\n{_summary(steps, artifacts, options.get('license', 'other'))}",
+        _lineage_table(steps),
+        _usage(model_dir, where, artifacts, steps, repo_id is not None),
+        _files_section(model_dir),
+        _stage_details(steps),
+        _provenance(options),
+    ]
+    return "\n\n".join(s for s in sections if s).rstrip() + "\n"
+
+
+def write_card(model_dir: str | Path, repo_id: str | None = None) -> Path:
+    path = Path(model_dir) / "README.md"
+    path.write_text(render_card(model_dir, repo_id=repo_id))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _export_options(model_dir: Path) -> dict[str, Any]:
+    file = model_dir / "rlhf_kit_export.yaml"
+    if not file.is_file():
+        return {}
+    return yaml.safe_load(file.read_text()) or {}
+
+
+def _artifacts(model_dir: Path) -> dict[str, Any]:
+    found: dict[str, Any] = {"reward": (model_dir / REWARD_FILE).is_file()}
+    if (model_dir / "config.json").is_file():
+        found["merged"] = "."
+    for sub in (".", "adapter"):
+        if (model_dir / sub / "adapter_config.json").is_file():
+            found["adapter"] = sub
+    ggufs = sorted(p.name for p in model_dir.glob("*.gguf"))
+    if ggufs:
+        found["gguf"] = ggufs
+    return found
+
+
+def _is_hub_id(name: Any) -> bool:
+    if not isinstance(name, str) or Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        return False
+    return not name.endswith((".json", ".jsonl", ".csv", ".parquet", ".txt"))
+
+
+def _metadata(steps, artifacts, options) -> str:
+    from huggingface_hub import ModelCardData
+
+    root = steps[0]["output"] if steps[0]["stage"] == "base" else None
+    base = options.get("base_model_id") or (root if _is_hub_id(root) else None)
+    datasets = sorted({d for s in steps if s["record"] for d in _as_list(s["record"].get("data")) if _is_hub_id(d)})
+    stages = [s["stage"] for s in steps if s["stage"] != "base"]
+    tags = ["rlhf-kit", *dict.fromkeys(stages), *(["rlhf"] if set(stages) & set(RL_STAGES) else [])]
+    if "adapter" in artifacts:
+        tags += ["peft", "lora"]
+    if "gguf" in artifacts:
+        tags.append("gguf")
+    reward = artifacts["reward"]
+    tags.append("reward-model" if reward else "conversational")
+    library = "peft" if "adapter" in artifacts and "merged" not in artifacts else "transformers"
+    return ModelCardData(base_model=base, library_name=library, license=options.get("license", "other"), tags=tags,
+                         datasets=datasets or None,
+                         pipeline_tag="text-classification" if reward else "text-generation").to_yaml()
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value] if value else []
+
+
+def _summary(steps, artifacts, license: str) -> str:
+    path = " → ".join(TITLES.get(s["stage"], s["stage"]) for s in steps)
+    what = "A reward model" if artifacts["reward"] else "A chat model"
+    forms = [k for k in ("merged", "adapter", "gguf") if k in artifacts]
+    names = {"merged": "the full model (safetensors)", "adapter": "the LoRA adapter (PEFT)", "gguf": "GGUF files"}
+    text = f"{what} trained with rlhf-kit: {path}.\n\nThis repository holds: {', '.join(names[f] for f in forms)}."
+    if license == "other":
+        text += ("\n\n**License:** `other` is a placeholder: set the `license:` field above to the license of the base "
+                 "model and of the training data.")
+    return text
+
+
+def _lineage_table(steps) -> str:
+    rows = ["## Lineage", "", "| step | stage | trained from | data | key metrics |", "|---|---|---|---|---|"]
+    for i, step in enumerate(steps):
+        rec = step["record"]
+        title = TITLES.get(step["stage"], step["stage"]) + (" (this model)" if i == len(steps) - 1 else "")
+        if step["stage"] == "base":
+            rows.append(f"| {i} | {title} | `{step['output']}` | | |")
+            continue
+        if rec is None:
+            rows.append(f"| {i} | {title} | | | record not found at `{step['output']}` |")
+            continue
+        rows.append(f"| {i} | {title} | {_origin(steps, i)} | {_data(rec.get('data'))} | "
+                    f"{_metrics(rec, KEY_METRICS.get(step['stage']), limit=4)} |")
+    return "\n".join(rows)
+
+
+def _origin(steps, i) -> str:
+    model = steps[i]["model"]
+    if model in (None, "from scratch"):
+        return "from scratch"
+    origin = next((f"step {j}" for j in range(i - 1, -1, -1) if steps[j]["output"] and
+                   _same(steps[j]["output"], model)), f"`{model}`")
+    if steps[i]["stage"] in RL_STAGES and i > 0 and steps[i - 1]["stage"] == "reward":
+        origin += f", rewarded by step {i - 1}"
+    return origin
+
+
+def _same(a: str, b: str) -> bool:
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
+def _data(data) -> str:
+    return ", ".join(f"`{d}`" for d in _as_list(data))
+
+
+def _metrics(record, keys=None, limit=None) -> str:
+    metrics = record.get("metrics") or {}
+    names = [k for k in (keys or ()) if k in metrics] or sorted(metrics)
+    names = names[:limit] if limit else names
+    return ", ".join(f"{k} {_fmt(metrics[k])}" for k in names)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _usage(model_dir: Path, where: str, artifacts, steps, on_hub: bool) -> str:
+    parts = ["## How to use"]
+    if "merged" in artifacts:
+        parts.append(_reward_snippet(where, on_hub) if artifacts["reward"] else _chat_snippet(model_dir, where))
+    if "adapter" in artifacts:
+        parts.append(_adapter_snippet(model_dir, where, artifacts, steps))
+    if "gguf" in artifacts:
+        parts.append(_gguf_snippet(where, artifacts["gguf"], on_hub))
+    return "\n\n".join(parts)
+
+
+def _stop_token(model_dir: Path, sub: str = ".") -> str:
+    file = model_dir / sub / "tokenizer_config.json"
+    eos = json.loads(file.read_text()).get("eos_token") if file.is_file() else None
+    return eos.get("content") if isinstance(eos, dict) else eos or "EOS"
+
+
+def _chat_snippet(model_dir: Path, where: str) -> str:
+    return f"""### Chat with the merged model (transformers)
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{where}")
+model = AutoModelForCausalLM.from_pretrained("{where}")
+messages = [{{"role": "user", "content": "Review the coffee."}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+output = model.generate(**inputs, max_new_tokens=128)  # stops at {_stop_token(model_dir)} (generation_config.json)
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+In a terminal, from a local copy: `rlhf-kit chat <directory>`."""
+
+
+def _reward_snippet(where: str, on_hub: bool) -> str:
+    norm = (f'hf_hub_download("{where}", "{REWARD_FILE}")' if on_hub else f'"{where}/{REWARD_FILE}"')
+    imports = "from huggingface_hub import hf_hub_download\n" if on_hub else ""
+    return f"""### Score a conversation (transformers)
+
+Scores are normalized as in training, `(raw - offset) / scale` with the values in `{REWARD_FILE}` (mean 0, std 1
+on the reference set), so that PPO's KL coefficient keeps its meaning.
+
+```python
+import json
+
+{imports}from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{where}")
+model = AutoModelForSequenceClassification.from_pretrained("{where}")
+norm = json.load(open({norm}))
+conversation = [{{"role": "user", "content": "Review the tea."}}, {{"role": "assistant", "content": "The tea is fun."}}]
+inputs = tokenizer.apply_chat_template(conversation, return_tensors="pt", return_dict=True)
+raw = model(**inputs).logits[0, 0].item()
+print((raw - norm["offset"]) / norm["scale"])
+```
+
+With rlhf-kit, from a local copy: `RewardModel.from_pretrained(<directory>).score([conversation])`."""
+
+
+def _adapter_snippet(model_dir: Path, where: str, artifacts, steps) -> str:
+    sub = artifacts["adapter"]
+    config = json.loads((model_dir / sub / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
+    subfolder = f', subfolder="{sub}"' if sub != "." else ""
+    reward = config.get("task_type") == "SEQ_CLS"
+    auto = "AutoModelForSequenceClassification" if reward else "AutoModelForCausalLM"
+    extra = ", num_labels=1" if reward else ""
+    note = ""
+    if not _is_hub_id(base):
+        note = (f"\n\nThe adapter's base, `{base}`, is {_describe_local(base, steps)} on the machine that trained it: "
+                "load the adapter on that model, or use the merged model.")
+    return f"""### The LoRA adapter alone (plain PEFT)
+
+```python
+from peft import PeftModel
+from transformers import {auto}, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{where}"{subfolder})
+base = {auto}.from_pretrained("{base}"{extra})
+if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # tokens added for the chat template
+    base.resize_token_embeddings(len(tokenizer))
+model = PeftModel.from_pretrained(base, "{where}"{subfolder})
+```{note}"""
+
+
+def _describe_local(base: str, steps) -> str:
+    """Which step of the lineage a local base path is: PPO and reward adapters apply to the SFT output, merged."""
+    merged = base.rstrip("/").endswith("/merged")
+    for i, step in enumerate(steps):
+        if step["output"] and base.rstrip("/").removesuffix("/merged") == str(step["output"]).rstrip("/"):
+            title = TITLES.get(step["stage"], step["stage"])
+            return f"the output of step {i} ({title})" + (", merged" if merged else "")
+    return "a local model"
+
+
+def _gguf_snippet(where: str, files: list[str], on_hub: bool) -> str:
+    listed = "\n".join(f"- `{f}`" for f in files)
+    fetch = f"hf download {where} {files[-1]} --local-dir .\n" if on_hub else ""
+    return f"""### GGUF (llama.cpp, Ollama, LM Studio, ...)
+
+{listed}
+
+The chat template, the stop tokens and the tokenizer are inside each file.
+
+```bash
+{fetch}llama-cli -m {files[-1]} -cnv
+```
+
+Or with transformers: `AutoModelForCausalLM.from_pretrained("{where}", gguf_file="{files[0]}")`."""
+
+
+def _files_section(model_dir: Path) -> str:
+    from .hub import upload_plan
+
+    rows = [f"- `{f}` ({_size((model_dir / f).stat().st_size)})" for f in upload_plan(model_dir) if f != "README.md"]
+    return "## Files\n\n" + "\n".join(rows)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _stage_details(steps) -> str:
+    parts = ["## Stage details"]
+    for i, step in enumerate(steps):
+        rec = step["record"]
+        if rec is None:
+            continue
+        versions = ", ".join(f"{k} {v}" for k, v in (rec.get("versions") or {}).items() if k in _VERSIONS)
+        config = {k: v for k, v in sorted((rec.get("config") or {}).items()) if v is not None}
+        parts.append(f"""### {i}. {TITLES.get(step['stage'], step['stage'])}: `{step['output']}`
+
+- trained from: {_origin(steps, i)}
+- data: {_data(rec.get('data')) or '-'}
+- metrics: {_metrics(rec) or '-'}
+- versions: {versions or '-'}
+
+<details><summary>config</summary>
+
+```yaml
+{yaml.safe_dump(config, sort_keys=True).strip()}
+```
+
+</details>""")
+    return "\n\n".join(parts)
+
+
+def _provenance(options) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in library_versions().items() if k in _VERSIONS)
+    kept = {k: options[k] for k in ("formats", "gguf_types", "dtype", "model_path") if k in options}
+    line = f" with `{json.dumps(kept)}`" if kept else ""
+    return (f"## Provenance\n\nWritten by rlhf-kit{line}; {versions}. The full lineage is in `{STAGE_FILE}`, the "
+            "training config in `rlhf_kit_config.yaml` and the export settings in `rlhf_kit_export.yaml`.")
