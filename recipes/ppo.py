@@ -18,6 +18,7 @@ from rlhf_kit.data import DataArguments, load_data
 from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer
 from rlhf_kit.rewards import RewardModel, gate, tokenizer_compatibility
 from rlhf_kit.rollout import import_reward_func
+from rlhf_kit.hub import publish_stage, take_over_push
 from rlhf_kit.runs import format_summary, resume_checkpoint, write_stage
 from rlhf_kit.trainers.ppo import PPOTrainer
 from rlhf_kit.trainers.ppo_config import PPOConfig
@@ -25,6 +26,7 @@ from rlhf_kit.trainers.ppo_config import PPOConfig
 
 def main(argv=None, overrides=None, callbacks=None):
     data_args, model_args, args = parse_config(DataArguments, ModelArguments, PPOConfig, args=argv, overrides=overrides)
+    push = take_over_push(args)  # fails now, not after training, without a repo id or token
     set_seed(args.seed)
 
     # Data, reward functions and the reward-model gate first: each can fail in a second, before any model loads.
@@ -83,10 +85,9 @@ def main(argv=None, overrides=None, callbacks=None):
 
     if trainer.is_world_process_zero():
         save_config(args.output_dir, data_args, model_args, args)
-        trainer.create_model_card(model_name=f"{args.output_dir.rstrip('/').split('/')[-1]}",
-                                  dataset_name=str(data_args.dataset_name))
         write_stage(args.output_dir, "ppo", model=model_args.model_name_or_path, data=data_args.dataset_name,
                     config=to_dict(data_args, model_args, args), metrics=metrics)
+        publish_stage(args.output_dir, push)
         print(format_summary("ppo", args.output_dir, metrics))
     return trainer
 

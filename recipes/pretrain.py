@@ -22,11 +22,13 @@ from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.data import load_data
 from rlhf_kit.model import load_tokenizer
 from rlhf_kit.pretraining import PretrainArguments, pack_blocks, tiny_llama_config, train_tokenizer
+from rlhf_kit.hub import publish_stage, take_over_push
 from rlhf_kit.runs import format_summary, resume_checkpoint, write_stage
 
 
 def main(argv=None, overrides=None):
     args, training_args = parse_config(PretrainArguments, TrainingArguments, args=argv, overrides=overrides)
+    push = take_over_push(training_args)  # fails now, not after training, without a repo id or token
     set_seed(training_args.seed)
     out = training_args.output_dir
     train_data = load_data(args.dataset_name, kind="text", split="train", seed=training_args.seed)
@@ -61,6 +63,7 @@ def main(argv=None, overrides=None):
         save_config(out, args, training_args)
         write_stage(out, "pretrain", model=args.base_model or "from scratch", data=args.dataset_name,
                     config=to_dict(args, training_args), metrics=metrics)
+        publish_stage(out, push)
         print(format_summary("pretrain", out, metrics))
     return trainer
 

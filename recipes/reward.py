@@ -26,12 +26,14 @@ from rlhf_kit.reward_modeling import (
     reward_metadata,
 )
 from rlhf_kit.rewards import RewardModel, write_reward_files
+from rlhf_kit.hub import publish_stage, take_over_push
 from rlhf_kit.runs import format_summary, resume_checkpoint, write_stage
 
 
 def main(argv=None, overrides=None, callbacks=None):
     data_args, model_args, args = parse_config(DataArguments, ModelArguments, RewardArguments,
                                                args=argv, overrides=overrides)
+    push = take_over_push(args)  # fails now, not after training, without a repo id or token
     set_seed(args.seed)
 
     # Data first: a bad row or a contradictory setting must fail before minutes of model loading.
@@ -95,6 +97,7 @@ def main(argv=None, overrides=None, callbacks=None):
                     config=to_dict(data_args, model_args, args), metrics=metrics)
         if report is not None:
             print(format_report(report))
+        publish_stage(args.output_dir, push)
         print(format_summary("reward", args.output_dir, metrics))
     return trainer
 

@@ -13,12 +13,14 @@ from trl import SFTTrainer
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.data import DataArguments, detect_dataset_format, load_data
 from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer
+from rlhf_kit.hub import publish_stage, take_over_push
 from rlhf_kit.runs import format_summary, resume_checkpoint, write_stage
 from rlhf_kit.sft import SFTArguments, check_compatible, resolve_loss_masking
 
 
 def main(argv=None, overrides=None, callbacks=None):
     data_args, model_args, args = parse_config(DataArguments, ModelArguments, SFTArguments, args=argv, overrides=overrides)
+    push = take_over_push(args)  # fails now, not after training, without a repo id or token
     set_seed(args.seed)
 
     # Data first: a bad row or a contradictory setting must fail before minutes of model loading.
@@ -57,6 +59,7 @@ def main(argv=None, overrides=None, callbacks=None):
         save_config(args.output_dir, data_args, model_args, args)
         write_stage(args.output_dir, "sft", model=model_args.model_name_or_path, data=data_args.dataset_name,
                     config=to_dict(data_args, model_args, args), metrics=metrics)
+        publish_stage(args.output_dir, push)
         print(format_summary("sft", args.output_dir, metrics))
     return trainer
 

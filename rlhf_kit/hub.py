@@ -204,3 +204,12 @@ def _refuse_token_in(folder: Path, files: list[str], token: str, card: bytes | N
             text = path.read_bytes()
         if text is not None and token.encode() in text:
             raise PushError(f"{path} contains your Hugging Face token; remove it from that file before pushing.")
+
+
+def publish_stage(output_dir: str | Path, settings: PushSettings | None) -> None:
+    """A finished stage's output gets its lineage model card; with `push_to_hub: true` it is pushed as well."""
+    from .model_card import write_card
+
+    write_card(output_dir, repo_id=settings.repo_id if settings else None)
+    if settings is not None:
+        push(output_dir, settings.repo_id, private=settings.private, revision=settings.revision)

@@ -45,6 +45,8 @@ def test_lora_sft_learns_and_adapter_reloads_identically(tiny_base, tmp_path):
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), out).eval()
     torch.testing.assert_close(logits(reloaded, tok), logits(trained, tok), rtol=0, atol=1e-5)
     assert json.loads((out / "rlhf_kit_stage.json").read_text())["stage"] == "sft"
+    card = (out / "README.md").read_text()
+    assert card.startswith("---") and "- sft" in card and "pretrain" in card  # Hub metadata and the lineage
     assert (out / "rlhf_kit_config.yaml").is_file()
 
 
@@ -75,6 +77,18 @@ def test_bad_row_fails_before_model_loads(tmp_path):
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl: row 1: field 'messages'"):
         run_sft("/no/such/model", tmp_path / "o", dataset_name=str(bad))
+
+
+def test_push_to_hub_fails_before_training_without_repo_id_or_token(tmp_path, monkeypatch):
+    from rlhf_kit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="hub_model_id"):
+        run_sft("/no/such/model", tmp_path / "o", push_to_hub=True)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no stored login either
+    # Offline (as in tests) or without a token, the push cannot happen: say so before any model loads.
+    with pytest.raises(Exception, match="HF_HUB_OFFLINE|token"):
+        run_sft("/no/such/model", tmp_path / "o", push_to_hub=True, hub_model_id="me/tiny-sft")
 
 
 class Interrupt(TrainerCallback):
