@@ -152,8 +152,8 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
     (out / "report.json").write_text(json.dumps(data, indent=2))
     md = [f"# rlhf-kit pipeline report ({len(prompts)} held-out prompts)", "", table, ""]
     if rm_eval:
-        md.append(f"Reward model on held-out preference pairs: accuracy {rm_eval.get('accuracy', float('nan')):.3f}, "
-                  f"agreement with the gold annotator {rm_eval.get('gold_agreement', float('nan')):.3f}.")
+        md.append(f"Reward model on {rm_eval.get('pairs', '?')} held-out preference pairs (labelled by the gold "
+                  f"annotator): accuracy {rm_eval.get('accuracy', float('nan')):.3f}.")
     plot = plot_ppo_training(config.stage_dir("ppo"), out / "ppo_training.png") if "ppo" in config.stages else None
     if plot:
         md.append(f"\n![gold and reward-model score against KL during PPO]({plot.name})")
