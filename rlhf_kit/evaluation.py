@@ -2,9 +2,10 @@
 
     result = evaluate_policy("outputs/tiny/ppo", prompts, reward_model=rm, reference="outputs/tiny/sft")
 
-Responses are *sampled* at temperature 1 (with a fixed seed), the distribution PPO optimizes and the one whose
-KL to the reference is meaningful: KL is estimated per prompt as sum_t log pi(y_t) - log ref(y_t) over the sampled
-response tokens (the k1 estimator, unbiased for KL(pi || ref)).
+Responses are *sampled* (with a fixed seed) at a temperature T, 1 by default; give PPO's sampling temperature to
+score each policy on the distribution PPO optimized. KL is that of the sampling distributions, as PPO measures it:
+per prompt, sum_t log pi_T(y_t) - log ref_T(y_t) over the sampled response tokens with both models' logits divided
+by T (the k1 estimator, unbiased for KL(pi_T || ref_T)).
 """
 
 from __future__ import annotations
@@ -87,15 +88,16 @@ def generate(policy: Policy, prompts: list, *, max_new_tokens: int = 32, tempera
 
 @torch.no_grad()
 def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
-                      batch_size: int = 32) -> torch.Tensor:
-    """Sum of log p(response token | prefix) per sample, at temperature 1. (N,)"""
+                      batch_size: int = 32, temperature: float = 1.0) -> torch.Tensor:
+    """Sum of log p(response token | prefix) per sample, with the logits divided by `temperature`. (N,)"""
     totals = []
     for start in range(0, len(prompt_ids), batch_size):
         rows = [p + r for p, r in zip(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size])]
         width = max(map(len, rows))
         ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=model.device)
         attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits[:, :-1].float(), dim=-1)
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        logp = torch.log_softmax(logits / temperature, dim=-1)
         token_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, width-1): log p(ids[t+1] | ids[:t+1])
         for i, (p, r) in enumerate(zip(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size])):
             totals.append(token_logp[i, len(p) - 1 : len(p) - 1 + len(r)].sum().item())
@@ -117,8 +119,9 @@ def evaluate_policy(policy: Policy, prompts: list, *, reward_model=None, referen
         metrics["reward_model_score"] = reward_model.score_texts_for(prompts, gens.responses).mean().item()
     if reference is not None:
         pad = policy.tokenizer.pad_token_id
-        own = sequence_logprobs(policy.model, gens.prompt_ids, gens.response_ids, pad)
-        ref = sequence_logprobs(reference.model, gens.prompt_ids, gens.response_ids, pad)
+        scale = temperature if temperature > 0 else 1.0  # greedy decoding: report the temperature-1 KL
+        own = sequence_logprobs(policy.model, gens.prompt_ids, gens.response_ids, pad, temperature=scale)
+        ref = sequence_logprobs(reference.model, gens.prompt_ids, gens.response_ids, pad, temperature=scale)
         metrics["kl_to_reference"] = (own - ref).mean().item()
     return EvalResult(policy.name, metrics, gens.responses)
 

@@ -240,27 +240,42 @@ def sample_response(
     return _review(item, rng.sample(pools[sentiment], rng.randint(1, 3)))
 
 
-def degraded_response(rng: random.Random, item: str) -> str:
+DEGRADATIONS = ("truncated", "wrong_item", "run_on", "too_many", "unknown_word", "repeated")
+DEGRADATION_WEIGHTS = (1, 4, 1, 1, 1, 2)
+
+
+def degraded_response(rng: random.Random, item: str, response: str | None = None) -> str:
     """A response with a flaw the gold annotator punishes, of a kind a policy
     tends to produce: cut off, about another item, run on, padded with extra
-    adjectives, with a non-adjective word, or repeating an adjective."""
-    words = sample_response(rng, item).split()
-    kind = rng.choice(("truncated", "wrong_item", "run_on", "too_many", "unknown_word", "repeated"))
+    adjectives, with a non-adjective word, or repeating an adjective.
+
+    Given a well-formed `response`, the flaw is made to that response, so a pair
+    (response, degraded) differs in the flaw alone. Such minimal pairs are what
+    teach a small reward model that the item must match the prompt and that
+    repeating an adjective does not make a review more positive: with
+    independent pairs it learned sentiment, and PPO then hacked it with
+    "The tea is elegant and elegant." to a prompt about a shirt.
+    """
+    response = response or sample_response(rng, item)
+    words = response.split()
+    adjectives = [w.rstrip(".") for w in words[3::2]]
+    # Another item and repetition are weighted up: they keep the response's shape, so they are the flaws a
+    # policy finds when it hunts for reward, and the hardest ones for a reward model to see.
+    kind = rng.choices(DEGRADATIONS, weights=DEGRADATION_WEIGHTS)[0]
     if kind == "truncated":
         return " ".join(words[: rng.randint(1, len(words) - 1)])
     if kind == "wrong_item":
-        return sample_response(rng, rng.choice([i for i in ITEMS if i != item]))
+        return _review(rng.choice([i for i in ITEMS if i != item]), adjectives)
     if kind == "run_on":
-        return " ".join(words) + " " + sample_response(rng, item)
+        return response + " " + sample_response(rng, item)
     if kind == "too_many":
-        return _review(item, rng.sample(ADJECTIVES, rng.randint(MAX_ADJECTIVES + 1, 6)))
+        extra = [a for a in ADJECTIVES if a not in adjectives]
+        return _review(item, adjectives + rng.sample(extra, MAX_ADJECTIVES + 1 - len(adjectives) + rng.randint(0, 1)))
     if kind == "unknown_word":
         filler = rng.choice(("very", "the", "not", "good", rng.choice(ITEMS)))
-        adjectives = [w.rstrip(".") for w in words[3::2]]
         adjectives[rng.randrange(len(adjectives))] = filler
         return _review(item, adjectives)
-    adjective = rng.choice(POSITIVE)
-    return _review(item, [adjective] * rng.randint(2, MAX_ADJECTIVES))
+    return _review(item, adjectives + [rng.choice(adjectives)] * rng.randint(1, max(1, MAX_ADJECTIVES - len(adjectives))))
 
 
 # --- datasets ------------------------------------------------------------------
@@ -358,15 +373,16 @@ def preference_pairs(
     n: int,
     split: Split = "train",
     noise: float = 0.1,
-    degraded_fraction: float = 0.2,
+    degraded_fraction: float = 0.5,
 ) -> list[PreferencePair]:
     """`n` comparisons of two different responses to the same prompt.
 
     The gold function decides which is chosen; with probability `noise` the
     labels are swapped, as human annotators disagree with each other about
     that often. Ties carry no preference and are skipped. In `degraded_fraction`
-    of pairs one side is a `degraded_response`, so the reward model learns to
-    punish broken format and repetition rather than meeting them first in PPO.
+    of pairs the other side is a `degraded_response` made from the first one, so
+    the reward model learns to punish broken format, another item and
+    repetition rather than meeting them first in PPO.
     """
     if not 0.0 <= noise <= 1.0 or not 0.0 <= degraded_fraction <= 1.0:
         raise ValueError(f"noise and degraded_fraction must be in [0, 1], got {noise}, {degraded_fraction}")
@@ -375,7 +391,7 @@ def preference_pairs(
         prompt = sample_prompt(rng, split)
         item = item_of(prompt)
         a = sample_response(rng, item)
-        b = degraded_response(rng, item) if rng.random() < degraded_fraction else sample_response(rng, item)
+        b = degraded_response(rng, item, a) if rng.random() < degraded_fraction else sample_response(rng, item)
         score_a, score_b = gold_score(prompt, a), gold_score(prompt, b)
         if score_a == score_b:
             continue

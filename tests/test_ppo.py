@@ -215,10 +215,20 @@ def test_adapters_dropout_and_sampling_setup(sft, tmp_path, reward_model):
     generation = wrapper.lm.generation_config
     assert (generation.temperature, generation.top_k, generation.top_p, generation.do_sample) == (0.6, 0, 1.0, True)
     assert trainer.stop_token_ids == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    # The value head starts as the reward head in normalized units: w / scale, (b - offset) / scale.
+
+
+def test_critic_starts_as_the_reward_model(sft, tmp_path, reward_model):
+    """The reward model is a LoRA adapter on the SFT model: the critic gets its adapter and its head (normalized)."""
+    trainer = make_trainer(sft, tmp_path, reward_model=reward_model)
     head = reward_model.model.score
-    torch.testing.assert_close(wrapper.value_head.weight, head.weight / reward_model.scale)
-    torch.testing.assert_close(wrapper.value_head.bias, torch.tensor([-reward_model.offset / reward_model.scale]))
+    torch.testing.assert_close(trainer.model.value_head.weight, head.weight / reward_model.scale)
+    sample = [{"role": "user", "content": "Review the tea."}, {"role": "assistant", "content": "The tea is fun."}]
+    ids = torch.tensor([reward_model.encode(sample) + [0]])  # values are read at the state before the last token
+    values = trainer.model.values(ids, torch.ones_like(ids), 1)
+    torch.testing.assert_close(values[:, 0].detach(), reward_model.score([sample]), atol=1e-4, rtol=1e-4)
+    # Without a reward model to copy, the critic starts fresh: value 0 everywhere.
+    fresh = make_trainer(sft, tmp_path / "fresh").model.values(ids, torch.ones_like(ids), 3)
+    assert float(fresh.abs().max()) == 0
 
 
 def test_each_forward_trains_only_its_own_adapter(sft, tmp_path):
@@ -337,7 +347,8 @@ def run_ppo(sft, reward_dir, out, callbacks=None, **overrides):
 
 def test_ppo_raises_held_out_reward_with_bounded_kl(sft, reward_dir, tmp_path):
     out = tmp_path / "ppo"
-    trainer = run_ppo(sft, reward_dir, out, max_steps=25, save_strategy="no", eval_strategy="no")
+    # A short run: twice the shipped learning rate, as the shortened pipeline test.
+    trainer = run_ppo(sft, reward_dir, out, max_steps=25, learning_rate=1e-3, save_strategy="no", eval_strategy="no")
     record = json.loads((out / "rlhf_kit_stage.json").read_text())
     metrics = record["metrics"]
     # Held-out prompts, one sample each at the training temperature: the SFT policy (step 0) against the PPO policy.

@@ -205,7 +205,8 @@ def test_preference_pairs_have_no_ties_and_teach_format():
     pairs = task.preference_pairs(random.Random(0), 1000, noise=0.0)
     assert all(p.chosen != p.rejected and p.margin > 0 for p in pairs)
     malformed = sum(not task.follows_format(p.prompt, p.rejected) for p in pairs) / len(pairs)
-    assert 0.05 < malformed < 0.3
+    # About 45% (20k-pair estimate): enough pairs teach the format; the rest, well-formed, teach content.
+    assert 0.35 < malformed < 0.55
 
 
 # --- the shipped files -------------------------------------------------------

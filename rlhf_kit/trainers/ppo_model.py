@@ -6,8 +6,9 @@ Memory is what decides whether PPO on an 8B model fits one 80 GB GPU, so nothing
   standard layout every PEFT user and the export stage load);
 - the **reference** is the same model with the adapters disabled (``PeftModel.disable_adapter``);
 - the **critic** is, by default, a second LoRA adapter ``"critic"`` on the same base plus a float32 value head
-  ``nn.Linear(hidden, 1)``, initialised from the reward model's ``score`` head when the hidden sizes match; with
-  ``critic: full`` it is a separate sequence-classification model whose ``score`` head gives one value per token.
+  ``nn.Linear(hidden, 1)``; when the reward model is a LoRA adapter on that same base, the critic starts as the
+  reward model (its adapter weights and its ``score`` head); with ``critic: full`` it is a separate
+  sequence-classification model whose ``score`` head gives one value per token.
 
 Only the response part of the logits is computed (``lm_head`` over T positions, not P + T), which on a 128k
 vocabulary is most of the memory of a forward pass.
@@ -17,11 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, PeftType, TaskType, get_peft_model, set_peft_model_state_dict
+from peft.utils import load_peft_weights
 from torch import Tensor, nn
 
+from ..model import adapter_base, is_adapter_dir
 from ..rollout import position_ids
 
 POLICY, CRITIC = "default", "critic"
@@ -73,9 +77,13 @@ class PolicyAndCritic(nn.Module):
             raise ValueError("give either a value head (LoRA critic) or a full critic model, not both or neither")
         self.policy, self.value_head, self.critic = policy, value_head, critic
         # PEFT's set_adapter freezes the adapters it does not activate. Both must stay trainable: a parameter that
-        # stops requiring grad before backward() gets no gradient even though it took part in the forward.
-        policy.base_model.set_adapter([POLICY, CRITIC] if critic is None else POLICY)
-        self.trainable = [p for p in self.parameters() if p.requires_grad]
+        # stops requiring grad before backward() gets no gradient even though it took part in the forward. So
+        # collect what each adapter trains (LoRA weights, trainable token rows, saved modules) and keep it all on.
+        trainable = set()
+        for adapter in [POLICY, CRITIC] if critic is None else [POLICY]:
+            policy.base_model.set_adapter(adapter)
+            trainable |= {id(p) for p in self.parameters() if p.requires_grad}
+        self.trainable = [p for p in self.parameters() if id(p) in trainable]
         self._active = None
         self._use(POLICY)
 
@@ -160,8 +168,7 @@ def build_policy_and_critic(model, peft_config: LoraConfig | None, *, critic: st
         policy = get_peft_model(model, peft_config, adapter_name=POLICY)
     value_head = None
     if critic == "lora":
-        policy.add_adapter(CRITIC, critic_lora_config(policy.peft_config[POLICY]))
-        value_head = _value_head(policy.get_base_model(), reward_model)
+        value_head = _add_critic(policy, reward_model)
     elif critic_model is None:
         raise ValueError("critic: full needs a critic model (critic_model_path, or the reward model)")
     if activation_checkpointing:
@@ -177,24 +184,55 @@ def build_policy_and_critic(model, peft_config: LoraConfig | None, *, critic: st
     return PolicyAndCritic(policy, value_head=value_head, critic=critic_model)
 
 
-def _value_head(lm: nn.Module, reward_model) -> nn.Linear:
-    """A float32 value head on the policy's device; a copy of the reward head, in normalized units, if it fits.
+def _add_critic(policy: PeftModel, reward_model) -> nn.Linear:
+    """Add the critic adapter and return its float32 value head: a copy of the reward model when one fits.
 
-    The reward model scores ``(w . h + b - offset) / scale``; folding offset and scale into the copy makes the
-    critic's first values estimates of the normalized score PPO is given, not of the raw logit.
+    When the reward model is a LoRA adapter on the very base the policy starts from (the pipeline's case: both are
+    trained from the SFT model), the critic adapter gets its weights and the value head its ``score`` head, so the
+    critic starts as the reward model itself, as TRL's PPO starts its value model. The head alone is not copied
+    onto another backbone: read from hidden states it was not trained on, it predicts noise, and on the tiny
+    pipeline that noisy baseline kept the explained variance at 0 and the policy from learning. Otherwise the critic
+    starts as a fresh adapter and a zero head (values 0, an unbiased baseline that the first updates fit).
     """
+    lm = policy.get_base_model()
+    source = _reward_adapter(reward_model, lm)
+    if source is None:
+        policy.add_adapter(CRITIC, critic_lora_config(policy.peft_config[POLICY]))
+    else:
+        config, weights = source
+        policy.add_adapter(CRITIC, config)
+        set_peft_model_state_dict(policy, weights, adapter_name=CRITIC)
     hidden = lm.config.get_text_config().hidden_size
-    param = next(lm.parameters())
-    head = nn.Linear(hidden, 1, bias=True, dtype=torch.float32, device=param.device)
+    head = nn.Linear(hidden, 1, bias=True, dtype=torch.float32, device=next(lm.parameters()).device)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
-    source = reward_head(reward_model)
-    if source is not None and source.weight.shape == head.weight.shape:
+    score = reward_head(reward_model)
+    if source is not None and score is not None and score.weight.shape == head.weight.shape:
+        # The reward model scores (w . h + b - offset) / scale: folding offset and scale into the copy makes the
+        # critic's first values estimates of the normalized score PPO is given, not of the raw logit.
         with torch.no_grad():
-            head.weight.copy_(source.weight.float() / reward_model.scale)
-            bias = source.bias.float() if source.bias is not None else torch.zeros(1)
+            head.weight.copy_(score.weight.float() / reward_model.scale)
+            bias = score.bias.float() if score.bias is not None else torch.zeros(1)
             head.bias.copy_((bias.to(head.bias.device) - reward_model.offset) / reward_model.scale)
     return head
+
+
+def _reward_adapter(reward_model, lm: nn.Module) -> tuple[LoraConfig, dict] | None:
+    """The reward model's LoRA config and weights (without its head), if it is an adapter on `lm`'s own base."""
+    metadata = getattr(reward_model, "metadata", None) or {}
+    source = metadata.get("source")
+    if not source or not is_adapter_dir(source):
+        return None
+    base = metadata.get("base_model") or adapter_base(source)
+    if not base or Path(base).resolve() != Path(lm.config._name_or_path).resolve():
+        return None
+    config = LoraConfig.from_pretrained(source)
+    if config.peft_type != PeftType.LORA:
+        return None
+    config.task_type, config.modules_to_save, config.trainable_token_indices = TaskType.CAUSAL_LM, None, None
+    config.lora_dropout, config.inference_mode = 0.0, False
+    weights = {k: v for k, v in load_peft_weights(source).items() if ".lora_" in k}
+    return config, weights
 
 
 @contextlib.contextmanager
