@@ -9,12 +9,11 @@ what the export stage loads), the critic in critic/, the tokenizer, completions.
 card and the stage record. An interrupted run resumes from its last checkpoint when started again.
 """
 
-import dataclasses
-
 from transformers import set_seed
 
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.data import DataArguments, load_data
+from rlhf_kit.distributed import apply_global_batch_size
 from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer
 from rlhf_kit.rewards import RewardModel, gate, tokenizer_compatibility
 from rlhf_kit.rollout import import_reward_func
@@ -26,6 +25,7 @@ from rlhf_kit.trainers.ppo_config import PPOConfig
 
 def main(argv=None, overrides=None, callbacks=None):
     data_args, model_args, args = parse_config(DataArguments, ModelArguments, PPOConfig, args=argv, overrides=overrides)
+    apply_global_batch_size(args, mini_batches=args.num_mini_batches)  # global batch = prompts per update
     push = take_over_push(args)  # fails now, not after training, without a repo id or token
     set_seed(args.seed)
 
@@ -51,8 +51,8 @@ def main(argv=None, overrides=None, callbacks=None):
         reward_model = RewardModel.from_pretrained(args.reward_model_path, trust_remote_code=args.trust_remote_code)
     model = load_model(model_args, tokenizer, trust_remote_code=args.trust_remote_code)
     critic_model = load_full_critic(args, tokenizer, args.trust_remote_code) if args.critic == "full" else None
-    # The SFT stage already trained the chat tokens' embeddings (and they are merged): PPO's adapter skips them.
-    peft_config = lora_config(dataclasses.replace(model_args, train_chat_tokens=False), tokenizer)
+    # The SFT tokenizer already has its chat template, so lora_config adds no trainable token rows: plain LoRA.
+    peft_config = lora_config(model_args, tokenizer)
 
     trainer = PPOTrainer(
         model=model,

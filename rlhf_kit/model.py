@@ -245,21 +245,29 @@ def merged_model_dir(adapter_dir: str | Path, trust_remote_code: bool = False) -
     A new stage trains a new adapter on top of the previous stage's *merged* weights. Merging happens in 16/32-bit
     (never into 4-bit weights, which would round the adapter away); a QLoRA stage then re-quantizes the merged model.
     """
+    from accelerate import PartialState
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
     out = adapter_dir / "merged"
-    if (out / "config.json").is_file():
-        return out
-    base = AutoModelForCausalLM.from_pretrained(
-        adapter_base(adapter_dir), dtype="auto", trust_remote_code=trust_remote_code, use_safetensors=True
-    )
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
-        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    tmp = adapter_dir / "merged.partial"
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)  # atomic: an interrupted merge never leaves a half-written "merged" directory
+    # Under `accelerate launch` every process gets here: the main one merges while the others wait, then they load
+    # its result (several processes writing merged.partial at once would trample each other).
+    with PartialState().main_process_first():
+        if (out / "config.json").is_file():
+            return out
+        # Loading the adapter and new embedding rows draws from the global RNG; forked, so that a seeded run starts
+        # from the same weights whether or not an earlier run already left this cache.
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            base = AutoModelForCausalLM.from_pretrained(
+                adapter_base(adapter_dir), dtype="auto", trust_remote_code=trust_remote_code, use_safetensors=True
+            )
+            tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+            if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+                base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        tmp = adapter_dir / "merged.partial"
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(out)  # atomic: an interrupted merge never leaves a half-written "merged" directory
     return out

@@ -16,6 +16,7 @@ from peft import LoraConfig, TaskType
 from transformers import PreTrainedTokenizerBase
 from trl import RewardConfig
 
+from .distributed import GLOBAL_BATCH_HELP
 from .model import ModelArguments, lora_config
 from .rewards import DEFAULT_MIN_ACCURACY, QUANTIZATION_KEYS, RewardModel, Sample
 
@@ -36,6 +37,7 @@ class RewardArguments(RewardConfig):
     calibration_buckets: int = field(
         default=5, metadata={"help": "Equal-count buckets of |reward margin| in the report's calibration table."}
     )
+    global_batch_size: int | None = field(default=None, metadata={"help": GLOBAL_BATCH_HELP})
 
     def __post_init__(self):
         super().__post_init__()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import SFTConfig
 
+from .distributed import GLOBAL_BATCH_HELP
 from .model import ModelArguments
 
 # Formats (as detected by rlhf_kit.data) that carry a separate completion or assistant turns.
@@ -32,6 +33,7 @@ class SFTArguments(SFTConfig):
             "learn), off otherwise."
         },
     )
+    global_batch_size: int | None = field(default=None, metadata={"help": GLOBAL_BATCH_HELP})
 
     def __post_init__(self):
         self.bf16 = default_bf16(self.bf16, self.fp16)

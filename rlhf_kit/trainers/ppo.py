@@ -321,7 +321,9 @@ class PPOTrainer(Trainer):
             for mini_batch in order.split(args.mini_batch_size):
                 # Each micro-batch's token-mean loss is weighted by its share of the mini-batch's tokens, so the
                 # accumulated gradient is that of the token mean over the whole mini-batch, however it is split.
-                tokens = rollout.response_mask[mini_batch].sum()
+                # DDP then averages the processes' gradients, so each divides by the processes' mean token count:
+                # the step is the token mean over all processes' mini-batches, as one process with all of them.
+                tokens = self._mean_over_processes({"tokens": rollout.response_mask[mini_batch].sum()})["tokens"]
                 micro_batches = mini_batch.split(args.per_device_train_batch_size)
                 for i, micro in enumerate(micro_batches):
                     part = rollout.select(micro)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..distributed import GLOBAL_BATCH_HELP
 from ..losses import KL_ESTIMATORS
 
 CRITICS = ("lora", "full")
@@ -69,6 +70,7 @@ class PPOConfig(TrainingArguments):
         default=True, metadata={"help": "Also save the critic (adapter + value head, or full model) in output_dir/critic."}
     )
     # --- batch shape
+    global_batch_size: int | None = field(default=None, metadata={"help": GLOBAL_BATCH_HELP})
     num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout."})
     num_mini_batches: int = field(default=1, metadata={"help": "Optimizer steps per PPO epoch."})
     total_episodes: int | None = field(

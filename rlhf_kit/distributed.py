@@ -1,0 +1,73 @@
+"""Batch sizes that mean the same on 1 or 8 GPUs: gradient accumulation derived from a global batch size.
+
+A recipe that sets `global_batch_size` gives the same optimization whatever the launch: rlhf-kit divides it by
+`per_device_train_batch_size * processes` (and, for PPO, by `num_mini_batches`) and sets
+`gradient_accumulation_steps` to the quotient. The process count is the one the training run will have: transformers
+reads it from the environment `accelerate launch` / `torchrun` set up, so this runs on every process before the
+trainer is built.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .config import ConfigError
+
+GLOBAL_BATCH_HELP = (
+    "Sequences per optimizer step over all processes (PPO: prompts per update). When set, "
+    "gradient_accumulation_steps is derived from it and the number of processes, so the same recipe gives the "
+    "same optimization on 1 or 8 GPUs; it must be divisible by per_device_train_batch_size x processes "
+    "(x num_mini_batches for PPO)."
+)
+
+
+def accumulation_steps(global_batch_size: int, per_device_batch_size: int, processes: int,
+                       mini_batches: int = 1) -> int:
+    """`global_batch_size / (per_device_batch_size * processes * mini_batches)`, or a ConfigError saying what to change.
+
+    `mini_batches` is PPO's optimizer steps per rollout: the global batch is then the rollout, and each of its
+    `mini_batches` parts is one optimizer step.
+    """
+    if global_batch_size < 1:
+        raise ConfigError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    per_step = per_device_batch_size * processes * mini_batches
+    if global_batch_size % per_step:
+        what = f"per_device_train_batch_size ({per_device_batch_size}) x processes ({processes})"
+        if mini_batches > 1:
+            what += f" x num_mini_batches ({mini_batches})"
+        raise ConfigError(f"global_batch_size {global_batch_size} is not divisible by {what} = {per_step}; choose a "
+                          "global_batch_size that is a multiple of it, or another per_device_train_batch_size.")
+    return global_batch_size // per_step
+
+
+def apply_global_batch_size(args, mini_batches: int = 1) -> None:
+    """Set `args.gradient_accumulation_steps` from `args.global_batch_size` (unchanged when it is None), after
+    checking that the processes the launcher started really train together (:func:`check_processes`).
+
+    `args` is a TrainingArguments subclass with a `global_batch_size` field; call this right after parsing, before
+    the trainer is built. `args.world_size` starts the process group `accelerate launch` prepared (the trainer would
+    start it a moment later anyway), so the count is that of the real run.
+    """
+    check_processes(args)
+    if args.global_batch_size is None:
+        return
+    steps = accumulation_steps(args.global_batch_size, args.per_device_train_batch_size, args.world_size, mini_batches)
+    # A saved rlhf_kit_config.yaml holds both keys; it reruns as long as they still agree.
+    if args.gradient_accumulation_steps not in (1, steps):
+        raise ConfigError(f"global_batch_size {args.global_batch_size} with {args.world_size} process(es) means "
+                          f"gradient_accumulation_steps {steps}, but it is set to {args.gradient_accumulation_steps}; "
+                          "remove one of the two keys.")
+    args.gradient_accumulation_steps = steps
+
+
+def check_processes(args) -> None:
+    """Fail when the launcher started several processes but transformers set each up to train alone.
+
+    It happens on a machine without GPUs (accelerate 1.15: a MULTI_GPU profile with use_cpu: true starts the
+    processes, but does not pass use_cpu on to them): each would train its own copy and overwrite the others' output.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != args.world_size:
+        raise ConfigError(f"the launcher started {launched} processes, but each was set up to train alone (world size "
+                          f"{args.world_size}). Without GPUs, set ACCELERATE_USE_CPU=1 in the environment or "
+                          "use_cpu: true in the recipe config.")

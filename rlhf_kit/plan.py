@@ -1,0 +1,262 @@
+"""Memory preflight: the peak GPU memory of a recipe config, per process, estimated before anything is loaded.
+
+    rlhf-kit plan recipes/configs/sft/llama-8b-qlora.yaml --num_gpus 8 --profile accelerate_configs/zero3.yaml
+
+The estimate is arithmetic on the model's shape (a local config.json, or the shape table below for a named LLaMA
+size) and the config's precision, LoRA/QLoRA, batch and sequence lengths. It predicts what
+`torch.cuda.max_memory_allocated` reports at the peak of one training step; the check against the GPUs adds the
+CUDA context and allocator slack on top. `benchmarks/plan_accuracy.py` measures the real peak for comparison.
+
+What it counts, in bytes per process:
+  weights      parameters x bytes of the dtype (4-bit: 0.5 plus the blockwise scales; embeddings and the LM head
+               stay in the compute dtype), divided over the GPUs under ZeRO-3 / FSDP
+  trainable    LoRA parameters (fp32, PEFT's default) or all parameters: their gradients and AdamW's two moments
+               (plus an fp32 master copy under DeepSpeed), gradients and moments divided under ZeRO-2/3 / FSDP
+  activations  per layer ~ (11 h + 3 kv + 4 i) values per token in the compute dtype (norm inputs and outputs,
+               q/k/v, attention output, the SwiGLU's four i-wide tensors); with gradient checkpointing one hidden
+               state per layer plus one layer recomputed
+  logits       tokens x vocab x 4 bytes twice (fp32 logits and their gradient in the loss)
+  kv cache     generation stages: 2 x layers x kv width x (prompt + response) tokens x dtype bytes
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError, load_yaml
+
+GIB = 1024**3
+# What max_memory_allocated does not see: the CUDA context and kernels (~0.5-1 GiB) and allocator fragmentation.
+CONTEXT_BYTES = 1 * GIB
+FRAGMENTATION = 0.10
+STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "rloo")
+BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+# 4-bit NF4: half a byte per weight plus one fp32 scale per 64 weights (nested quantization shrinks the scales 4x).
+NF4_BYTES, NF4_NESTED_BYTES = 0.5 + 4 / 64, 0.5 + 1 / 64
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate needs of a decoder-only transformer (LLaMA layout: GQA attention, SwiGLU MLP)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+
+    @property
+    def kv_width(self) -> int:
+        return self.hidden // self.heads * self.kv_heads
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of each linear layer of one decoder layer: q, k, v, o, gate, up, down."""
+        h, kv, i = self.hidden, self.kv_width, self.intermediate
+        return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+
+    @property
+    def layer_params(self) -> int:
+        return sum(a * b for a, b in self.linear_shapes()) + 2 * self.hidden  # two RMSNorm weights
+
+    @property
+    def embedding_params(self) -> int:
+        """Input embeddings and LM head (one matrix when tied)."""
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + self.embedding_params + self.hidden
+
+    def lora_params(self, r: int, targets: list[str] | str | None) -> int:
+        names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        chosen = names if targets in (None, "all-linear") or targets == ["all-linear"] else targets
+        per_layer = sum((a + b) * r for name, (a, b) in zip(names, self.linear_shapes()) if name in chosen)
+        return self.layers * per_layer
+
+
+# Named LLaMA sizes (Llama 3.x), so a Hub name plans without a download.
+SHAPES = {
+    "1b": Shape(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=128256, tied=True),
+    "3b": Shape(hidden=3072, intermediate=8192, layers=28, heads=24, kv_heads=8, vocab=128256, tied=True),
+    "8b": Shape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256, tied=False),
+    "70b": Shape(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, vocab=128256, tied=False),
+}
+
+
+def shape_from_config(c: dict) -> Shape:
+    """A transformers config.json's keys (the pretraining recipe's YAML uses the same names)."""
+    return Shape(hidden=c["hidden_size"], intermediate=c["intermediate_size"], layers=c["num_hidden_layers"],
+                 heads=c["num_attention_heads"], kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+                 vocab=c["vocab_size"], tied=bool(c.get("tie_word_embeddings", False)))
+
+
+def model_shape(name_or_path: str) -> Shape:
+    """The shape from `name_or_path`/config.json (an adapter directory: its base's), else from a size in the name."""
+    path = Path(name_or_path)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        return model_shape(base)
+    if (path / "config.json").is_file():
+        return shape_from_config(json.loads((path / "config.json").read_text()))
+    size = re.search(r"(?<![0-9.])(\d+)[bB](?![a-zA-Z0-9])", path.name)
+    if size and f"{size.group(1)}b" in SHAPES and "llama" in name_or_path.lower():
+        return SHAPES[f"{size.group(1)}b"]
+    raise ConfigError(f"cannot plan for model {name_or_path!r}: give a local directory with a config.json, or a "
+                      f"LLaMA name with one of the sizes {sorted(SHAPES)} (e.g. meta-llama/Llama-3.1-8B).")
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How a launch profile divides the state over `gpus` processes."""
+
+    gpus: int = 1
+    weights: bool = False      # ZeRO-3, FSDP
+    gradients: bool = False    # ZeRO-2/3, FSDP
+    optimizer: bool = False    # ZeRO-1/2/3, FSDP
+    offload_optimizer: bool = False
+    offload_weights: bool = False
+    master_copy: bool = False  # DeepSpeed keeps fp32 master weights of 16-bit trainable parameters
+
+    @classmethod
+    def from_profile(cls, profile: str | Path | None, gpus: int) -> Sharding:
+        if profile is None:
+            return cls(gpus=gpus)
+        raw = load_yaml(profile)
+        kind = raw.get("distributed_type", "NO")
+        if kind == "DEEPSPEED":
+            ds = raw.get("deepspeed_config", {})
+            stage = int(ds.get("zero_stage", 2))
+            return cls(gpus=gpus, weights=stage >= 3, gradients=stage >= 2, optimizer=stage >= 1,
+                       offload_optimizer=ds.get("offload_optimizer_device", "none") != "none",
+                       offload_weights=ds.get("offload_param_device", "none") != "none", master_copy=True)
+        if kind == "FSDP":
+            offload = bool(raw.get("fsdp_config", {}).get("fsdp_offload_params", False))
+            return cls(gpus=gpus, weights=True, gradients=True, optimizer=True, offload_optimizer=offload,
+                       offload_weights=offload)
+        return cls(gpus=gpus)
+
+
+@dataclass
+class Estimate:
+    stage: str
+    parts: dict[str, float]  # bytes per process
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def needed(self) -> float:
+        """Bytes a GPU must have: the estimate plus the CUDA context and allocator slack."""
+        return self.total * (1 + FRAGMENTATION) + CONTEXT_BYTES
+
+
+def _get(config: dict, key: str, default):
+    value = config.get(key)
+    return default if value is None else value
+
+
+def estimate(config: dict, stage: str, sharding: Sharding = Sharding(), shape: Shape | None = None) -> Estimate:
+    """Peak bytes per process of `stage` run with `config` (a recipe YAML's keys; missing keys take the defaults)."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; one of {STAGES}")
+    if shape is None:
+        shape = model_shape(config["model_name_or_path"]) if stage != "pretrain" else shape_from_config(config)
+    n = sharding.gpus
+    dtype = str(_get(config, "dtype", "bfloat16" if config.get("bf16") else "float32")).replace("torch.", "")
+    if dtype == "auto":
+        dtype = "bfloat16"
+    width = BYTES[dtype]  # compute dtype bytes
+    four_bit = bool(config.get("load_in_4bit"))
+    peft = bool(config.get("use_peft")) and stage != "pretrain"
+    checkpointing = bool(config.get("gradient_checkpointing") or config.get("activation_checkpointing"))
+    batch = int(_get(config, "per_device_train_batch_size", 8))
+
+    # Weights: linear layers in 4 bits under QLoRA, everything else in the compute dtype.
+    linear = shape.layers * sum(a * b for a, b in shape.linear_shapes())
+    per_weight = (NF4_NESTED_BYTES if config.get("use_bnb_nested_quant") else NF4_BYTES) if four_bit else width
+    weights = linear * per_weight + (shape.params - linear) * width
+    if sharding.weights:
+        weights = 0.0 if sharding.offload_weights else weights / n
+
+    # Trainable state: gradients and AdamW moments (fp32 for LoRA adapters, the model dtype for full training).
+    if peft:
+        trainable, t_bytes = shape.lora_params(int(_get(config, "lora_r", 16)), config.get("lora_target_modules")), 4
+    else:
+        trainable, t_bytes = shape.params, width
+    if stage == "ppo" and peft:
+        trainable *= 2  # the critic is a second adapter of the same shape on the same base
+    adapter_weights = trainable * t_bytes if peft else 0.0
+    grads = trainable * t_bytes
+    optimizer = trainable * (8 if sharding.master_copy else 2 * t_bytes)
+    if sharding.master_copy and t_bytes < 4:
+        optimizer += trainable * 4
+    if sharding.gradients:
+        grads /= n
+    if sharding.optimizer:
+        optimizer = 0.0 if sharding.offload_optimizer else optimizer / n
+
+    parts = {"weights": weights + adapter_weights, "gradients": grads, "optimizer": optimizer}
+    if stage == "ppo" and config.get("reward_model_path"):
+        parts["reward model"] = weights  # a second model of the same size and precision (assumed)
+
+    # Sequences and tokens of one micro-batch's forward/backward.
+    if stage in ("ppo", "grpo", "rloo"):
+        prompt = int(_get(config, "max_prompt_length", 512))
+        response = int(_get(config, "response_length", _get(config, "max_completion_length", 256)))
+        seq = prompt + response
+        logit_tokens = batch * response
+        generation_batch = int(_get(config, "rollout_forward_batch_size", 64)) if stage == "ppo" else batch * int(
+            _get(config, "num_generations", 8))
+        parts["kv cache"] = 2 * shape.layers * shape.kv_width * generation_batch * seq * width
+    else:
+        seq = int(_get(config, "block_size" if stage == "pretrain" else "max_length", 1024))
+        logit_tokens = batch * seq
+    sequences = batch * (2 if stage in ("reward", "dpo") else 1)  # chosen and rejected in one forward
+    tokens = sequences * seq
+    per_token_layer = (11 * shape.hidden + 3 * shape.kv_width + 4 * shape.intermediate) * width
+    if checkpointing:
+        activations = shape.layers * tokens * shape.hidden * width + tokens * per_token_layer
+    else:
+        activations = shape.layers * tokens * per_token_layer
+    if stage == "ppo":
+        activations *= 2  # the policy and the critic forward, both kept for one backward
+    parts["activations"] = activations
+    parts["logits"] = 0.0 if stage == "reward" else (2 if stage == "dpo" else 1) * logit_tokens * shape.vocab * 4 * 2
+    return Estimate(stage, parts)
+
+
+def stage_of(config_path: str | Path) -> str:
+    """The stage a recipe config belongs to: its directory name (recipes/configs/<stage>/x.yaml)."""
+    stage = Path(config_path).resolve().parent.name
+    if stage not in STAGES:
+        raise ConfigError(f"{config_path} is not under recipes/configs/<stage>/; pass --stage, one of {', '.join(STAGES)}")
+    return stage
+
+
+def visible_gpus() -> list[tuple[str, int]]:
+    """(name, total bytes) of each visible GPU; empty without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [(p.name, p.total_memory) for p in map(torch.cuda.get_device_properties, range(torch.cuda.device_count()))]
+
+
+def format_plan(result: Estimate, gpus: list[tuple[str, int]], sharding: Sharding) -> str:
+    lines = [f"== plan: {result.stage}, per process with {sharding.gpus} process(es)"]
+    lines += [f"  {name:<13} {value / GIB:8.2f} GiB" for name, value in result.parts.items() if value]
+    lines.append(f"  {'peak':<13} {result.total / GIB:8.2f} GiB  (+ context and slack: {result.needed / GIB:.2f} GiB)")
+    if not gpus:
+        lines.append("  no GPU visible: nothing to check the estimate against")
+    for i, (name, total) in enumerate(gpus[: sharding.gpus]):
+        verdict = "fits" if result.needed <= total else "does NOT fit"
+        lines.append(f"  GPU {i} {name}: {total / GIB:.1f} GiB -> {verdict}")
+    if gpus and len(gpus) < sharding.gpus:
+        lines.append(f"  only {len(gpus)} GPU(s) visible for {sharding.gpus} process(es)")
+    return "\n".join(lines)
