@@ -1,4 +1,4 @@
-"""The `rlhf-kit` command: pipeline, eval, chat, export, push."""
+"""The `rlhf-kit` command: pipeline, eval, chat, export, push, plan."""
 
 from __future__ import annotations
 
@@ -86,6 +86,48 @@ def _export(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _best_of_n(ns: argparse.Namespace) -> int:
+    # The recipe itself, as for export: `rlhf-kit best-of-n` and `python recipes/best_of_n.py` cannot drift apart.
+    import runpy
+
+    from .pipeline import RECIPES
+
+    argv = list(ns.args)
+    if argv[:1] in (["-h"], ["--help"]):
+        from transformers import HfArgumentParser
+
+        from .best_of_n import BestOfNArguments
+        from .data import DataArguments
+        from .rewards import RewardSources
+
+        print(HfArgumentParser((DataArguments, BestOfNArguments, RewardSources),
+                               prog="rlhf-kit best-of-n [MODEL] [--config YAML] [--key value ...]").format_help())
+        return 0
+    if argv and not argv[0].startswith("-"):
+        argv = ["--model_name_or_path", *argv]
+    runpy.run_path(str(RECIPES / "best_of_n.py"), run_name="recipe_best_of_n")["main"](argv)
+    return 0
+
+
+def _plan(ns: argparse.Namespace) -> int:
+    # No model, tokenizer or data is loaded: the estimate is arithmetic on the config and the model's shape.
+    from .config import ConfigError, load_yaml
+    from .plan import Sharding, estimate, format_plan, stage_of, visible_gpus
+
+    try:
+        config = load_yaml(ns.config)
+        if ns.model:
+            config["model_name_or_path"] = ns.model
+        gpus = visible_gpus()
+        sharding = Sharding.from_profile(ns.profile, ns.num_gpus or max(len(gpus), 1))
+        result = estimate(config, ns.stage or stage_of(ns.config), sharding)
+    except ConfigError as e:
+        print(f"rlhf-kit plan: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(result, gpus, sharding))
+    return 0 if not gpus or all(result.needed <= total for _, total in gpus[: sharding.gpus]) else 1
+
+
 def _push(ns: argparse.Namespace) -> int:
     from .hub import push
 
@@ -132,6 +174,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="adapter / merged / GGUF export of a stage output, with its model card (recipes/export.py)")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_export)
+
+    # prefix_chars="+": every --key goes through to the recipe's strict config parser, not to argparse.
+    p = sub.add_parser("best-of-n", prefix_chars="+", add_help=False,
+                       help="sample N answers per prompt, keep the reward model's favourite: an SFT dataset for "
+                            "rejection-sampling fine-tuning (recipes/best_of_n.py)")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_best_of_n)
+
+    p = sub.add_parser("plan", help="estimate a recipe config's peak GPU memory per process, before loading anything")
+    p.add_argument("config", help="a recipe YAML, e.g. recipes/configs/sft/llama-8b-qlora.yaml")
+    p.add_argument("--stage", help="the stage, when the YAML is not under recipes/configs/<stage>/")
+    p.add_argument("--model", help="plan for this model instead of the config's model_name_or_path")
+    p.add_argument("--num_gpus", type=int, help="processes to plan for (default: the visible GPUs, or 1)")
+    p.add_argument("--profile", help="accelerate profile whose ZeRO / FSDP sharding to apply, e.g. "
+                                     "accelerate_configs/zero3.yaml")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("push", help="upload an export, or a stage output (exported first), to the Hugging Face Hub")
     p.add_argument("path", help="an export directory (rlhf-kit export) or a stage output directory")

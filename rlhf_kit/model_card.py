@@ -20,13 +20,17 @@ from .rewards import REWARD_FILE
 from .runs import STAGE_FILE, library_versions, read_stage
 
 TITLES = {"base": "base model", "pretrain": "pretraining", "sft": "SFT", "reward": "reward model", "ppo": "PPO",
-          "dpo": "DPO", "grpo": "GRPO", "rloo": "RLOO"}
+          "dpo": "DPO", "grpo": "GRPO", "rloo": "RLOO", "best_of_n": "best-of-N sampling"}
 # The metrics that say whether a stage worked, first in the lineage table; all metrics are listed in the details.
 KEY_METRICS = {
     "pretrain": ("eval_loss", "train_loss", "parameters"),
     "sft": ("eval_loss", "train_loss"),
     "reward": ("eval_accuracy", "eval_mean_margin", "train_loss"),
     "ppo": ("eval_reward", "eval_reward_at_start", "eval_kl", "eval_stop_rate", "reward_model_accuracy"),
+    "dpo": ("eval_rewards/accuracies", "eval_rewards/margins", "eval_loss", "train_loss"),
+    "grpo": ("eval_reward", "eval_reward_at_start", "eval_kl", "reward_model_accuracy"),
+    "rloo": ("eval_reward", "eval_reward_at_start", "eval_kl", "reward_model_accuracy"),
+    "best_of_n": ("best_score", "mean_score", "n", "kl_bound"),
 }
 RL_STAGES = ("ppo", "grpo", "rloo")
 _VERSIONS = ("rlhf-kit", "torch", "transformers", "trl", "peft", "accelerate")

@@ -1,5 +1,10 @@
 """The one-command pipeline: pretrain -> SFT -> reward model -> PPO -> evaluation, each stage by its own recipe.
 
+The RL stage is any of ppo, grpo, rloo and dpo, or several side by side (each starts from the SFT output, so the
+report compares them); best_of_n writes a rejection-sampling dataset from the SFT policy and rft fine-tunes the
+SFT model on it (the SFT recipe), and the report adds a best-of-N row: the SFT policy picking the best of n at
+inference.
+
 Each stage runs as `accelerate launch recipes/<stage>.py --config <its yaml>` in a child process, exactly as a user
 would run it by hand, with the previous stage's output handed over on the command line. A stage whose output
 directory already holds a finished stage record is skipped, so an interrupted pipeline resumes at the stage it was
@@ -19,7 +24,8 @@ from .config import ConfigError, check_keys, load_yaml
 from .runs import read_stage
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-STAGE_ORDER = ("pretrain", "sft", "reward", "ppo")
+STAGE_ORDER = ("pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo", "best_of_n", "rft")
+RECIPE_OF = {"rft": "sft"}  # rejection-sampling fine-tuning is SFT on the best-of-N dataset
 
 # Which earlier stage's output feeds which key of a later stage's config.
 WIRING: dict[str, dict[str, str]] = {
@@ -27,7 +33,18 @@ WIRING: dict[str, dict[str, str]] = {
     "sft": {"model_name_or_path": "pretrain"},
     "reward": {"model_name_or_path": "sft"},
     "ppo": {"model_name_or_path": "sft", "reward_model_path": "reward"},
+    "grpo": {"model_name_or_path": "sft", "reward_model_path": "reward"},
+    "rloo": {"model_name_or_path": "sft", "reward_model_path": "reward"},
+    "dpo": {"model_name_or_path": "sft"},
+    "best_of_n": {"model_name_or_path": "sft", "reward_model_path": "reward"},
+    "rft": {"model_name_or_path": "sft", "dataset_name": "best_of_n"},
 }
+
+
+# The report's evaluation: held-out prompts, sampled with a fixed seed. Set `temperature` to the one PPO samples at
+# to score each policy on the distribution PPO optimized.
+EVALUATION_DEFAULTS = {"prompts": "data/prompts", "split": "test", "num_prompts": 100, "max_new_tokens": 32,
+                       "temperature": 1.0, "seed": 0}
 
 
 @dataclass
@@ -47,6 +64,9 @@ class PipelineConfig:
         for stage, cfg in self.stages.items():
             if not Path(cfg).is_file():
                 raise ConfigError(f"Pipeline stage '{stage}': config file {cfg} does not exist.")
+        unknown = sorted(set(self.evaluation) - set(EVALUATION_DEFAULTS))
+        if unknown:
+            raise ConfigError(f"Unknown evaluation setting(s) {unknown}; settings are {sorted(EVALUATION_DEFAULTS)}.")
         for stage in self.overrides:
             if stage not in self.stages:
                 raise ConfigError(f"overrides for stage '{stage}', which the pipeline does not run.")
@@ -72,7 +92,7 @@ def stage_command(config: PipelineConfig, stage: str) -> list[str]:
             args[key] = str(config.stage_dir(source))
     args.update(config.overrides.get(stage, {}))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config.accelerate_config,
-           str(RECIPES / f"{stage}.py"), "--config", config.stages[stage]]
+           str(RECIPES / f"{RECIPE_OF.get(stage, stage)}.py"), "--config", config.stages[stage]]
     for key, value in args.items():
         cmd += [f"--{key}", *(map(str, value) if isinstance(value, (list, tuple)) else [str(value)])]
     return cmd
@@ -111,15 +131,15 @@ REPORT_COLUMNS = ["shape_rate", "format_rate", "gold_score", "reward_model_score
 
 
 def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Evaluate base, SFT and PPO on held-out prompts; write report.json, report.md and the PPO training plot."""
+    """Evaluate base, SFT and every RL stage on held-out prompts (with best-of-N of the SFT policy when the best_of_n
+    stage ran, at its n); write report.json, report.md and the PPO training plot."""
     import json
 
     from . import task
     from .data import load_data
     from .evaluation import evaluate_policy, format_table, load_policy, win_rate
 
-    settings = {"prompts": "data/prompts", "split": "test", "num_prompts": 100, "max_new_tokens": 32, "seed": 0,
-                **config.evaluation}
+    settings = {**EVALUATION_DEFAULTS, **config.evaluation}
     prompts_data = load_data(settings["prompts"], kind="prompt", split=settings["split"])
     prompts = prompts_data["prompt"][: settings["num_prompts"]]
     reward_model = None
@@ -127,13 +147,22 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
         from .rewards import RewardModel
 
         reward_model = RewardModel.from_pretrained(str(config.stage_dir("reward")))
-    rows = {"base": "pretrain", "sft": "sft", "ppo": "ppo"}
+    rows = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "grpo": "grpo", "rloo": "rloo", "dpo": "dpo", "rft": "rft"}
     policies = {name: load_policy(str(config.stage_dir(stage)), name) for name, stage in rows.items()
                 if stage in config.stages}
     reference = policies.get("sft")
     results = [evaluate_policy(policy, prompts, reward_model=reward_model, reference=reference,
-                               max_new_tokens=settings["max_new_tokens"], seed=settings["seed"])
+                               max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
+                               seed=settings["seed"])
                for policy in policies.values()]
+    if "best_of_n" in config.stages and reference is not None and reward_model is not None:
+        from .best_of_n import evaluate_best_of_n
+
+        stage = (read_stage(config.stage_dir("best_of_n")) or {}).get("config", {})
+        results.append(evaluate_best_of_n(reference, prompts, n=stage.get("n", 4), reward_model=reward_model,
+                                          missing_eos_penalty=stage.get("missing_eos_penalty"),
+                                          max_new_tokens=settings["max_new_tokens"],
+                                          temperature=settings["temperature"], seed=settings["seed"]))
     sft = next((r for r in results if r.name == "sft"), None)
     for r in results:
         if sft is not None:

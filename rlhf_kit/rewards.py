@@ -1,4 +1,4 @@
-"""Scoring with a trained reward model, and the gate PPO passes before it trusts one.
+"""Scoring with a trained reward model, and the gate it passes before PPO, GRPO, RLOO or best-of-N trust it.
 
     rm = RewardModel.from_pretrained("outputs/tiny-reward")
     rm.score([[{"role": "user", "content": "Review the tea."}, {"role": "assistant", "content": "The tea is fun."}]])
@@ -9,6 +9,10 @@ tokenizer with its chat template, `rlhf_kit_reward.json` (normalization and how 
 `reward_eval.json` (the held-out report `gate` reads). Scores are normalized on load,
 `(raw - offset) / scale`, where offset and scale make the scores on a reference set mean 0 / std 1, so a KL
 coefficient means the same thing whichever reward model PPO uses.
+
+GRPO, RLOO and best-of-N take their rewards as TRL-style functions, `fn(prompts, completions, **kwargs)`:
+`load_reward_functions(RewardSources(...), tokenizer)` builds them (the reward model as a `RewardModelFunction`,
+Python functions, a `MissingStopPenalty`) with one weight each.
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ import logging
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .model import IM_END, ModelArguments, is_adapter_dir, load_model
+from .model import IM_END, ModelArguments, is_adapter_dir, load_model, stop_token_ids
 
 REWARD_FILE = "rlhf_kit_reward.json"
 EVAL_FILE = "reward_eval.json"
@@ -347,7 +352,7 @@ def gate(reward_dir: str, policy_tokenizer: PreTrainedTokenizerBase, *, min_accu
     report["gate"] = {"passed": not problems, "overridden": bool(problems) and allow_weak_reward_model,
                       "tokenizer": mode, "problems": problems}
     if problems:
-        message = (f"reward model {reward_dir} failed the PPO gate:\n" + "\n".join(f"  - {p}" for p in problems)
+        message = (f"reward model {reward_dir} failed the reward-model gate:\n" + "\n".join(f"  - {p}" for p in problems)
                    + "\nTo run PPO with it anyway, set allow_weak_reward_model: true.")
         if not allow_weak_reward_model:
             raise RewardGateError(message)
@@ -377,3 +382,90 @@ class RewardModelFunction:
         rewards = self.reward_model.score_texts_for(prompts, completions, batch_size=self.batch_size,
                                                     normalize=self.normalize)
         return rewards.tolist()
+
+
+class MissingStopPenalty:
+    """A TRL-style reward function: `-penalty` for a completion that never emitted a stop token, else 0.
+
+    Reward models score a completion as if it had ended: the chat template closes every assistant turn with its
+    end-of-turn token, so a completion cut off at max_completion_length reads like a finished one. Adding this
+    function (weight 1) makes running on past the length limit cost what PPO's `missing_eos_penalty` costs.
+    It reads the `completion_ids` that TRL's GRPO/RLOO trainers (and best-of-N) pass, which keep the stop token.
+    """
+
+    __name__ = "missing_stop"
+
+    def __init__(self, stop_token_ids: Sequence[int], penalty: float):
+        if not penalty > 0:
+            raise ValueError(f"the missing-stop penalty is subtracted, so it must be > 0; got {penalty}")
+        self.stop_token_ids, self.penalty = set(stop_token_ids), float(penalty)
+
+    def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+        if completion_ids is None:
+            raise ValueError("the missing-stop penalty needs the completions' token ids (completion_ids=...); TRL's "
+                             "GRPO and RLOO trainers pass them, decoded text has lost the stop token")
+        return [0.0 if self.stop_token_ids.intersection(ids) else -self.penalty for ids in completion_ids]
+
+
+@dataclass
+class RewardSources:
+    """Where the reward of a sampling stage (GRPO, RLOO, best-of-N) comes from; the same keys as PPO's."""
+
+    reward_model_path: str | None = field(
+        default=None, metadata={"help": "Reward stage output (LoRA adapter or full/merged model) to score with."}
+    )
+    reward_funcs: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Python reward functions as 'module:function' import strings; each is called as "
+                  "fn(prompts=..., completions=..., completion_ids=..., **extra_dataset_columns) -> list[float]."},
+    )
+    eval_reward_funcs: list[str] = field(
+        default_factory=list,
+        metadata={"help": "'module:function' rewards that are only measured and logged (weight 0), never optimized: "
+                  "e.g. rlhf_kit.task:gold, to see whether the learned reward is being hacked."},
+    )
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "Subtracted from the reward of a completion that never emits the stop token."}
+    )
+    allow_weak_reward_model: bool = field(
+        default=False, metadata={"help": "Run even if the reward model fails the gate (accuracy, tokenizer)."}
+    )
+    min_reward_accuracy: float = field(
+        default=DEFAULT_MIN_ACCURACY, metadata={"help": "Held-out pairwise accuracy the reward model must reach."}
+    )
+    reward_batch_size: int = field(default=32, metadata={"help": "Samples per reward-model forward pass."})
+
+
+def load_reward_functions(sources: RewardSources, policy_tokenizer: PreTrainedTokenizerBase, *,
+                          weights: Sequence[float] | None = None, device=None,
+                          trust_remote_code: bool = False) -> tuple[list, list[float], dict[str, Any]]:
+    """The reward functions of a sampling stage, one weight each, and the reward model's gate report.
+
+    Order: the reward model (normalized, scoring prompt + completion rendered with its own tokenizer and template),
+    then `reward_funcs`, then the missing-stop penalty (weight 1), then `eval_reward_funcs` (weight 0). `weights`
+    covers the first two groups, as PPO's reward_weights does; default 1 each. Cheap checks (imports, weights, the
+    gate) run before the reward model loads.
+    """
+    from .rollout import import_reward_func
+
+    funcs = [import_reward_func(name) for name in sources.reward_funcs]
+    measured = [import_reward_func(name) for name in sources.eval_reward_funcs]
+    if not sources.reward_model_path and not funcs:
+        raise ValueError("no reward to optimize: set reward_model_path (a reward stage output), reward_funcs, or both")
+    optimized = int(bool(sources.reward_model_path)) + len(funcs)
+    weights = [1.0] * optimized if weights is None else [float(w) for w in weights]
+    if len(weights) != optimized:
+        raise ValueError(f"reward_weights has {len(weights)} values for {optimized} reward sources (the reward model "
+                         "first, if any, then reward_funcs in order); the missing-stop penalty and eval_reward_funcs "
+                         "get their weights (1 and 0) automatically")
+    report = {}
+    if sources.reward_model_path:
+        report = gate(sources.reward_model_path, policy_tokenizer, min_accuracy=sources.min_reward_accuracy,
+                      allow_weak_reward_model=sources.allow_weak_reward_model)
+        model = RewardModel.from_pretrained(sources.reward_model_path, device=device,
+                                            trust_remote_code=trust_remote_code)
+        funcs.insert(0, RewardModelFunction(model, batch_size=sources.reward_batch_size))
+    if sources.missing_eos_penalty:
+        funcs.append(MissingStopPenalty(stop_token_ids(policy_tokenizer), sources.missing_eos_penalty))
+        weights.append(1.0)
+    return funcs + measured, weights + [0.0] * len(measured), report

@@ -14,7 +14,10 @@ SHORT = {
                  "save_strategy": "no", "disable_tqdm": True},
     "sft": {"max_steps": 150, "use_peft": False, "learning_rate": 1e-3, "eval_strategy": "no", "save_strategy": "no",
             "disable_tqdm": True},
+    "reward": {"max_steps": 80, "eval_strategy": "no", "save_strategy": "no", "disable_tqdm": True},
+    "ppo": {"max_steps": 8, "learning_rate": 1e-3, "eval_on_start": False, "eval_strategy": "no", "save_strategy": "no"},
 }
+STAGES = {stage: f"recipes/configs/{stage}/tiny.yaml" for stage in SHORT}
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +25,9 @@ def pipeline(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline")
     config = PipelineConfig(
         output_dir=str(out),
-        stages={"pretrain": "recipes/configs/pretrain/tiny.yaml", "sft": "recipes/configs/sft/tiny.yaml"},
+        stages=STAGES,
         overrides=SHORT,
-        evaluation={"num_prompts": 40, "max_new_tokens": 24},
+        evaluation={"num_prompts": 40, "max_new_tokens": 24, "temperature": 0.7},
     )
     status = run_pipeline(config, run=_run_in(REPO))
     return config, status
@@ -66,17 +69,18 @@ def test_every_shipped_pipeline_config_parses():
 
 def test_pipeline_runs_and_rerun_skips_finished_stages(pipeline):
     config, status = pipeline
-    assert status == {"pretrain": "ran", "sft": "ran"}
-    record = json.loads((config.stage_dir("sft") / "rlhf_kit_stage.json").read_text())
-    assert record["parent"]["stage"] == "pretrain"  # the lineage chain is recorded
+    assert status == dict.fromkeys(STAGES, "ran")
+    record = json.loads((config.stage_dir("ppo") / "rlhf_kit_stage.json").read_text())
+    assert record["parent"]["stage"] == "sft"  # the lineage chain is recorded
+    assert record["parent"]["parent"]["stage"] == "pretrain"
 
     def must_not_run(cmd):
         raise AssertionError(f"finished stage was run again: {cmd}")
 
-    assert run_pipeline(config, run=must_not_run) == {"pretrain": "skipped", "sft": "skipped"}
+    assert run_pipeline(config, run=must_not_run) == dict.fromkeys(STAGES, "skipped")
 
 
-def test_report_shows_sft_follows_format_more_than_base(pipeline):
+def test_report_orders_base_sft_ppo(pipeline):
     config, _ = pipeline
     data = report(config)
     rows = data["rows"]
@@ -85,4 +89,28 @@ def test_report_shows_sft_follows_format_more_than_base(pipeline):
     assert rows["sft"]["shape_rate"] > rows["base"]["shape_rate"] + 0.5
     assert rows["sft"]["stop_rate"] > rows["base"]["stop_rate"]
     assert rows["sft"]["kl_to_reference"] == 0.0
+    # A few PPO updates against the reward model raise its score over the SFT policy's on held-out prompts.
+    assert rows["ppo"]["reward_model_score"] > rows["sft"]["reward_model_score"]
+    assert rows["ppo"]["kl_to_reference"] > 0
     assert (config.stage_dir("sft").parent / "report.md").read_text().startswith("# rlhf-kit pipeline report")
+
+
+def test_rl_alternatives_and_rejection_sampling_are_wired_from_sft_and_reward(tmp_path):
+    stages = {name: f"recipes/configs/{name}/tiny.yaml" for name in ("sft", "reward", "grpo", "rloo", "dpo",
+                                                                      "best_of_n")}
+    config = PipelineConfig(output_dir=str(tmp_path), stages={**stages, "rft": "recipes/configs/sft/rft-tiny.yaml"})
+    assert config.ordered_stages() == ["sft", "reward", "grpo", "rloo", "dpo", "best_of_n", "rft"]
+
+    def value(cmd, key):
+        return cmd[cmd.index(f"--{key}") + 1]
+
+    for stage in ("grpo", "rloo", "best_of_n"):
+        cmd = stage_command(config, stage)
+        assert cmd[cmd.index("--config") - 1].endswith(f"recipes/{stage}.py")
+        assert value(cmd, "model_name_or_path") == str(tmp_path / "sft")
+        assert value(cmd, "reward_model_path") == str(tmp_path / "reward")
+    assert "--reward_model_path" not in stage_command(config, "dpo")
+    rft = stage_command(config, "rft")  # the SFT recipe, on the best-of-N dataset, from the SFT model
+    assert rft[rft.index("--config") - 1].endswith("recipes/sft.py")
+    assert value(rft, "dataset_name") == str(tmp_path / "best_of_n")
+    assert value(rft, "model_name_or_path") == str(tmp_path / "sft")

@@ -1,0 +1,60 @@
+"""Best-of-N (rejection sampling): N completions per prompt from a policy, scored by the reward model and/or reward
+functions; the best of each prompt is written as an SFT dataset.
+
+    python recipes/best_of_n.py --config recipes/configs/best_of_n/tiny.yaml
+    rlhf-kit best-of-n outputs/tiny-sft --config recipes/configs/best_of_n/tiny.yaml --n 8   # the same recipe
+
+The output directory is a dataset directory: train.jsonl holds one row per prompt (`messages` for conversational
+prompts, prompt/completion for plain ones), so `recipes/sft.py --dataset_name <output_dir>` trains on it
+(rejection-sampling fine-tuning; repeat from the new SFT output for more iterations). Rows are written in prompt
+order as they are done; a rerun with the same settings resumes after the last complete row.
+"""
+
+import torch
+from transformers import set_seed
+
+from rlhf_kit.best_of_n import BestOfNArguments, write_best_of_n
+from rlhf_kit.config import parse_config, save_config, to_dict
+from rlhf_kit.data import DataArguments, load_data
+from rlhf_kit.evaluation import Policy
+from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, prepare_tokenizer
+from rlhf_kit.rewards import RewardSources, load_reward_functions
+from rlhf_kit.runs import format_summary, write_stage
+
+
+def main(argv=None, overrides=None, callbacks=None):
+    data_args, model_args, args, sources = parse_config(DataArguments, ModelArguments, BestOfNArguments,
+                                                        RewardSources, args=argv, overrides=overrides)
+    set_seed(args.seed)
+
+    # Data first: a bad row must fail before any model loads.
+    prompts = load_data(data_args.dataset_name, kind="prompt", split=data_args.dataset_train_split, seed=args.seed)
+    if args.num_prompts is not None:
+        prompts = prompts.select(range(min(args.num_prompts, len(prompts))))
+
+    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
+                               trust_remote_code=args.trust_remote_code)
+    prepare_tokenizer(tokenizer)  # a base model gets the chat template SFT would give it
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reward_funcs, weights, reward_report = load_reward_functions(
+        sources, tokenizer, weights=args.reward_weights, device=device, trust_remote_code=args.trust_remote_code)
+    model = load_model(model_args, tokenizer, trust_remote_code=args.trust_remote_code)
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):  # bitsandbytes placed a quantized model already
+        model = model.to(device)
+    policy = Policy(model_args.model_name_or_path, model.eval(), tokenizer)
+
+    metrics = write_best_of_n(policy, prompts, args.output_dir, n=args.n, reward_funcs=reward_funcs, weights=weights,
+                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              batch_size=args.batch_size, seed=args.seed)
+    if "accuracy" in reward_report:
+        metrics["reward_model_accuracy"] = reward_report["accuracy"]
+
+    save_config(args.output_dir, data_args, model_args, args, sources)
+    write_stage(args.output_dir, "best_of_n", model=model_args.model_name_or_path, data=data_args.dataset_name,
+                config=to_dict(data_args, model_args, args, sources), metrics=metrics)
+    print(format_summary("best_of_n", args.output_dir, metrics))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Stage 4, DPO: the SFT policy trained directly on preference pairs with TRL's DPOTrainer, no reward model.
+
+    accelerate launch --config_file accelerate_config.yaml recipes/dpo.py --config recipes/configs/dpo/tiny.yaml
+
+The policy starts from the SFT output (an adapter is merged into its base first) and trains a LoRA adapter (QLoRA
+with load_in_4bit: true); the reference is that same model with the adapter disabled, so no second copy of the
+weights is loaded. With use_peft: false, TRL loads a frozen copy of the starting model as the reference. The
+held-out split is evaluated at the end: eval_rewards/accuracies is the share of held-out pairs whose chosen response
+gets the higher implicit reward beta * log(pi / pi_ref) (ties, as at the start where pi == pi_ref, count as wrong).
+The output directory holds the adapter (or full model), the tokenizer, the resolved config, a model card and the
+stage record. An interrupted run resumes from its last checkpoint when started again with the same output_dir.
+"""
+
+from transformers import set_seed
+from trl import DPOTrainer
+
+from rlhf_kit.config import parse_config, save_config, to_dict
+from rlhf_kit.data import DataArguments, load_data
+from rlhf_kit.distributed import apply_global_batch_size
+from rlhf_kit.dpo import DPOArguments, check_dpo_setup
+from rlhf_kit.hub import publish_stage, take_over_push
+from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer
+from rlhf_kit.runs import format_summary, resume_checkpoint, write_stage
+
+
+def main(argv=None, overrides=None, callbacks=None):
+    data_args, model_args, args = parse_config(DataArguments, ModelArguments, DPOArguments,
+                                               args=argv, overrides=overrides)
+    push = take_over_push(args)  # fails now, not after training, without a repo id or token
+    apply_global_batch_size(args)  # gradient accumulation for this launch's process count
+    set_seed(args.seed)
+
+    # Data first: a bad row or a contradictory setting must fail before minutes of model loading.
+    train_data = load_data(data_args.dataset_name, kind="preference", split=data_args.dataset_train_split,
+                           seed=args.seed)
+    eval_data = load_data(data_args.eval_source, kind="preference", split=data_args.dataset_test_split, seed=args.seed)
+    check_dpo_setup(model_args, args, has_eval_data=eval_data is not None)
+    resume = resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+
+    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
+                               trust_remote_code=args.trust_remote_code)
+    new_chat_template = tokenizer.chat_template is None  # DPO straight from a base model: it gets ChatML here
+    prepare_tokenizer(tokenizer)
+    model = load_model(model_args, tokenizer, trust_remote_code=args.trust_remote_code)
+    peft_config = lora_config(model_args, tokenizer, tied_embeddings=model.config.tie_word_embeddings,
+                              new_chat_template=new_chat_template)
+
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir)
+    # Held-out pairs at the start (with eval_on_start: loss log 2, no pair ranked yet) and at the end.
+    metrics = {"train_loss": train_result.training_loss}
+    if eval_data is not None:
+        evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+        start = next((e for e in evals if e["step"] == 0), {})
+        final = evals[-1] if evals and evals[-1]["step"] == trainer.state.global_step > 0 else trainer.evaluate()
+        kept = ("eval_loss", "eval_rewards/")
+        metrics.update({f"{k}_at_start": v for k, v in start.items() if k.startswith(kept)})
+        metrics.update({k: v for k, v in final.items() if k.startswith(kept)})
+    trainer.save_state()  # trainer_state.json: the log history, periodic evaluations included
+
+    if trainer.is_world_process_zero():
+        save_config(args.output_dir, data_args, model_args, args)
+        write_stage(args.output_dir, "dpo", model=model_args.model_name_or_path, data=data_args.dataset_name,
+                    config=to_dict(data_args, model_args, args), metrics=metrics)
+        publish_stage(args.output_dir, push)
+        print(format_summary("dpo", args.output_dir, metrics))
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Stage 4, RLOO: the SFT policy against the reward model (and/or Python reward functions) with TRL's RLOOTrainer.
+
+    accelerate launch --config_file accelerate_config.yaml recipes/rloo.py --config recipes/configs/rloo/tiny.yaml
+
+No critic (REINFORCE Leave-One-Out, Ahmadian et al. 2024, https://huggingface.co/papers/2402.14740): each prompt
+gets num_generations completions, and each completion's advantage is its reward minus the mean reward of the
+prompt's other completions. The policy starts from the SFT output (an adapter is merged into its base first) and
+trains a LoRA adapter; the reference of the KL penalty (beta > 0, subtracted from the reward as in PPO) is that model
+with the adapter disabled.
+Rewards, weighted as reward_weights says: the reward model (normalized; it scores prompt + completion rendered with
+its own tokenizer and chat template, end-of-turn token included, exactly as it was trained), reward_funcs, a
+missing-stop penalty (missing_eos_penalty) and, measured but never optimized, eval_reward_funcs. The output directory
+holds the policy adapter, the tokenizer, trainer_state.json (the log), the resolved config, a model card and the
+stage record. An interrupted run resumes from its last checkpoint when started again.
+"""
+
+from transformers import set_seed
+from trl import RLOOTrainer
+
+from rlhf_kit.config import parse_config, save_config, to_dict
+from rlhf_kit.data import DataArguments, load_data
+from rlhf_kit.grpo import RLOOArguments, apply_sampling_global_batch, check_sampling_setup, reward_metrics
+from rlhf_kit.hub import publish_stage, take_over_push
+from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer
+from rlhf_kit.rewards import RewardSources, load_reward_functions
+from rlhf_kit.runs import format_summary, resume_checkpoint, write_stage
+
+
+def main(argv=None, overrides=None, callbacks=None):
+    data_args, model_args, args, sources = parse_config(DataArguments, ModelArguments, RLOOArguments, RewardSources,
+                                                        args=argv, overrides=overrides)
+    push = take_over_push(args)  # fails now, not after training, without a repo id or token
+    apply_sampling_global_batch(args)  # gradient accumulation for this launch's process count
+    set_seed(args.seed)
+
+    # Data first: a bad row or a contradictory setting must fail before minutes of model loading.
+    train_data = load_data(data_args.dataset_name, kind="prompt", split=data_args.dataset_train_split, seed=args.seed)
+    eval_data = load_data(data_args.eval_source, kind="prompt", split=data_args.dataset_test_split, seed=args.seed)
+    check_sampling_setup(model_args, args, has_eval_data=eval_data is not None)
+    resume = resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+
+    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
+                               trust_remote_code=args.trust_remote_code)
+    prepare_tokenizer(tokenizer)  # the SFT tokenizer already has its template and pad token: this changes nothing
+    # Reward functions before the policy: imports, weights and the reward model's gate fail in a second.
+    reward_funcs, weights, reward_report = load_reward_functions(
+        sources, tokenizer, weights=args.reward_weights, device=args.device, trust_remote_code=args.trust_remote_code)
+    model = load_model(model_args, tokenizer, trust_remote_code=args.trust_remote_code)
+    peft_config = lora_config(model_args, tokenizer)
+
+    configured = args.reward_weights
+    args.reward_weights = weights  # one per function, as TRL reads them; restored so the saved config runs again
+    trainer = RLOOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+    args.reward_weights = configured
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir)
+
+    # Mean reward of the first and last updates; held-out prompts at the start (eval_on_start) and at the end.
+    metrics = {"train_loss": train_result.training_loss, **reward_metrics(trainer)}
+    trainer.save_state()  # trainer_state.json: the log history, periodic evaluations included
+    if "accuracy" in reward_report:
+        metrics["reward_model_accuracy"] = reward_report["accuracy"]
+
+    if trainer.is_world_process_zero():
+        save_config(args.output_dir, data_args, model_args, args, sources)
+        write_stage(args.output_dir, "rloo", model=model_args.model_name_or_path, data=data_args.dataset_name,
+                    config=to_dict(data_args, model_args, args, sources), metrics=metrics)
+        publish_stage(args.output_dir, push)
+        print(format_summary("rloo", args.output_dir, metrics))
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

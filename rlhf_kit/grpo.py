@@ -1,0 +1,90 @@
+"""GRPO and RLOO settings: TRL's configs with rlhf-kit's defaults, the checks that run before a model loads, and the
+before/after numbers the recipes record.
+
+Both methods drop PPO's critic: each prompt gets `num_generations` completions and a completion's advantage is its
+reward against the others' (GRPO: minus the group mean, divided by the group std; RLOO: minus the mean of the other
+completions). TRL's trainers run as they are; the rewards come from `rlhf_kit.rewards.load_reward_functions`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import GRPOConfig, RLOOConfig
+
+from .distributed import GLOBAL_BATCH_HELP, apply_global_batch_size
+from .model import ModelArguments
+from .sft import default_bf16
+
+
+@dataclass
+class GRPOArguments(GRPOConfig):
+    """TRL's `GRPOConfig`; bf16 defaults to "when the hardware has it" instead of always."""
+
+    global_batch_size: int | None = field(default=None, metadata={"help": GLOBAL_BATCH_HELP})
+
+    def __post_init__(self):
+        self.bf16 = default_bf16(self.bf16, self.fp16)
+        super().__post_init__()
+
+
+@dataclass
+class RLOOArguments(RLOOConfig):
+    """TRL's `RLOOConfig`; bf16 defaults to "when the hardware has it" instead of always."""
+
+    global_batch_size: int | None = field(default=None, metadata={"help": GLOBAL_BATCH_HELP})
+
+    def __post_init__(self):
+        self.bf16 = default_bf16(self.bf16, self.fp16)
+        super().__post_init__()
+
+
+def apply_sampling_global_batch(args: GRPOArguments | RLOOArguments) -> None:
+    """`apply_global_batch_size` for GRPO/RLOO, where the global batch counts completions per optimizer step.
+
+    TRL derives the generation batch from gradient_accumulation_steps while the config is built; when it was derived
+    (neither generation_batch_size nor steps_per_generation set), it must follow the new accumulation. It stays a
+    multiple of num_generations: TRL has already checked that the batch of one accumulation step is.
+    """
+    processes = args.world_size
+    before = args.gradient_accumulation_steps
+    derived = (args.steps_per_generation == before
+               and args.generation_batch_size == args.per_device_train_batch_size * processes * before)
+    apply_global_batch_size(args)
+    if not derived or args.gradient_accumulation_steps == before:
+        return
+    args.steps_per_generation = args.gradient_accumulation_steps
+    args.generation_batch_size = args.per_device_train_batch_size * processes * args.steps_per_generation
+
+
+def check_sampling_setup(model_args: ModelArguments, args: GRPOArguments | RLOOArguments, has_eval_data: bool) -> None:
+    """Cross-config checks that otherwise surface only after the model is loaded, or after the first rollout."""
+    if args.eval_strategy != "no" and not has_eval_data:
+        raise ValueError(f"eval_strategy is '{args.eval_strategy}' but no evaluation split was found; set "
+                         "eval_dataset_name / dataset_test_split, or eval_strategy: 'no'.")
+    if model_args.use_peft and getattr(args, "sync_ref_model", False):
+        raise ValueError("sync_ref_model moves the reference towards the policy, but with LoRA the reference is the "
+                         "base with the adapter disabled; set use_peft: false or sync_ref_model: false.")
+    if args.bf16 and model_args.dtype == "float16":
+        raise ValueError("bf16: true with dtype: float16 mixes two half precisions; use dtype: bfloat16.")
+
+
+def reward_metrics(trainer) -> dict[str, Any]:
+    """Mean reward of the first and last logged training steps, and the held-out evaluation at the start (with
+    eval_on_start) and at the end (the last periodic evaluation if it was at the final step, else a new one)."""
+    history = trainer.state.log_history
+    metrics: dict[str, Any] = {}
+    train = [e for e in history if "reward" in e]
+    if train:
+        metrics.update(reward_at_start=train[0]["reward"], reward=train[-1]["reward"])
+    if trainer.eval_dataset is None:
+        return metrics
+    evals = [e for e in history if "eval_reward" in e]
+    start = next((e for e in evals if e["step"] == 0), {})
+    metrics.update({f"{k}_at_start": v for k, v in start.items() if k.startswith("eval_reward")})
+    step = trainer.state.global_step
+    final = evals[-1] if evals and evals[-1]["step"] == step > 0 else trainer.evaluate()
+    kept = ("eval_reward", "eval_kl", "eval_completions/mean_length", "eval_completions/clipped_ratio")
+    metrics.update({k: v for k, v in final.items() if k.startswith(kept)})
+    return metrics
