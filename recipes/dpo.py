@@ -20,7 +20,7 @@ from rlhf_kit.distributed import apply_global_batch_size
 from rlhf_kit.dpo import DPOArguments, check_dpo_setup
 from rlhf_kit.hub import publish_stage, take_over_push
 from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer
-from rlhf_kit.runs import format_summary, resume_checkpoint, write_stage
+from rlhf_kit.runs import format_summary, resume_checkpoint, start_and_final_evaluation, write_stage
 
 
 def main(argv=None, overrides=None, callbacks=None):
@@ -59,9 +59,7 @@ def main(argv=None, overrides=None, callbacks=None):
     # Held-out pairs at the start (with eval_on_start: loss log 2, no pair ranked yet) and at the end.
     metrics = {"train_loss": train_result.training_loss}
     if eval_data is not None:
-        evals = [e for e in trainer.state.log_history if "eval_loss" in e]
-        start = next((e for e in evals if e["step"] == 0), {})
-        final = evals[-1] if evals and evals[-1]["step"] == trainer.state.global_step > 0 else trainer.evaluate()
+        start, final = start_and_final_evaluation(trainer, "eval_loss")
         kept = ("eval_loss", "eval_rewards/")
         metrics.update({f"{k}_at_start": v for k, v in start.items() if k.startswith(kept)})
         metrics.update({k: v for k, v in final.items() if k.startswith(kept)})

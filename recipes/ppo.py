@@ -18,7 +18,7 @@ from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_conf
 from rlhf_kit.rewards import RewardModel, gate, tokenizer_compatibility
 from rlhf_kit.rollout import import_reward_func
 from rlhf_kit.hub import publish_stage, take_over_push
-from rlhf_kit.runs import format_summary, resume_checkpoint, write_stage
+from rlhf_kit.runs import format_summary, resume_checkpoint, start_and_final_evaluation, write_stage
 from rlhf_kit.trainers.ppo import PPOTrainer
 from rlhf_kit.trainers.ppo_config import PPOConfig
 
@@ -73,11 +73,8 @@ def main(argv=None, overrides=None, callbacks=None):
     # Held-out prompts: the SFT policy's scores (the step-0 evaluation, with eval_on_start) against the final ones.
     metrics = {"train_loss": train_result.training_loss}
     if eval_data is not None:
-        evals = [e for e in trainer.state.log_history if "eval_reward" in e]
-        start = next((e for e in evals if e["step"] == 0), {})
+        start, final = start_and_final_evaluation(trainer, "eval_reward")
         metrics.update({f"{k}_at_start": v for k, v in start.items() if k.startswith("eval_")})
-        # eval_strategy "steps" already evaluated the last update (evaluation is seeded, so it would repeat exactly).
-        final = evals[-1] if evals and evals[-1]["step"] == trainer.state.global_step > 0 else trainer.evaluate()
         metrics.update({k: v for k, v in final.items() if k.startswith("eval_")})
     trainer.save_state()  # trainer_state.json: the log history, periodic evaluations included
     if "accuracy" in reward_report:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 
 def _pipeline(ns: argparse.Namespace) -> int:
@@ -66,47 +67,46 @@ def _chat(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _export(ns: argparse.Namespace) -> int:
-    # The recipe itself, so `rlhf-kit export` and `python recipes/export.py` cannot drift apart.
+def _run_recipe(recipe: str, argv: list[str], first_key: str, keys: Callable[[], tuple], prog: str) -> int:
+    """Run `recipes/<recipe>.py` itself, so the subcommand and `python recipes/<recipe>.py` cannot drift apart.
+
+    A leading positional argument is the value of `first_key`; -h/--help lists the keys of the dataclasses `keys()`
+    returns (imported only then: they pull in torch).
+    """
     import runpy
 
     from .pipeline import RECIPES
 
-    argv = list(ns.args)
     if argv[:1] in (["-h"], ["--help"]):
         from transformers import HfArgumentParser
 
-        from .export import ExportArguments
-
-        print(HfArgumentParser(ExportArguments, prog="rlhf-kit export [MODEL_PATH] [--config YAML]").format_help())
+        print(HfArgumentParser(keys(), prog=prog).format_help())
         return 0
     if argv and not argv[0].startswith("-"):
-        argv = ["--model_path", *argv]
-    runpy.run_path(str(RECIPES / "export.py"), run_name="recipe_export")["main"](argv)
+        argv = [first_key, *argv]
+    runpy.run_path(str(RECIPES / f"{recipe}.py"), run_name=f"recipe_{recipe}")["main"](argv)
     return 0
 
 
+def _export(ns: argparse.Namespace) -> int:
+    def keys():
+        from .export import ExportArguments
+
+        return (ExportArguments,)
+
+    return _run_recipe("export", list(ns.args), "--model_path", keys, "rlhf-kit export [MODEL_PATH] [--config YAML]")
+
+
 def _best_of_n(ns: argparse.Namespace) -> int:
-    # The recipe itself, as for export: `rlhf-kit best-of-n` and `python recipes/best_of_n.py` cannot drift apart.
-    import runpy
-
-    from .pipeline import RECIPES
-
-    argv = list(ns.args)
-    if argv[:1] in (["-h"], ["--help"]):
-        from transformers import HfArgumentParser
-
+    def keys():
         from .best_of_n import BestOfNArguments
         from .data import DataArguments
         from .rewards import RewardSources
 
-        print(HfArgumentParser((DataArguments, BestOfNArguments, RewardSources),
-                               prog="rlhf-kit best-of-n [MODEL] [--config YAML] [--key value ...]").format_help())
-        return 0
-    if argv and not argv[0].startswith("-"):
-        argv = ["--model_name_or_path", *argv]
-    runpy.run_path(str(RECIPES / "best_of_n.py"), run_name="recipe_best_of_n")["main"](argv)
-    return 0
+        return DataArguments, BestOfNArguments, RewardSources
+
+    return _run_recipe("best_of_n", list(ns.args), "--model_name_or_path", keys,
+                       "rlhf-kit best-of-n [MODEL] [--config YAML] [--key value ...]")
 
 
 def _plan(ns: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from trl import GRPOConfig, RLOOConfig
 
 from .distributed import GLOBAL_BATCH_HELP, apply_global_batch_size
 from .model import ModelArguments
+from .runs import start_and_final_evaluation
 from .sft import default_bf16
 
 
@@ -72,19 +73,15 @@ def check_sampling_setup(model_args: ModelArguments, args: GRPOArguments | RLOOA
 
 def reward_metrics(trainer) -> dict[str, Any]:
     """Mean reward of the first and last logged training steps, and the held-out evaluation at the start (with
-    eval_on_start) and at the end (the last periodic evaluation if it was at the final step, else a new one)."""
-    history = trainer.state.log_history
+    eval_on_start) and at the end (`start_and_final_evaluation`)."""
     metrics: dict[str, Any] = {}
-    train = [e for e in history if "reward" in e]
+    train = [e for e in trainer.state.log_history if "reward" in e]
     if train:
         metrics.update(reward_at_start=train[0]["reward"], reward=train[-1]["reward"])
     if trainer.eval_dataset is None:
         return metrics
-    evals = [e for e in history if "eval_reward" in e]
-    start = next((e for e in evals if e["step"] == 0), {})
+    start, final = start_and_final_evaluation(trainer, "eval_reward")
     metrics.update({f"{k}_at_start": v for k, v in start.items() if k.startswith("eval_reward")})
-    step = trainer.state.global_step
-    final = evals[-1] if evals and evals[-1]["step"] == step > 0 else trainer.evaluate()
     kept = ("eval_reward", "eval_kl", "eval_completions/mean_length", "eval_completions/clipped_ratio")
     metrics.update({k: v for k, v in final.items() if k.startswith(kept)})
     return metrics

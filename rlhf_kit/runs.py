@@ -81,6 +81,18 @@ def write_stage(
     return record
 
 
+def start_and_final_evaluation(trainer, marker: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The held-out evaluation logged at step 0 (with eval_on_start; {} without) and the one at the end of training.
+
+    `marker` is a key every evaluation log entry of this trainer has. The end is the last periodic evaluation if it
+    ran at the final step (evaluation is seeded, so another would repeat it exactly), else a new one.
+    """
+    evals = [e for e in trainer.state.log_history if marker in e]
+    start = next((e for e in evals if e["step"] == 0), {})
+    final = evals[-1] if evals and evals[-1]["step"] == trainer.state.global_step > 0 else trainer.evaluate()
+    return start, final
+
+
 def format_summary(stage: str, output_dir: str, metrics: dict[str, Any]) -> str:
     """A short table for the end of a stage: what was produced and how it scored."""
     rows = [(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in sorted(metrics.items())]
