@@ -75,7 +75,10 @@ class PipelineConfig:
     def from_yaml(cls, path: str | Path) -> PipelineConfig:
         values = load_yaml(path)
         check_keys(list(values), [cls], f"pipeline config {path}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ConfigError as e:
+            raise ConfigError(f"pipeline config {path}: {e}") from None
 
     def ordered_stages(self) -> list[str]:
         return [s for s in STAGE_ORDER if s in self.stages]

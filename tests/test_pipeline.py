@@ -58,6 +58,10 @@ def test_pipeline_config_errors(tmp_path):
         PipelineConfig(stages={"dpo2": "recipes/configs/sft/tiny.yaml"})
     with pytest.raises(ConfigError, match="does not exist"):
         PipelineConfig(stages={"sft": "nope.yaml"})
+    # A setting the report does not know fails before any stage runs, naming the file and the valid settings.
+    path.write_text(yaml.safe_dump({"stages": {}, "evaluation": {"temprature": 0.7}}))
+    with pytest.raises(ConfigError, match=r"p\.yaml: Unknown evaluation setting\(s\) \['temprature'\].*'temperature'"):
+        PipelineConfig.from_yaml(path)
 
 
 def test_every_shipped_pipeline_config_parses():
