@@ -71,7 +71,7 @@ def main(argv=None, overrides=None, callbacks=None):
     trainer.save_model(args.output_dir)
 
     # Held-out prompts: the SFT policy's scores (the step-0 evaluation, with eval_on_start) against the final ones.
-    metrics = {"train_loss": train_result.training_loss}
+    metrics = {"train_loss": train_result.training_loss, "parallelism": train_result.metrics["parallelism"]}
     if eval_data is not None:
         start, final = start_and_final_evaluation(trainer, "eval_reward")
         metrics.update({f"{k}_at_start": v for k, v in start.items() if k.startswith("eval_")})

@@ -19,6 +19,7 @@ from trl import RLOOTrainer
 
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.data import DataArguments, load_data
+from rlhf_kit.distributed import parallelism
 from rlhf_kit.grpo import RLOOArguments, apply_sampling_global_batch, check_sampling_setup, reward_metrics
 from rlhf_kit.hub import publish_stage, take_over_push
 from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer
@@ -65,7 +66,8 @@ def main(argv=None, overrides=None, callbacks=None):
     trainer.save_model(args.output_dir)
 
     # Mean reward of the first and last updates; held-out prompts at the start (eval_on_start) and at the end.
-    metrics = {"train_loss": train_result.training_loss, **reward_metrics(trainer)}
+    metrics = {"train_loss": train_result.training_loss, "parallelism": parallelism(trainer),
+               **reward_metrics(trainer)}
     trainer.save_state()  # trainer_state.json: the log history, periodic evaluations included
     if "accuracy" in reward_report:
         metrics["reward_model_accuracy"] = reward_report["accuracy"]

@@ -71,3 +71,39 @@ def check_processes(args) -> None:
         raise ConfigError(f"the launcher started {launched} processes, but each was set up to train alone (world size "
                           f"{args.world_size}). Without GPUs, set ACCELERATE_USE_CPU=1 in the environment or "
                           "use_cpu: true in the recipe config.")
+
+
+def shard_on_cpu(trainer) -> bool:
+    """Make an FSDP launch on CPUs (``accelerate_configs/cpu_fsdp2.yaml``) really shard. Returns whether it did.
+
+    accelerate 1.16 turns every multi-process CPU run into MULTI_CPU (plain data parallel) and drops the FSDP plugin
+    the launch asked for (``AcceleratorState`` enables FSDP only for accelerator devices), although FSDP2's
+    ``fully_shard`` trains and generates over a CPU device mesh with gloo. So when the launch set ACCELERATE_USE_FSDP
+    and the processes run on CPUs, install the plugin accelerate builds from the launch's FSDP_* settings: the
+    trainer's ``accelerator.prepare`` then shards through the very code path it uses on GPUs. Call it on a built
+    trainer (a transformers ``Trainer``: TRL's or rlhf-kit's PPO) before it trains. It can go when accelerate
+    enables FSDP for MULTI_CPU itself.
+    """
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
+
+    state = trainer.accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU or not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return False
+    state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    state.distributed_type = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+    return True
+
+
+def parallelism(trainer) -> str:
+    """How a trainer spread its model, for the stage record: 'fsdp2', 'deepspeed', 'ddp' or 'single', x processes."""
+    from torch.distributed.fsdp import FSDPModule
+
+    processes = trainer.accelerator.num_processes
+    if any(isinstance(m, FSDPModule) for m in (trainer.model, trainer.model_wrapped)):
+        engine = "fsdp2"
+    elif trainer.is_deepspeed_enabled:
+        engine = "deepspeed"
+    else:
+        engine = "ddp" if processes > 1 else "single"
+    return f"{engine} x {processes}"

@@ -21,6 +21,7 @@ https://arxiv.org/abs/1909.08593), Schulman 2020 "Approximating KL divergence"
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -111,7 +112,8 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  sum_over_processes: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Normalize ``x`` to unit variance using the statistics of its unmasked positions only.
 
     ``(x - mean) / sqrt(var + eps)``, where ``mean`` and the unbiased ``var`` are taken over positions with
@@ -128,6 +130,9 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
         mask (B, T): 1 on real tokens.
         shift_mean: centre the result on 0 (True) or keep the original mean (False).
         eps: added to the variance so a constant input does not divide by zero.
+        sum_over_processes: when each process holds part of the batch, a function that sums a tensor over all
+            processes (an all-reduce); the statistics are then those of the whole batch, the same as one process
+            holding all of it. ``None``: this process's batch is the whole batch.
 
     Returns:
         (B, T) whitened values, 0 on padding.
@@ -135,8 +140,20 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     Raises:
         ValueError: if fewer than 2 positions are unmasked (see :func:`masked_var`).
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
+    if sum_over_processes is None:
+        mean = masked_mean(x, mask)
+        var = masked_var(x, mask, unbiased=True)
+    else:
+        _check_same_shape(x=x, mask=mask)
+        keep = mask.bool()
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        total, count = sum_over_processes(torch.stack([torch.where(keep, x, zero).sum(), keep.to(x.dtype).sum()]))
+        n = int(count.item())
+        if n < 2:
+            raise ValueError(f"masked_whiten needs at least 2 unmasked positions over all processes, the masks have "
+                             f"{n}; use a larger batch")
+        mean = total / count
+        var = sum_over_processes(torch.where(keep, (x - mean) ** 2, zero).sum()) / count * (n / (n - 1))
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -1,9 +1,11 @@
 """One PPO update on a fixed global rollout, run by tests/test_distributed.py on 1 process (imported) and on 2
-(through `accelerate launch`). Every process samples the same global rollout (same seed, same prompts, same batch)
-and then updates on its own half, so the two runs must end with the same weights if DDP's gradient averaging and
-the token weighting of the loss are right.
+(through `accelerate launch`, DDP or FSDP2). Every process samples the same global rollout (same seed, same prompts,
+same batch), then scores, whitens and updates on its own half, so the two runs end with the same weights only if
+the advantages are whitened over both halves, the gradients averaged over both processes (DDP's all-reduce or
+FSDP2's reduce-scatter), and the loss weighted by every process's tokens.
 
     accelerate launch --config_file accelerate_configs/cpu_ddp.yaml tests/ppo_update_worker.py SFT_DIR OUT_FILE
+    accelerate launch --config_file accelerate_configs/cpu_fsdp2.yaml tests/ppo_update_worker.py SFT_DIR OUT_FILE
 """
 
 import sys
@@ -42,18 +44,19 @@ def update_once(sft: str, output_dir: str) -> tuple[dict[str, torch.Tensor], dic
                          train_dataset=prompts, reward_funcs=[length_reward],
                          peft_config=lora_config(model_args, tokenizer))
     trainer._setup_training(None)
-    start = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    start = trainer._trainable_state()  # gathered from the shards under FSDP2
     torch.manual_seed(0)
     rollout = trainer.rollout(prompts[:GLOBAL_BATCH])  # the same global rollout on every process
     # Responses of 2, 3, ... 9 tokens: the processes' halves then hold different token counts (a briefly trained
     # policy rarely stops early by itself), which the loss's token weighting must see across processes.
     keep = torch.arange(rollout.response_mask.shape[1]) < 2 + torch.arange(GLOBAL_BATCH)[:, None]
     rollout.response_mask = rollout.response_mask * keep
-    trainer.score(rollout)
-    trainer.compute_advantages(rollout)
     share = GLOBAL_BATCH // args.world_size
-    trainer.update(rollout.select(torch.arange(args.process_index * share, (args.process_index + 1) * share)))
-    return start, {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    mine = rollout.select(torch.arange(args.process_index * share, (args.process_index + 1) * share))
+    trainer.score(mine)
+    trainer.compute_advantages(mine)
+    trainer.update(mine)
+    return start, trainer._trainable_state()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Scale-out: every shipped accelerate profile dry-runs its documented launch line, and SFT, reward and PPO really
-run as 2 processes (CPU, gloo) and agree with 1 process on the same global batch."""
+"""Scale-out: every shipped accelerate profile dry-runs its documented launch line; SFT, reward and PPO really run as
+2 processes (CPU, gloo) and agree with 1 process on the same global batch; PPO also runs, agrees and resumes exactly
+sharded by FSDP2, and DPO, GRPO and RLOO run under the same FSDP2 profile."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from conftest import REPO
 from ppo_update_worker import update_once
@@ -18,11 +20,13 @@ from rlhf_kit.data import DataArguments
 from rlhf_kit.distributed import accumulation_steps, apply_global_batch_size
 from rlhf_kit.model import ModelArguments
 from rlhf_kit.sft import SFTArguments
+from rlhf_kit.trainers.ppo_config import PPOConfig
 
 PROFILES = [REPO / "accelerate_config.yaml", *sorted((REPO / "accelerate_configs").glob("*.yaml"))]
 # Values for the placeholders of the multi-node launch line.
 PLACEHOLDERS = {"$NODE_RANK": "1", "$HEAD_IP": "10.1.2.3"}
 TWO_PROCESSES = REPO / "accelerate_configs/cpu_ddp.yaml"
+FSDP2 = REPO / "accelerate_configs/cpu_fsdp2.yaml"
 
 # ------------------------------------------------------------------------------------------------ global batch size
 
@@ -116,7 +120,8 @@ def test_profile_launch_line_dry_runs(profile):
     args, config_file, env, torchrun_config = dry_run(launch_argv(profile))
     # The recipe and its config named in the launch line exist and parse (use_cpu: bf16 configs on a CPU machine).
     assert (REPO / args.training_script).is_file()
-    parse_config(DataArguments, ModelArguments, SFTArguments, args=args.training_script_args,
+    stage_arguments = {"recipes/sft.py": SFTArguments, "recipes/ppo.py": PPOConfig}[args.training_script]
+    parse_config(DataArguments, ModelArguments, stage_arguments, args=args.training_script_args,
                  overrides={"use_cpu": True})
 
     name = profile.stem
@@ -124,7 +129,7 @@ def test_profile_launch_line_dry_runs(profile):
         assert name == "accelerate_config" and config_file.num_processes == 1
         return
     processes = torchrun_config.nproc_per_node * torchrun_config.max_nodes
-    assert processes == (2 if name == "cpu_ddp" else 16 if name == "multi_node" else 8), name
+    assert processes == (2 if name.startswith("cpu_") else 16 if name == "multi_node" else 8), name
     ds_env = {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
     if name.startswith("zero"):
         with patch_environment(**ds_env):
@@ -134,10 +139,13 @@ def test_profile_launch_line_dry_runs(profile):
         assert zero["offload_param"]["device"] == ("cpu" if name == "zero3_offload" else "none")
         # ZeRO-3 must gather the shards when saving, or the output directory holds no usable model or adapter.
         assert zero["stage3_gather_16bit_weights_on_model_save"] == (name.startswith("zero3"))
-    elif name == "fsdp2":
+    elif name in ("fsdp2", "cpu_fsdp2"):
         with patch_environment(**ds_env):
             fsdp = FullyShardedDataParallelPlugin()
         assert fsdp.fsdp_version == 2 and fsdp.state_dict_type.name == "FULL_STATE_DICT"
+        # PPO's LoRA critic needs the recipe's own checkpointing, which replays the adapter (see ppo_model.py).
+        assert not fsdp.activation_checkpointing
+        assert args.use_cpu == (name == "cpu_fsdp2")
     elif name == "multi_node":
         assert torchrun_config.rdzv_endpoint == "10.1.2.3:29500"
         assert torchrun_config.rdzv_configs["rank"] == 1
@@ -153,12 +161,13 @@ FAST = ["--max_steps", "3", "--per_device_train_batch_size", "2", "--global_batc
         "--lr_scheduler_type", "constant", "--disable_tqdm", "true", "--report_to", "none", "--max_length", "64"]
 
 
-def launch(processes, script, argv, timeout=300):
-    """Run a script through `accelerate launch`: 1 process with the default profile, 2 on the CPU with gloo.
+def launch(processes, script, argv, timeout=300, profile=TWO_PROCESSES):
+    """Run a script through `accelerate launch`: 1 process with the default profile, 2 on the CPU with gloo
+    (data-parallel, or with `profile=FSDP2` sharded).
 
     The 1-process reference runs in its own process too, exactly as users launch it.
     """
-    profile = REPO / "accelerate_config.yaml" if processes == 1 else TWO_PROCESSES
+    profile = REPO / "accelerate_config.yaml" if processes == 1 else profile
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(profile),
            "--main_process_port", "0", script, *argv]
@@ -234,12 +243,14 @@ def test_ppo_recipe_runs_on_two_processes(sft_pair, tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and (out / "critic/value_head.safetensors").is_file()
 
 
-def test_ppo_update_on_two_processes_matches_one(sft_pair, tmp_path):
-    """The same global rollout of 8 responses, updated on by 1 process or split over 2: the same SGD step, which
-    needs DDP's gradient averaging and the loss's token weighting to count every process's tokens."""
+@pytest.mark.parametrize("profile", [TWO_PROCESSES, FSDP2], ids=["ddp", "fsdp2"])
+def test_ppo_update_on_two_processes_matches_one(sft_pair, tmp_path, profile):
+    """The same global rollout of 8 responses, whitened and updated on by 1 process or split over 2 (data-parallel
+    or sharded): the same SGD step, which needs the advantages whitened over both halves, the gradients averaged,
+    and the loss's token weighting to count every process's tokens."""
     sft, _ = sft_pair
     start, one = update_once(str(sft), str(tmp_path / "one"))
-    launch(2, "tests/ppo_update_worker.py", [str(sft), str(tmp_path / "two.safetensors")])
+    launch(2, "tests/ppo_update_worker.py", [str(sft), str(tmp_path / "two.safetensors")], profile=profile)
     two = load_file(tmp_path / "two.safetensors")
     assert int(two.pop("world_size")) == 2
     assert one.keys() == two.keys()
@@ -247,3 +258,38 @@ def test_ppo_update_on_two_processes_matches_one(sft_pair, tmp_path):
     gap = max(float((one[k] - two[k]).abs().max()) for k in one)
     assert step > 1e-3, f"the update barely moved the weights ({step:.1e}): the comparison would prove nothing"
     assert gap <= 1e-4 * step, f"1 and 2 processes differ by up to {gap:.2e} after a step of {step:.2e}"
+
+
+def ppo_argv(sft, out, *extra):
+    return ["--config", "recipes/configs/ppo/tiny.yaml", "--model_name_or_path", str(sft), "--reward_model_path", "",
+            "--reward_funcs", "rlhf_kit.task:gold", "--dataset_test_split", "none", "--per_device_train_batch_size",
+            "2", "--global_batch_size", "8", "--num_mini_batches", "2", "--response_length", "8",
+            "--eval_on_start", "false", "--eval_strategy", "no", "--lr_scheduler_type", "constant",
+            "--output_dir", str(out), *extra]
+
+
+def test_ppo_recipe_under_fsdp2_resumes_exactly(sft_pair, tmp_path):
+    """`accelerate launch --config_file accelerate_configs/cpu_fsdp2.yaml recipes/ppo.py`: 2 processes, weights
+    sharded. A run stopped at its checkpoint of update 2 and started again ends where the uninterrupted run does."""
+    sft, _ = sft_pair
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch(2, "recipes/ppo.py", ppo_argv(sft, straight, "--max_steps", "4", "--save_steps", "2"), profile=FSDP2)
+    launch(2, "recipes/ppo.py", ppo_argv(sft, resumed, "--max_steps", "2", "--save_steps", "2"), profile=FSDP2)
+    for out in (straight, resumed):
+        assert json.loads((out / "rlhf_kit_stage.json").read_text())["metrics"]["parallelism"] == "fsdp2 x 2"
+    launch(2, "recipes/ppo.py", ppo_argv(sft, resumed, "--max_steps", "4", "--save_steps", "2"), profile=FSDP2)
+    assert processes_used(straight, global_batch=8 // 2) == 2
+    checkpoint = resumed / "checkpoint-2"
+    assert sorted(p.name for p in checkpoint.glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
+
+    def updates(out):
+        return {e["step"]: e for e in json.loads((out / "trainer_state.json").read_text())["log_history"]
+                if "objective/kl" in e}
+
+    assert sorted(updates(resumed)) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in ("objective/scores", "objective/kl", "loss/policy", "loss/value"):
+            assert updates(resumed)[step][key] == pytest.approx(updates(straight)[step][key], rel=1e-5, abs=1e-7), key
+    assert_same_adapter(straight, resumed, atol=1e-6)
+    critic = [load_file(out / "checkpoint-4/critic/value_head.safetensors") for out in (straight, resumed)]
+    assert all(torch.allclose(critic[0][k], critic[1][k], atol=1e-6) for k in critic[0])

@@ -118,6 +118,30 @@ def test_masked_whiten_uses_only_real_positions():
     _close(masked_mean(kept, MASK), masked_mean(x, MASK), tol=1e-5)
 
 
+def test_masked_whiten_over_processes_equals_whitening_the_whole_batch():
+    """Two "processes" hold rows 0 and 1-2 (different token counts). With a sum over both, each half whitens with
+    the statistics of all three rows, as one process holding them all would; without it, with its own."""
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(2))
+    halves = [slice(0, 1), slice(1, 3)]
+    partial_sums = []
+
+    def sum_over_processes(value):  # the other half's contribution, computed by hand: what all_reduce returns
+        partial_sums.append(value)
+        other = [h for h in halves if h != current][0]
+        if value.dim() == 1:
+            keep = MASK[other].bool()
+            return value + torch.stack([torch.where(keep, x[other], 0.0).sum(), keep.float().sum()])
+        full = masked_mean(x, MASK)
+        return value + torch.where(MASK[other].bool(), (x[other] - full) ** 2, 0.0).sum()
+
+    whole = masked_whiten(x, MASK)
+    for current in halves:
+        _close(masked_whiten(x[current], MASK[current], sum_over_processes=sum_over_processes), whole[current],
+               tol=1e-5)
+        assert not torch.allclose(masked_whiten(x[current], MASK[current]), whole[current], atol=1e-3)
+    assert len(partial_sums) == 4  # two sums (mean and count, then the variance) per process
+
+
 def test_explained_variance_by_hand():
     """returns 1, 2, 3 (population var 2/3); values 1, 2, 2 leave residuals 0, 0, 1 (var 1/3 - 1/9 = 2/9).
 

@@ -42,9 +42,17 @@ import torch
 from peft import set_peft_model_state_dict
 from peft.utils import load_peft_weights
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 from transformers import GenerationConfig, Trainer, TrainerControl, TrainerState
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
+from ..distributed import parallelism, shard_on_cpu
 from ..losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -136,6 +144,7 @@ class PPOTrainer(Trainer):
                              "num_mini_batches * processes); use a smaller batch or more prompts")
         super().__init__(model=policy, args=args, processing_class=processing_class, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, callbacks=callbacks)
+        shard_on_cpu(self)
         if args.adaptive_kl:
             self.kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
         else:
@@ -164,7 +173,8 @@ class PPOTrainer(Trainer):
             self._end_step(rollout, stats)
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         self.is_in_train = False
-        metrics = {"train_runtime": time.time() - start, "train_updates": len(losses)}
+        metrics = {"train_runtime": time.time() - start, "train_updates": len(losses),
+                   "parallelism": parallelism(self)}
         return TrainOutput(self.state.global_step, float(np.mean(losses)) if losses else float("nan"), metrics)
 
     def _setup_training(self, resume_from_checkpoint) -> None:
@@ -184,12 +194,23 @@ class PPOTrainer(Trainer):
             train_batch_size=args.batch_size)
         self.state.compute_steps(args, max_steps)
         self.create_optimizer_and_scheduler(num_training_steps=max_steps)
-        self.model_wrapped = self.accelerator.prepare(self.model)
-        for name in ("model", "optimizer", "lr_scheduler"):
-            setattr(self.callback_handler, name, getattr(self, name))
         self._fresh_start = resume_from_checkpoint is None
         if resume_from_checkpoint:
-            self._load_checkpoint(str(resume_from_checkpoint))
+            self._load_weights(str(resume_from_checkpoint))  # before sharding: full tensors into full parameters
+        if self.is_fsdp_enabled:
+            # FSDP2 replaces the parameters by shards, so the optimizer must be prepared with the model to follow.
+            if self.accelerator.state.fsdp_plugin.activation_checkpointing:
+                raise ValueError("fsdp_activation_checkpointing wraps each layer in a checkpoint that cannot replay "
+                                 "which adapter (policy or critic) ran; set it to false in the accelerate config and "
+                                 "use the recipe's activation_checkpointing: true instead")
+            self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+            self.model_wrapped = self.model
+        else:
+            self.model_wrapped = self.accelerator.prepare(self.model)
+        for name in ("model", "optimizer", "lr_scheduler"):
+            setattr(self.callback_handler, name, getattr(self, name))
+        if resume_from_checkpoint:
+            self._load_training_state(str(resume_from_checkpoint))
         self._health_checked = args.health_check_tolerance is None
         self.model.train()
 
@@ -234,7 +255,8 @@ class PPOTrainer(Trainer):
         pieces = []
         with eval_mode(self.model), self.accelerator.autocast():
             for chunk in torch.arange(len(prompts)).split(self.args.rollout_forward_batch_size):
-                generated = self.model.policy.generate(input_ids=query_ids[chunk], attention_mask=query_mask[chunk])
+                generated = self.model(query_ids[chunk], query_mask[chunk], part="generate",
+                                       gather_weights=self.args.gather_weights_for_generation)
                 pieces.append(generated[:, query_ids.shape[1]:])  # (b, T_chunk): the new tokens only
         width = max(p.shape[1] for p in pieces)
         responses = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=tokenizer.pad_token_id)
@@ -254,21 +276,25 @@ class PPOTrainer(Trainer):
             for chunk in torch.arange(len(rollout)).split(self.args.rollout_forward_batch_size):
                 part = rollout.select(chunk)
                 ids, mask, width = part.input_ids, part.attention_mask, part.response_ids.shape[1]
-                logits = self.model.policy_logits(ids, mask, width)
+                logits = self.model(ids, mask, width, part="policy")
                 old[chunk, :width] = logprobs_from_logits(logits, part.response_ids, temperature)
                 del logits
-                ref_logits = self.model.reference_logits(ids, mask, width)
+                ref_logits = self.model(ids, mask, width, part="reference")
                 ref[chunk, :width] = logprobs_from_logits(ref_logits, part.response_ids, temperature)
                 del ref_logits
-                values[chunk, :width] = self.model.values(ids, mask, width)
+                values[chunk, :width] = self.model(ids, mask, width, part="values")
         rollout.old_logprobs, rollout.ref_logprobs, rollout.values = old, ref, values
 
     def _decode(self, rollout: Rollout) -> list[str]:
-        """Response texts without the stop token and padding: what reward models and functions judge."""
+        """Response texts without the stop token and padding: what reward models and functions judge.
+
+        Every other token is kept, special ones included: a policy that emits ``<|im_start|>`` or a stray EOS-like
+        token in the middle of its answer is judged on that, not on a cleaned-up text it never produced.
+        """
         keep = rollout.response_mask.bool() & ~torch.isin(
             rollout.response_ids, torch.tensor(self.stop_token_ids, device=rollout.response_ids.device))
         rows = [ids[k].tolist() for ids, k in zip(rollout.response_ids, keep)]
-        return self.processing_class.batch_decode(rows, skip_special_tokens=True)
+        return self.processing_class.batch_decode(rows, skip_special_tokens=False)
 
     # ------------------------------------------------------------------------------------------------ score
 
@@ -305,10 +331,13 @@ class PPOTrainer(Trainer):
             missing_eos_penalty=self.args.missing_eos_penalty, whiten=self.args.whiten_rewards)
 
     def compute_advantages(self, rollout: Rollout) -> None:
-        """GAE over the per-token rewards, then advantages whitened over real tokens."""
+        """GAE over the per-token rewards, then advantages whitened over the real tokens of every process's rollout
+        (as one process holding the whole batch would: per-process statistics would give each process its own
+        scale and centre)."""
         advantages, rollout.returns = gae(rollout.rewards, rollout.values, rollout.response_mask,
                                           self.args.gamma, self.args.lam)
-        rollout.advantages = masked_whiten(advantages, rollout.response_mask)
+        total = (lambda t: self.accelerator.reduce(t, reduction="sum")) if self.accelerator.num_processes > 1 else None
+        rollout.advantages = masked_whiten(advantages, rollout.response_mask, sum_over_processes=total)
 
     # ------------------------------------------------------------------------------------------------ update
 
@@ -502,36 +531,57 @@ class PPOTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------------ save
 
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor (both adapters, value head or full critic), whole and on CPU, by parameter name.
+
+        Under FSDP2 each is gathered from its shards, a collective every process must join; only the trainable
+        parameters are gathered, never the frozen base.
+        """
+        state = {}
+        for name, param in zip(self.model._trainable_names, self.model.trainable):
+            tensor = param.detach()
+            state[name] = (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).to("cpu", copy=True)
+        return state
+
     def _save(self, output_dir: str | None = None, state_dict=None, with_critic: bool | None = None) -> None:
-        """The policy adapter in PEFT's standard layout, the tokenizer, and with save_critic the critic in critic/."""
+        """The policy adapter in PEFT's standard layout, the tokenizer, and with save_critic the critic in critic/.
+
+        Every process must call it (the sharded weights are gathered first); the main process writes.
+        """
         output_dir = output_dir or self.args.output_dir
         with_critic = self.args.save_critic if with_critic is None else with_critic
+        model = self.accelerator.unwrap_model(self.model)
+        state = self._trainable_state()
+        critic_state = None
+        if with_critic and model.critic is not None:  # a whole model: frozen tensors and buffers too
+            critic_state = get_model_state_dict(model.critic, options=StateDictOptions(full_state_dict=True,
+                                                                                        cpu_offload=True))
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model)
-        model.policy.save_pretrained(output_dir, selected_adapters=[POLICY])
+        policy_state = _strip_prefix(state, "policy.")
+        model.policy.save_pretrained(output_dir, selected_adapters=[POLICY], state_dict=policy_state)
         if with_critic:
             critic_dir = Path(output_dir) / CRITIC
             if model.critic is None:
-                model.policy.save_pretrained(output_dir, selected_adapters=[CRITIC])  # PEFT writes it in critic/
-                save_file(model.value_head.state_dict(), str(critic_dir / "value_head.safetensors"))
+                # PEFT writes a non-default adapter in a folder named after it: critic/.
+                model.policy.save_pretrained(output_dir, selected_adapters=[CRITIC], state_dict=policy_state)
+                save_file(_strip_prefix(state, "value_head."), str(critic_dir / "value_head.safetensors"))
             else:
-                model.critic.save_pretrained(critic_dir)
+                model.critic.save_pretrained(critic_dir, state_dict=critic_state)
         self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _save_checkpoint(self) -> None:
         """checkpoint-N: adapters, value head, optimizer, scheduler, KL controller, RNG, data position, state."""
         ckpt = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         self._save(str(ckpt), with_critic=True)
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.random.get_rng_state()
+        # The optimizer state by parameter name, whole tensors: the same file whether it was sharded or not.
+        optimizer_state = get_optimizer_state_dict(self.model, _inner_optimizer(self.optimizer),
+                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         ckpt.mkdir(parents=True, exist_ok=True)
-        torch.save(rng, ckpt / f"rng_state_{self.args.process_index}.pth")
+        torch.save(_rng_state(), ckpt / f"rng_state_{self.args.process_index}.pth")
         if self.args.should_save:
-            torch.save(self.optimizer.state_dict(), ckpt / "optimizer.pt")
+            torch.save(optimizer_state, ckpt / "optimizer.pt")
             torch.save(self.lr_scheduler.state_dict(), ckpt / "scheduler.pt")
             epoch, index = divmod(self.state.global_step, self._batches_per_epoch())
             ppo_state = {"kl_controller": self.kl_ctl.state_dict(), "data_epoch": epoch, "data_batch": index,
@@ -541,7 +591,8 @@ class PPOTrainer(Trainer):
             self.state.save_to_json(str(ckpt / "trainer_state.json"))
             self._rotate_checkpoints()
 
-    def _load_checkpoint(self, ckpt: str) -> None:
+    def _load_weights(self, ckpt: str) -> None:
+        """The adapters and value head (or full critic) of a checkpoint, into the model before it is prepared."""
         model = self.model
         set_peft_model_state_dict(model.policy, load_peft_weights(ckpt), adapter_name=POLICY)
         critic_dir = os.path.join(ckpt, CRITIC)
@@ -550,9 +601,13 @@ class PPOTrainer(Trainer):
             model.value_head.load_state_dict(load_file(os.path.join(critic_dir, "value_head.safetensors")))
         else:
             model.critic.load_state_dict(type(model.critic).from_pretrained(critic_dir).state_dict())
-        device = self.args.device
-        self.optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), map_location=device))
-        self.lr_scheduler.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt")))
+
+    def _load_training_state(self, ckpt: str) -> None:
+        """Optimizer, scheduler, trainer state, KL controller, trends and RNG of a checkpoint (model prepared)."""
+        optimizer_state = torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(self.model, _inner_optimizer(self.optimizer), optimizer_state,
+                                 options=StateDictOptions(full_state_dict=True))
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt"), weights_only=True))
         saved = TrainerState.load_from_json(os.path.join(ckpt, "trainer_state.json"))
         self.state.global_step, self.state.epoch, self.state.log_history = saved.global_step, saved.epoch, saved.log_history
         ppo_state = json.loads(Path(ckpt, PPO_STATE).read_text())
@@ -561,12 +616,7 @@ class PPOTrainer(Trainer):
                           f"({ppo_state['dataset_size']}, {ppo_state['batch_size']}); the prompt order will differ")
         self.kl_ctl.load_state_dict(ppo_state["kl_controller"])
         self._warned, self._trend = set(ppo_state["warned"]), [tuple(t) for t in ppo_state["trend"]]
-        rng = torch.load(os.path.join(ckpt, f"rng_state_{self.args.process_index}.pth"), weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.random.set_rng_state(rng["cpu"])
-        if torch.cuda.is_available() and "cuda" in rng:
-            torch.cuda.random.set_rng_state(rng["cuda"])
+        _set_rng_state(torch.load(os.path.join(ckpt, f"rng_state_{self.args.process_index}.pth"), weights_only=True))
         logger.info("resumed from %s at update %d", ckpt, self.state.global_step)
 
     def _rotate_checkpoints(self) -> None:
@@ -606,6 +656,38 @@ _CITATION = """@article{ouyang2022training,
 # ---------------------------------------------------------------------------------------------------------------
 # Setup helpers
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _inner_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's AcceleratedOptimizer (prepared under FSDP), or the optimizer itself."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _rng_state() -> dict:
+    """Every random stream as plain numbers and tensors, which ``torch.load(weights_only=True)`` reads back: a
+    checkpoint is loaded without unpickling arbitrary objects (a crafted pickle could run code)."""
+    version, python_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(python_state), gauss],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+             "cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.random.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    version, python_state, gauss = state["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.random.set_rng_state(state["cpu"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.random.set_rng_state(state["cuda"])
 
 
 def _as_func(func: Callable | str) -> Callable:

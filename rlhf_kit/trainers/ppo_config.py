@@ -80,6 +80,12 @@ class PPOConfig(TrainingArguments):
     rollout_forward_batch_size: int = field(
         default=64, metadata={"help": "Sequences per generate() and no-grad forward call during the rollout."}
     )
+    gather_weights_for_generation: bool = field(
+        default=True,
+        metadata={"help": "FSDP2: gather the sharded weights once per rollout for sampling instead of once per new "
+                  "token and layer. Needs the full model's weights on each device while sampling; set false when "
+                  "they do not fit (sampling is then much slower)."},
+    )
     max_prompt_length: int | None = field(
         default=None, metadata={"help": "Drop prompts longer than this many tokens (with a warning)."}
     )

@@ -10,20 +10,29 @@ Memory is what decides whether PPO on an 8B model fits one 80 GB GPU, so nothing
   reward model (its adapter weights and its ``score`` head); with ``critic: full`` it is a separate
   sequence-classification model whose ``score`` head gives one value per token.
 
-Only the response part of the logits is computed (``lm_head`` over T positions, not P + T), which on a 128k
-vocabulary is most of the memory of a forward pass.
+Only the response part of the logits is computed (``lm_head`` over T + 1 positions, not P + T), which on a 128k
+vocabulary is most of the memory of a forward pass. The logits come from the causal LM's own forward (with
+``logits_to_keep``), so whatever an architecture does after ``lm_head`` (Gemma-2's final soft-capping, Granite's
+``logits_scaling``, Cohere's ``logit_scale``) is in the log-probs PPO trains on, as it is in what ``generate`` samples.
+
+Adapters are switched by routing, never by ``requires_grad``: both adapters stay trainable throughout, and the
+adapter a checkpointed layer ran with is part of what activation checkpointing replays in the backward pass.
+Every use of the weights (sampling, scoring, the training forward) goes through :meth:`PolicyAndCritic.forward`,
+so a model sharded by FSDP2 gathers its weights through the root module's hooks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, PeftType, TaskType, get_peft_model, set_peft_model_state_dict
 from peft.utils import load_peft_weights
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 from ..model import adapter_base, is_adapter_dir
 from ..rollout import position_ids
@@ -65,25 +74,43 @@ def reward_head(reward_model) -> nn.Linear | None:
 
 
 class PolicyAndCritic(nn.Module):
-    """The trainable parts of PPO in one module: what the optimizer, DDP and checkpoints see.
+    """The trainable parts of PPO in one module: what the optimizer, DDP/FSDP and checkpoints see.
 
-    ``forward`` returns the policy's response logits and the critic's values, each computed with only its own
-    parameters active, so a single backward of ``policy_loss + vf_coef * value_loss`` reaches both.
+    ``forward(..., part=...)`` is the one entry point: ``"both"`` (training) returns the policy's response logits and
+    the critic's values, each computed with only its own adapter active, so a single backward of
+    ``policy_loss + vf_coef * value_loss`` reaches both; ``"policy"``, ``"reference"`` and ``"values"`` return one
+    of them; ``"generate"`` samples from the policy.
     """
+
+    PARTS = ("both", "policy", "reference", "values", "generate")
 
     def __init__(self, policy: PeftModel, value_head: nn.Linear | None = None, critic: nn.Module | None = None):
         super().__init__()
         if (value_head is None) == (critic is None):
             raise ValueError("give either a value head (LoRA critic) or a full critic model, not both or neither")
+        if "logits_to_keep" not in inspect.signature(policy.get_base_model().forward).parameters:
+            raise ValueError(f"{type(policy.get_base_model()).__name__} has no `logits_to_keep` argument, which PPO "
+                             "needs to compute response log-probs through the model's own output head; use a "
+                             "transformers architecture that has it (Llama, Qwen, Mistral, Gemma, Granite, Cohere...)")
         self.policy, self.value_head, self.critic = policy, value_head, critic
-        # PEFT's set_adapter freezes the adapters it does not activate. Both must stay trainable: a parameter that
-        # stops requiring grad before backward() gets no gradient even though it took part in the forward. So
-        # collect what each adapter trains (LoRA weights, trainable token rows, saved modules) and keep it all on.
+        # FSDP2's transformer-based wrap (accelerate) shards each class named here as its own unit.
+        self._no_split_modules = list(getattr(self.lm, "_no_split_modules", None) or [])
+        # PEFT's set_adapter routes the shared base through one adapter *and* freezes the others. Freezing is wrong
+        # here twice over: a parameter that stops requiring grad before backward() gets no gradient although it
+        # took part in the forward, and under activation checkpointing the recomputed forward must save exactly the
+        # tensors the first one did. So record the routing PEFT sets up for each adapter (every wrapper's active
+        # adapter: LoRA layers, saved modules, trainable tokens) and later switch by restoring it, nothing else.
+        adapters = [POLICY, CRITIC] if critic is None else [POLICY]
+        self._routing: dict[str, list[tuple[nn.Module, object]]] = {}
         trainable = set()
-        for adapter in [POLICY, CRITIC] if critic is None else [POLICY]:
+        for adapter in adapters:
             policy.base_model.set_adapter(adapter)
             trainable |= {id(p) for p in self.parameters() if p.requires_grad}
-        self.trainable = [p for p in self.parameters() if id(p) in trainable]
+            self._routing[adapter] = [(m, copy.copy(m._active_adapter)) for m in policy.modules()
+                                      if hasattr(m, "_active_adapter")]
+        self._trainable_names = [n for n, p in self.named_parameters() if id(p) in trainable]
+        for p in self.trainable:
+            p.requires_grad_(True)
         self._active = None
         self._use(POLICY)
 
@@ -93,6 +120,12 @@ class PolicyAndCritic(nn.Module):
         return self.policy.get_base_model()
 
     @property
+    def trainable(self) -> list[nn.Parameter]:
+        """Both adapters' parameters and the value head (looked up by name: FSDP2 replaces parameter objects)."""
+        params = dict(self.named_parameters())
+        return [params[n] for n in self._trainable_names]
+
+    @property
     def quantization_method(self):
         # transformers' Trainer reads this to avoid calling .to() on bitsandbytes weights.
         return getattr(self.lm, "quantization_method", None)
@@ -100,10 +133,37 @@ class PolicyAndCritic(nn.Module):
     def _use(self, adapter: str) -> None:
         if adapter == self._active:
             return
-        self.policy.base_model.set_adapter(adapter)
-        for p in self.trainable:
-            p.requires_grad_(True)
+        for module, active in self._routing[adapter]:
+            module._active_adapter = copy.copy(active)
+        self.policy.base_model.active_adapter = adapter
         self._active = adapter
+
+    @contextlib.contextmanager
+    def _using(self, adapter: str):
+        previous = self._active
+        self._use(adapter)
+        try:
+            yield
+        finally:
+            self._use(previous)
+
+    def checkpoint_context(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """``context_fn`` for ``torch.utils.checkpoint``: the recomputation in backward runs with the adapter that
+        was active in the forward. Without it, backward recomputes every checkpointed layer with whichever adapter is
+        active then (the policy's), and the critic's gradients come out wrong (or, with another rank, raise)."""
+        return contextlib.nullcontext(), self._using(self._active)
+
+    def enable_activation_checkpointing(self, kwargs: dict | None = None) -> None:
+        kwargs = dict(kwargs or {})
+        if kwargs.setdefault("use_reentrant", False):
+            # Reentrant checkpointing takes no context_fn (so it cannot replay the adapter) and only back-propagates
+            # into segments whose inputs require grad, which a frozen embedding never gives.
+            raise ValueError("PPO needs non-reentrant activation checkpointing (the critic adapter must be replayed "
+                             "in the backward pass): drop use_reentrant from activation_checkpointing_kwargs")
+        self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={
+            **kwargs, "context_fn": self.checkpoint_context})
+        if self.critic is not None:
+            self.critic.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
 
     def _hidden(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
         # Hidden states at positions P-1 .. P+T-2, the states before each response token: (B, T, H).
@@ -114,30 +174,99 @@ class PolicyAndCritic(nn.Module):
     def policy_logits(self, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
         """Logits (B, T, V) of the policy at the positions that predict the T response tokens."""
         self._use(POLICY)
-        hidden = self._hidden(self.lm, input_ids, attention_mask, response_length)
-        return self.lm.get_output_embeddings()(hidden)
+        return response_logits(self.lm, input_ids, attention_mask, response_length)
 
     def reference_logits(self, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
         """The same logits with every adapter disabled: the SFT model PPO started from."""
-        with self.policy.disable_adapter():
-            hidden = self._hidden(self.lm, input_ids, attention_mask, response_length)
-            return self.lm.get_output_embeddings()(hidden)
+        try:
+            with self.policy.disable_adapter():
+                return response_logits(self.lm, input_ids, attention_mask, response_length)
+        finally:
+            # peft 0.21's disable_adapter freezes every adapter and re-enables only the active one on exit.
+            for p in self.trainable:
+                p.requires_grad_(True)
 
     def values(self, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
         """Critic values (B, T) float32 of the state before each response token."""
         if self.critic is not None:
             hidden = self._hidden(self.critic, input_ids, attention_mask, response_length)
-            return self.critic.score(hidden).squeeze(-1).float()
-        self._use(CRITIC)
-        try:
-            hidden = self._hidden(self.lm, input_ids, attention_mask, response_length)
-        finally:
-            self._use(POLICY)
-        return self.value_head(hidden.float()).squeeze(-1)
+            values = self.critic.score(hidden).float()
+        else:
+            with self._using(CRITIC):
+                hidden = self._hidden(self.lm, input_ids, attention_mask, response_length)
+            values = self.value_head(hidden.float())
+        # (B, T, 1) -> (B, T), copied rather than viewed: FSDP2 warns of views returned by a root module's forward.
+        return values.squeeze(-1).clone()
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> tuple[Tensor, Tensor]:
-        return (self.policy_logits(input_ids, attention_mask, response_length),
-                self.values(input_ids, attention_mask, response_length))
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, gather_weights: bool = True) -> Tensor:
+        """Sample from the policy with ``self.lm.generation_config``; (B, P + T_new)."""
+        self._use(POLICY)
+        with gathered_for_generation(self) if gather_weights else contextlib.nullcontext():
+            return self.policy.generate(input_ids=input_ids, attention_mask=attention_mask)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_length: int | None = None,
+                part: str = "both", **kwargs):
+        if part == "both":
+            return (self.policy_logits(input_ids, attention_mask, response_length),
+                    self.values(input_ids, attention_mask, response_length))
+        if part == "generate":
+            return self.generate(input_ids, attention_mask, **kwargs)
+        if part == "policy":
+            return self.policy_logits(input_ids, attention_mask, response_length)
+        if part == "reference":
+            return self.reference_logits(input_ids, attention_mask, response_length)
+        if part == "values":
+            return self.values(input_ids, attention_mask, response_length)
+        raise ValueError(f"part must be one of {self.PARTS}, got {part!r}")
+
+
+def response_logits(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
+    """Logits (B, T, V) at positions P-1 .. P+T-2 of ``[prompt (P)][response (T)]`` rows, from the model's forward.
+
+    ``logits_to_keep`` as an index tensor computes the head at those T positions only (and gives a new tensor, not
+    a view, which FSDP2 asks of a root module's outputs). Going through the forward (not ``lm_head`` on hidden
+    states) keeps every transform an architecture applies after the head, exactly as in the logits ``generate``
+    samples from.
+    """
+    width = input_ids.shape[1]
+    keep = torch.arange(width - response_length - 1, width - 1, device=input_ids.device)
+    out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+             use_cache=False, logits_to_keep=keep)
+    return out.logits
+
+
+def _reshards_after_forward(unit: FSDPModule) -> bool:
+    # torch 2.13 has a setter (set_reshard_after_forward) but no getter; a group reshards after forward exactly when
+    # it has a post-forward mesh.
+    groups = unit._get_fsdp_state()._fsdp_param_groups
+    return any(group.post_forward_mesh_info is not None for group in groups)
+
+
+@contextlib.contextmanager
+def gathered_for_generation(module: nn.Module):
+    """Under FSDP2, gather every shard once for a whole ``generate`` call and free them after it.
+
+    Left alone, FSDP2 all-gathers each decoder layer before its forward and frees it after, which ``generate`` does
+    once per new token: T all-gathers of the whole model per rollout instead of one. The price is the full weights
+    on every device for the duration of sampling (set ``gather_weights_for_generation: false`` for models whose
+    full weights do not fit one device: then sampling is slow but needs only one layer at a time).
+    Not sharded: nothing to do.
+    """
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield
+        return
+    reshard = {unit: _reshards_after_forward(unit) for unit in units}
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(reshard[unit], recurse=False)
+            if reshard[unit]:
+                unit.reshard()
 
 
 def critic_lora_config(policy_config: LoraConfig) -> LoraConfig:
@@ -171,17 +300,13 @@ def build_policy_and_critic(model, peft_config: LoraConfig | None, *, critic: st
         value_head = _add_critic(policy, reward_model)
     elif critic_model is None:
         raise ValueError("critic: full needs a critic model (critic_model_path, or the reward model)")
-    if activation_checkpointing:
-        # Reentrant checkpointing only back-propagates into segments whose inputs require grad, which a frozen
-        # embedding never gives; non-reentrant checkpointing has no such condition.
-        kwargs = activation_checkpointing_kwargs or {"use_reentrant": False}
-        policy.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        if critic_model is not None:
-            critic_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     for part in (policy, critic_model):
         if part is not None:
             disable_dropout(part)
-    return PolicyAndCritic(policy, value_head=value_head, critic=critic_model)
+    model = PolicyAndCritic(policy, value_head=value_head, critic=critic_model)
+    if activation_checkpointing:
+        model.enable_activation_checkpointing(activation_checkpointing_kwargs)
+    return model
 
 
 def _add_critic(policy: PeftModel, reward_model) -> nn.Linear:
