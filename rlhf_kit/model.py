@@ -6,8 +6,11 @@ Every stage loads through these functions so the tokenizer, chat template, pad a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -239,35 +242,121 @@ def adapter_base(adapter_dir: str | Path) -> str:
     return base
 
 
+# The merged copy of an adapter is cached beside it, with a record of what it was built from (`merge_key`).
+MERGE_RECORD = "rlhf_kit_merge.json"
+# The base is loaded at its stored precision for merging; recorded so that merging another way would rebuild.
+MERGE_DTYPE = "auto"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _local_weights_stamp(name_or_path: str) -> dict[str, list[int]] | None:
+    """Size and modification time of a local base's weights and config (None for a Hub id: its revision says it).
+
+    Cheap where hashing would not be (an 8B base is 16 GB), and enough to see a base rebuilt in place: PPO's base is
+    the SFT stage's merged directory, which is rebuilt when SFT runs again.
+    """
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return None
+    files = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".bin") or f.name == "config.json")
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+
+
+def merge_key(adapter_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> dict:
+    """Everything the merged model of `adapter_dir` is built from; a merged copy recorded with another key is stale.
+
+    The adapter's weights and config by content (SHA-256), the base by name, revision and (when local) its files'
+    size and time, the merge precision, and the vocabulary size the base's embeddings are grown to.
+    """
+    adapter_dir = Path(adapter_dir)
+    weights = [adapter_dir / name for name in ADAPTER_WEIGHTS if (adapter_dir / name).is_file()]
+    if not weights:
+        raise FileNotFoundError(f"{adapter_dir} has adapter_config.json but no {' or '.join(ADAPTER_WEIGHTS)}: the "
+                                "stage that wrote it did not finish. Run it again, or point to a complete output.")
+    config_file = adapter_dir / "adapter_config.json"
+    tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(adapter_dir)
+    base = adapter_base(adapter_dir)
+    return {
+        "adapter": {f.name: _sha256(f) for f in [*weights, config_file]},
+        "base_model": base,
+        "base_revision": json.loads(config_file.read_text()).get("revision"),
+        "base_files": _local_weights_stamp(base),
+        "dtype": MERGE_DTYPE,
+        "vocab_size": len(tokenizer),
+    }
+
+
+def is_fresh_merge(merged_dir: str | Path, key: dict) -> bool:
+    """Whether `merged_dir` is a complete merge built from `key`. The record is written last, so a directory
+    without it (an interrupted build, or a cache from before records) counts as missing."""
+    record = Path(merged_dir) / MERGE_RECORD
+    try:
+        return json.loads(record.read_text()) == key
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
 def merged_model_dir(adapter_dir: str | Path, trust_remote_code: bool = False) -> Path:
     """Fold a causal-LM LoRA adapter into its base (in full precision) and cache the result beside the adapter.
 
     A new stage trains a new adapter on top of the previous stage's *merged* weights. Merging happens in 16/32-bit
     (never into 4-bit weights, which would round the adapter away); a QLoRA stage then re-quantizes the merged model.
+    The cache is rebuilt whenever the adapter, its base or the tokenizer changed since (`merge_key`): an SFT run
+    again into the same directory must not leave the next stage starting from the old weights.
     """
     from accelerate import PartialState
-    from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
     out = adapter_dir / "merged"
-    # Under `accelerate launch` every process gets here: the main one merges while the others wait, then they load
-    # its result (several processes writing merged.partial at once would trample each other).
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    key = merge_key(adapter_dir, tokenizer)
+    # Under `accelerate launch` every process gets here: the main one merges while the others wait, then they find
+    # its result fresh and load it (several processes writing one directory at once would trample each other).
     with PartialState().main_process_first():
-        if (out / "config.json").is_file():
-            return out
-        # Loading the adapter and new embedding rows draws from the global RNG; forked, so that a seeded run starts
-        # from the same weights whether or not an earlier run already left this cache.
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            base = AutoModelForCausalLM.from_pretrained(
-                adapter_base(adapter_dir), dtype="auto", trust_remote_code=trust_remote_code, use_safetensors=True
-            )
-            tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-            if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
-                base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-            merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-        tmp = adapter_dir / "merged.partial"
+        if not is_fresh_merge(out, key):
+            _build_merged(adapter_dir, out, key, tokenizer, trust_remote_code)
+    return out
+
+
+def _build_merged(adapter_dir: Path, out: Path, key: dict, tokenizer, trust_remote_code: bool) -> None:
+    """Merge into a new sibling directory, then swap it in by renames: a kill at any point leaves either the
+    previous `out` or none, never a half-written one under its name."""
+    from peft import PeftModel
+
+    leftovers = sorted(p.name for p in adapter_dir.glob(f"{out.name}.*") if p.is_dir())
+    if leftovers:
+        logger.warning("%s holds %s, left by an interrupted merge (or one still running): delete them once no other "
+                       "run is merging this adapter, to free the disk space.", adapter_dir, ", ".join(leftovers))
+    # Loading the adapter and new embedding rows draws from the global RNG; forked, so that a seeded run starts
+    # from the same weights whether or not an earlier run already left this cache.
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        base = AutoModelForCausalLM.from_pretrained(
+            adapter_base(adapter_dir), dtype=MERGE_DTYPE, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+        if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+            base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    # Unique names: two unrelated runs merging the same adapter at once must not write into one directory.
+    tmp = out.with_name(f"{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    old = out.with_name(f"{out.name}.old-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir()
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        tmp.rename(out)  # atomic: an interrupted merge never leaves a half-written "merged" directory
-    return out
+        (tmp / MERGE_RECORD).write_text(json.dumps(key, indent=2))  # last: only a complete merge has it
+        if out.exists():
+            out.rename(old)  # out cannot be replaced in one rename while it is a non-empty directory
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,12 +1,27 @@
-"""Tokenizer and model preparation: chat template, pad != EOS, assistant-only labels that include the stop token."""
+"""Tokenizer and model preparation: chat template, pad != EOS, assistant-only labels that include the stop token,
+and the merged copy of a LoRA adapter that the next stage starts from."""
 
+import contextlib
+import io
+import os
+
+import pytest
 import torch
+from conftest import load_recipe
+from peft import PeftModel
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 from trl.chat_template_utils import is_chat_template_stop_token_trained
 
 from rlhf_kit.model import IM_END, IM_START, PAD, ModelArguments, load_model, load_tokenizer, lora_config, \
-    prepare_tokenizer, stop_token_ids
+    merged_model_dir, prepare_tokenizer, stop_token_ids
 
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful reviewer."},
@@ -95,3 +110,83 @@ def test_lora_config_trains_chat_token_rows(tiny_base):
     plain = lora_config(args, tok, new_chat_template=False)
     assert plain.trainable_token_indices is None and not plain.modules_to_save
     assert lora_config(ModelArguments(model_name_or_path=tiny_base), tok) is None
+
+
+# ------------------------------------------------------------------------------------------------ merged adapters
+
+
+def train_sft_adapter(base: str, out, seed: int) -> None:
+    """A few steps of the SFT recipe with LoRA into `out`; another seed gives other adapter weights."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        load_recipe("sft")(["--config", "recipes/configs/sft/tiny.yaml"], overrides={
+            "model_name_or_path": base, "output_dir": str(out), "use_peft": True, "max_steps": 3, "seed": seed,
+            "per_device_train_batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 0, "eval_strategy": "no",
+            "save_strategy": "no", "logging_steps": 50, "max_length": 64, "disable_tqdm": True})
+
+
+def logits_of(model, tokenizer) -> torch.Tensor:
+    batch = tokenizer.apply_chat_template(CONVERSATION, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        return model.eval()(**batch).logits
+
+
+def base_plus_adapter(base: str, adapter) -> torch.Tensor:
+    """The logits of base + adapter merged in memory, with plain transformers and peft."""
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload()
+    return logits_of(model, AutoTokenizer.from_pretrained(adapter))
+
+
+def loaded(adapter) -> torch.Tensor:
+    """The logits of the model a later stage (PPO, reward, evaluation) loads from the adapter directory."""
+    tokenizer = load_tokenizer(str(adapter))
+    return logits_of(load_model(ModelArguments(model_name_or_path=str(adapter)), tokenizer), tokenizer)
+
+
+def identity(directory) -> tuple[int, int]:
+    stat = os.stat(directory / "model.safetensors")
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def test_merged_cache_follows_the_adapter(tiny_base, tmp_path):
+    adapter = tmp_path / "sft"
+    train_sft_adapter(tiny_base, adapter, seed=0)
+    merged = merged_model_dir(adapter)
+    first = base_plus_adapter(tiny_base, adapter)
+    torch.testing.assert_close(loaded(adapter), first, rtol=0, atol=1e-5)
+    built = identity(merged)
+    assert merged_model_dir(adapter) == merged and identity(merged) == built  # unchanged adapter: the cache is reused
+
+    # SFT run again into the same directory: the next stage must start from the new adapter, not the old merge.
+    train_sft_adapter(tiny_base, adapter, seed=1)
+    second = base_plus_adapter(tiny_base, adapter)
+    assert not torch.allclose(second, first, atol=1e-3)  # the retrained adapter really differs
+    torch.testing.assert_close(loaded(adapter), second, rtol=0, atol=1e-5)
+    assert identity(merged) != built
+    assert sorted(p.name for p in adapter.iterdir() if p.name.startswith("merged")) == ["merged"]  # nothing left over
+
+
+def test_interrupted_merge_is_never_taken_as_finished(tiny_base, tmp_path, monkeypatch):
+    adapter = tmp_path / "sft"
+    train_sft_adapter(tiny_base, adapter, seed=0)
+    # What a merge killed while writing leaves behind: a config, no weights.
+    (adapter / "merged").mkdir()
+    AutoModelForCausalLM.from_pretrained(tiny_base).config.save_pretrained(adapter / "merged")
+    torch.testing.assert_close(loaded(adapter), base_plus_adapter(tiny_base, adapter), rtol=0, atol=1e-5)
+    finished = identity(adapter / "merged")
+
+    # Killed after the new weights are written but before the merge completes: the previous merge stays in place
+    # (stale now, and known to be), no partial directory is left, and the next load completes the merge.
+    train_sft_adapter(tiny_base, adapter, seed=1)
+    save = PreTrainedModel.save_pretrained
+
+    def save_then_die(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        raise KeyboardInterrupt("killed mid-merge")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        merged_model_dir(adapter)
+    monkeypatch.undo()
+    assert identity(adapter / "merged") == finished
+    assert sorted(p.name for p in adapter.iterdir() if p.name.startswith("merged")) == ["merged"]
+    torch.testing.assert_close(loaded(adapter), base_plus_adapter(tiny_base, adapter), rtol=0, atol=1e-5)
