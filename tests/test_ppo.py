@@ -12,11 +12,11 @@ import pytest
 import torch
 from conftest import REPO, load_recipe
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM, GenerationConfig, TrainerCallback
 
 from rlhf_kit.config import parse_config
 from rlhf_kit.data import DataArguments, load_data
-from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config
+from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, stop_token_ids
 from rlhf_kit.rewards import RewardModel
 from rlhf_kit.rollout import Rollout, left_pad, truncate_at_stop
 from rlhf_kit.trainers.ppo import PPOHealthError, PPOTrainer
@@ -215,6 +215,27 @@ def test_adapters_dropout_and_sampling_setup(sft, tmp_path, reward_model):
     generation = wrapper.lm.generation_config
     assert (generation.temperature, generation.top_k, generation.top_p, generation.do_sample) == (0.6, 0, 1.0, True)
     assert trainer.stop_token_ids == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_a_response_ending_on_the_models_own_eos_counts_as_stopped(sft, tmp_path):
+    """The SFT model keeps its base's EOS (<|endoftext|>) as a stop token beside <|im_end|> (generation_config.json):
+    sampled, it ends the response at inference, so PPO must neither train on past it nor penalize it as endless."""
+    tokenizer = load_tokenizer(sft)
+    im_end, base_eos = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert tokenizer.eos_token_id == im_end and base_eos in GenerationConfig.from_pretrained(sft).eos_token_id
+    trainer = make_trainer(sft, tmp_path, missing_eos_penalty=1.5, kl_coef=0.0)
+    assert trainer.stop_token_ids == [im_end, base_eos]
+    assert trainer.model.lm.generation_config.eos_token_id == [im_end, base_eos]
+    assert stop_token_ids(tokenizer, sft) == trainer.stop_token_ids  # the stop set every other path uses
+
+    a, b = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("The tea"))[:2]
+    rollout = hand_rollout(trainer, [[a, base_eos, b, b], [a, im_end, b, b], [a, b, a, b]])
+    assert rollout.stopped.tolist() == [True, True, False]
+    assert rollout.response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert trainer._decode(rollout)[:2] == [tokenizer.decode([a])] * 2
+    rollout.old_logprobs = rollout.ref_logprobs = torch.zeros(3, 4)
+    trainer.assemble_rewards(rollout, torch.ones(3))
+    torch.testing.assert_close(rollout.scores, torch.tensor([1.0, 1.0, -0.5]))  # only the endless one pays
 
 
 def test_critic_starts_as_the_reward_model(sft, tmp_path, reward_model):
