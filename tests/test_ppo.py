@@ -341,6 +341,41 @@ def test_accumulation_invariance(sft, tmp_path):
         torch.testing.assert_close(weights[1][name], value, atol=2e-6, rtol=1e-4, msg=name)
 
 
+def test_update_takes_a_step_per_mini_batch_per_epoch_over_every_row_once(sft, tmp_path):
+    """num_ppo_epochs x num_mini_batches optimizer steps per update; in each epoch the mini-batches (of
+    batch_size / num_mini_batches rows, accumulated over micro-batches) split the rollout, each row used once."""
+    epochs, mini_batches, micro, accumulation = 3, 2, 2, 2
+    trainer = make_trainer(sft, tmp_path, num_ppo_epochs=epochs, num_mini_batches=mini_batches,
+                           per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation)
+    size = trainer.args.batch_size
+    assert size == mini_batches * accumulation * micro == 8
+    trainer._setup_training(None)
+    rollout = trainer.rollout(PROMPTS[:size])
+    trainer.score(rollout)
+    trainer.compute_advantages(rollout)
+
+    # Watch which rollout rows each micro-batch takes and when the optimizer steps.
+    steps, pending = [], []
+    select, step = rollout.select, trainer.optimizer.step
+    rollout.select = lambda rows: pending.append(rows.tolist()) or select(rows)
+
+    def counted_step(*args, **kwargs):
+        steps.append(list(pending))
+        pending.clear()
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = counted_step
+    trainer.update(rollout)
+    assert len(steps) == epochs * mini_batches and not pending
+    assert all(len(micro_batches) == accumulation and all(len(m) == micro for m in micro_batches)
+               for micro_batches in steps)
+    rows = [sum(micro_batches, []) for micro_batches in steps]  # each optimizer step's mini-batch
+    assert all(len(set(r)) == size // mini_batches for r in rows)
+    orders = [sum(rows[e * mini_batches : (e + 1) * mini_batches], []) for e in range(epochs)]
+    assert all(sorted(order) == list(range(size)) for order in orders)  # every row once per epoch
+    assert len({tuple(order) for order in orders}) > 1  # reshuffled between epochs
+
+
 def test_logs_every_health_metric_and_sample_completions(sft, tmp_path, reward_model):
     trainer = make_trainer(sft, tmp_path, reward_model=reward_model, reward_funcs=[], adaptive_kl=True,
                            kl_target=0.01, kl_horizon=100, max_steps=3)
