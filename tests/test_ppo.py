@@ -12,11 +12,13 @@ import pytest
 import torch
 from conftest import REPO, load_recipe
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GenerationConfig, TrainerCallback
 
 from rlhf_kit.config import parse_config
 from rlhf_kit.data import DataArguments, load_data
-from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, stop_token_ids
+from rlhf_kit.model import ModelArguments, is_adapter_dir, is_fresh_merge, load_model, load_tokenizer, lora_config, \
+    merge_key, stop_token_ids
 from rlhf_kit.rewards import RewardModel
 from rlhf_kit.rollout import Rollout, left_pad, truncate_at_stop
 from rlhf_kit.trainers.ppo import PPOHealthError, PPOTrainer
@@ -428,6 +430,45 @@ def test_ppo_raises_held_out_reward_with_bounded_kl(sft, reward_dir, tmp_path):
     expected = expected.gather(-1, rollout.response_ids[..., None])[..., 0]
     real = rollout.response_mask.bool()
     torch.testing.assert_close(rollout.old_logprobs[real], expected[real], atol=1e-5, rtol=0)
+
+
+def test_ppo_from_a_lora_sft_adapter_starts_from_the_merged_sft_model(tiny_base, tmp_path):
+    """The SFT recipe's default output is a LoRA adapter: PPO merges it into its base, trains a new policy adapter on
+    the merged weights, and its reference (the adapter disabled) is the SFT model, so the KL starts at 0."""
+    sft_dir = tmp_path / "sft"
+    quiet(load_recipe("sft"), ["--config", "recipes/configs/sft/tiny.yaml"], overrides={
+        "model_name_or_path": tiny_base, "output_dir": str(sft_dir), "max_steps": 20, "per_device_train_batch_size": 8,
+        "learning_rate": 3e-3, "warmup_steps": 0, "eval_strategy": "no", "save_strategy": "no", "max_length": 64,
+        "disable_tqdm": True})
+    assert is_adapter_dir(sft_dir)
+    out = tmp_path / "ppo"
+    trainer = run_ppo(str(sft_dir), "", out, reward_funcs=["rlhf_kit.task:gold"], eval_reward_funcs=[],
+                      max_steps=2, per_device_train_batch_size=8, response_length=8, learning_rate=1e-2,
+                      save_strategy="no", eval_strategy="no", eval_on_start=True,
+                      eval_dataset_name="data/examples/prompts_standard.jsonl")
+    metrics = json.loads((out / "rlhf_kit_stage.json").read_text())["metrics"]
+    assert metrics["eval_kl_at_start"] == pytest.approx(0.0, abs=1e-4)  # and the health check passed
+    assert metrics["eval_kl"] > 1e-3  # it trained away from the reference
+
+    # The policy adapter records the merged SFT model, built from the adapter as it is now, as its base.
+    merged = sft_dir / "merged"
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(merged)
+    assert is_fresh_merge(merged, merge_key(sft_dir))
+    trained = load_file(str(out / "adapter_model.safetensors"))
+    lora_b = [name for name in trained if "lora_B" in name]
+    assert lora_b and all(trained[name].abs().max() > 0 for name in lora_b)  # each B started at 0
+
+    # The reference log-probs are those of base + SFT adapter, merged in memory with plain peft.
+    sft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), sft_dir).merge_and_unload()
+    rollout = trainer.rollout(HELD_OUT[:4])
+    with torch.no_grad():
+        logits = sft_model.eval()(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                                  position_ids=(rollout.attention_mask.cumsum(1) - 1).clamp(min=0)).logits
+    width = rollout.response_ids.shape[1]
+    expected = torch.log_softmax(logits[:, -width - 1 : -1] / trainer.args.temperature, -1)
+    expected = expected.gather(-1, rollout.response_ids[..., None])[..., 0]
+    real = rollout.response_mask.bool()
+    torch.testing.assert_close(rollout.ref_logprobs[real], expected[real], atol=1e-5, rtol=0)
 
 
 class Interrupt(TrainerCallback):
