@@ -26,8 +26,8 @@ from rlhf_kit.chat import chat
 from rlhf_kit.data import load_data
 from rlhf_kit.evaluation import generate, load_policy
 
-from rlhf_kit.model import IM_END, IM_START, PAD, ModelArguments, load_model, load_tokenizer, lora_config, \
-    merged_model_dir, prepare_tokenizer, stop_token_ids
+from rlhf_kit.model import IM_END, IM_START, PAD, ModelArguments, is_fresh_merge, load_model, load_tokenizer, \
+    lora_config, merge_key, merged_model_dir, prepare_tokenizer, stop_token_ids
 
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful reviewer."},
@@ -239,6 +239,6 @@ def test_interrupted_merge_is_never_taken_as_finished(tiny_base, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         merged_model_dir(adapter)
     monkeypatch.undo()
-    assert identity(adapter / "merged") == finished
+    assert identity(adapter / "merged") == finished and not is_fresh_merge(adapter / "merged", merge_key(adapter))
     assert sorted(p.name for p in adapter.iterdir() if p.name.startswith("merged")) == ["merged"]
     torch.testing.assert_close(loaded(adapter), base_plus_adapter(tiny_base, adapter), rtol=0, atol=1e-5)
