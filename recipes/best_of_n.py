@@ -17,7 +17,7 @@ from rlhf_kit.best_of_n import BestOfNArguments, write_best_of_n
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.data import DataArguments, load_data
 from rlhf_kit.evaluation import Policy
-from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, prepare_tokenizer
+from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, prepare_tokenizer, stop_token_ids
 from rlhf_kit.rewards import RewardSources, load_reward_functions
 from rlhf_kit.runs import format_summary, write_stage
 
@@ -36,8 +36,11 @@ def main(argv=None, overrides=None, callbacks=None):
                                trust_remote_code=args.trust_remote_code)
     prepare_tokenizer(tokenizer)  # a base model gets the chat template SFT would give it
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # The missing-stop penalty looks for the policy's stop tokens (its own EOS included), read from its saved config.
+    stops = stop_token_ids(tokenizer, model_args.model_name_or_path, revision=model_args.model_revision)
     reward_funcs, weights, reward_report = load_reward_functions(
-        sources, tokenizer, weights=args.reward_weights, device=device, trust_remote_code=args.trust_remote_code)
+        sources, tokenizer, stop_ids=stops, weights=args.reward_weights, device=device,
+        trust_remote_code=args.trust_remote_code)
     model = load_model(model_args, tokenizer, trust_remote_code=args.trust_remote_code)
     if not (model_args.load_in_4bit or model_args.load_in_8bit):  # bitsandbytes placed a quantized model already
         model = model.to(device)

@@ -22,7 +22,7 @@ from rlhf_kit.data import DataArguments, load_data
 from rlhf_kit.distributed import parallelism
 from rlhf_kit.grpo import RLOOArguments, apply_sampling_global_batch, check_sampling_setup, reward_metrics
 from rlhf_kit.hub import publish_stage, take_over_push
-from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer
+from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer, stop_token_ids
 from rlhf_kit.rewards import RewardSources, load_reward_functions
 from rlhf_kit.runs import format_summary, resume_checkpoint, write_stage
 
@@ -43,9 +43,12 @@ def main(argv=None, overrides=None, callbacks=None):
     tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
                                trust_remote_code=args.trust_remote_code)
     prepare_tokenizer(tokenizer)  # the SFT tokenizer already has its template and pad token: this changes nothing
-    # Reward functions before the policy: imports, weights and the reward model's gate fail in a second.
+    # Reward functions before the policy: imports, weights and the reward model's gate fail in a second. The
+    # missing-stop penalty looks for the policy's stop tokens (its own EOS included), read from its saved config.
+    stops = stop_token_ids(tokenizer, model_args.model_name_or_path, revision=model_args.model_revision)
     reward_funcs, weights, reward_report = load_reward_functions(
-        sources, tokenizer, weights=args.reward_weights, device=args.device, trust_remote_code=args.trust_remote_code)
+        sources, tokenizer, stop_ids=stops, weights=args.reward_weights, device=args.device,
+        trust_remote_code=args.trust_remote_code)
     model = load_model(model_args, tokenizer, trust_remote_code=args.trust_remote_code)
     peft_config = lora_config(model_args, tokenizer)
 

@@ -185,7 +185,7 @@ def evaluate_best_of_n(policy: Policy, prompts: list, *, n: int, reward_model, m
 
     funcs = [RewardModelFunction(reward_model)]
     if missing_eos_penalty:
-        funcs.append(MissingStopPenalty(stop_token_ids(policy.tokenizer), missing_eos_penalty))
+        funcs.append(MissingStopPenalty(stop_token_ids(policy.tokenizer, policy.model), missing_eos_penalty))
     picks = best_of_n(policy, prompts, n=n, reward_funcs=funcs, weights=[1.0] * len(funcs),
                       max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     responses = [p.response for p in picks]

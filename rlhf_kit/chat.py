@@ -36,7 +36,7 @@ def chat(model_path: str, *, lines: Iterable[str], write: Callable[[str], None],
         streamer.on_finalized_text = lambda chunk, stream_end=False: write(chunk + ("\n" if stream_end else ""))
         with torch.no_grad():
             out = model.generate(**ids.to(model.device), max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                                 temperature=temperature or None, eos_token_id=stop_token_ids(tok),
+                                 temperature=temperature or None, eos_token_id=stop_token_ids(tok, model),
                                  pad_token_id=tok.pad_token_id, streamer=streamer)
         reply = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         history.append({"role": "assistant", "content": reply})

@@ -65,7 +65,7 @@ def _prompt_ids(tokenizer, prompt) -> list[int]:
 def generate(policy: Policy, prompts: list, *, max_new_tokens: int = 32, temperature: float = 1.0,
              batch_size: int = 32, seed: int = 0, progress: bool = True) -> Generations:
     tok, model = policy.tokenizer, policy.model
-    stops = set(stop_token_ids(tok))
+    stops = set(stop_token_ids(tok, model))
     torch.manual_seed(seed)
     out = Generations(prompts=list(prompts), responses=[], prompt_ids=[], response_ids=[], stopped=[])
     for start in tqdm(range(0, len(prompts), batch_size), desc=f"generating ({policy.name})", disable=not progress):

@@ -21,6 +21,8 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BitsAndBytesConfig,
+    GenerationConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -100,13 +102,61 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     return added
 
 
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Token ids that end an assistant turn: the tokenizer's EOS, plus <|im_end|> when the vocabulary has it."""
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model=None, *, revision: str = "main") -> list[int]:
+    """The token ids that end a response: the one answer for every generation path (PPO's sampling, truncation and
+    missing-stop penalty, GRPO/RLOO through the generation config `load_model` writes, best-of-N, evaluation, chat,
+    the exported generation config).
+
+    The tokenizer's EOS and <|im_end|> (the chat template's end of turn) first, then the model's own EOS ids from its
+    generation config and config, in order, without repeats. A model keeps its base's EOS (Llama 3's
+    <|end_of_text|>): sampled, it ends the response at inference, so it must end it in training too. A model EOS that
+    is the tokenizer's pad id is left out (padding would read as stopping).
+
+    Args:
+        model: the policy as a loaded model (or PeftModel), its config or generation config, or the directory or Hub
+            id it loads from (an adapter directory stands for its base, which `load_model` merges it into); None for
+            the tokenizer's ids alone.
+        revision: the revision of a Hub id given as `model`.
+    """
     ids = [tokenizer.eos_token_id]
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in ids:
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
         ids.append(im_end)
+    for eos in _model_eos_ids(model, revision):
+        if eos != tokenizer.pad_token_id:
+            ids.append(eos)
+    return [i for i in dict.fromkeys(ids) if i is not None]
+
+
+def _model_eos_ids(model, revision: str) -> list[int]:
+    """The EOS ids a model declares in its generation config, then in its config."""
+    if model is None:
+        return []
+    if isinstance(model, (str, Path)):
+        sources = _saved_configs(str(model), revision)
+    elif isinstance(model, (PretrainedConfig, GenerationConfig)):
+        sources = [model.to_dict()]
+    else:
+        sources = [c.to_dict() for c in (getattr(model, "generation_config", None), getattr(model, "config", None))
+                   if c is not None]
+    ids = []
+    for source in sources:
+        eos = source.get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [eos]
     return [i for i in ids if i is not None]
+
+
+def _saved_configs(name_or_path: str, revision: str) -> list[dict]:
+    """The generation config (when there is one) and config of a model directory or Hub id, as dicts, without
+    loading weights or model code."""
+    if is_adapter_dir(name_or_path):
+        config = json.loads((Path(name_or_path) / "adapter_config.json").read_text())
+        name_or_path, revision = adapter_base(name_or_path), config.get("revision") or "main"
+    try:
+        generation = [GenerationConfig.from_pretrained(name_or_path, revision=revision).to_dict()]
+    except OSError:  # no generation_config.json: transformers derives it from the config, read next
+        generation = []
+    return generation + [PretrainedConfig.get_config_dict(name_or_path, revision=revision)[0]]
 
 
 def chat_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -176,10 +226,8 @@ def load_model(
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.config.pad_token_id = tokenizer.pad_token_id
-    # The base model's own EOS stays a stop token next to the chat template's end-of-turn token.
-    base_eos = model.config.eos_token_id
-    base_eos = base_eos if isinstance(base_eos, list) else [base_eos]
-    stops = stop_token_ids(tokenizer) + [i for i in base_eos if i is not None and i not in stop_token_ids(tokenizer)]
+    # The model's own EOS ids (its base's, as saved) stay stop tokens next to the chat template's end-of-turn token.
+    stops = stop_token_ids(tokenizer, model)
     model.config.eos_token_id = stops[0]
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.eos_token_id = stops

@@ -11,8 +11,8 @@ tokenizer with its chat template, `rlhf_kit_reward.json` (normalization and how 
 coefficient means the same thing whichever reward model PPO uses.
 
 GRPO, RLOO and best-of-N take their rewards as TRL-style functions, `fn(prompts, completions, **kwargs)`:
-`load_reward_functions(RewardSources(...), tokenizer)` builds them (the reward model as a `RewardModelFunction`,
-Python functions, a `MissingStopPenalty`) with one weight each.
+`load_reward_functions(RewardSources(...), tokenizer, stop_ids=...)` builds them (the reward model as a
+`RewardModelFunction`, Python functions, a `MissingStopPenalty`) with one weight each.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .model import IM_END, ModelArguments, is_adapter_dir, load_model, stop_token_ids
+from .model import IM_END, ModelArguments, is_adapter_dir, load_model
 
 REWARD_FILE = "rlhf_kit_reward.json"
 EVAL_FILE = "reward_eval.json"
@@ -437,14 +437,15 @@ class RewardSources:
 
 
 def load_reward_functions(sources: RewardSources, policy_tokenizer: PreTrainedTokenizerBase, *,
-                          weights: Sequence[float] | None = None, device=None,
+                          stop_ids: Sequence[int] | None = None, weights: Sequence[float] | None = None, device=None,
                           trust_remote_code: bool = False) -> tuple[list, list[float], dict[str, Any]]:
     """The reward functions of a sampling stage, one weight each, and the reward model's gate report.
 
     Order: the reward model (normalized, scoring prompt + completion rendered with its own tokenizer and template),
     then `reward_funcs`, then the missing-stop penalty (weight 1), then `eval_reward_funcs` (weight 0). `weights`
-    covers the first two groups, as PPO's reward_weights does; default 1 each. Cheap checks (imports, weights, the
-    gate) run before the reward model loads.
+    covers the first two groups, as PPO's reward_weights does; default 1 each. `stop_ids` are the policy's stop
+    tokens, `rlhf_kit.model.stop_token_ids(tokenizer, policy)`, needed for the missing-stop penalty. Cheap checks
+    (imports, weights, the gate) run before the reward model loads.
     """
     from .rollout import import_reward_func
 
@@ -452,6 +453,10 @@ def load_reward_functions(sources: RewardSources, policy_tokenizer: PreTrainedTo
     measured = [import_reward_func(name) for name in sources.eval_reward_funcs]
     if not sources.reward_model_path and not funcs:
         raise ValueError("no reward to optimize: set reward_model_path (a reward stage output), reward_funcs, or both")
+    if sources.missing_eos_penalty and stop_ids is None:
+        # The tokenizer alone would miss the model's own EOS, and penalize completions that did stop.
+        raise ValueError("missing_eos_penalty needs the policy's stop tokens: pass "
+                         "stop_ids=rlhf_kit.model.stop_token_ids(tokenizer, <the policy or its path>)")
     optimized = int(bool(sources.reward_model_path)) + len(funcs)
     weights = [1.0] * optimized if weights is None else [float(w) for w in weights]
     if len(weights) != optimized:
@@ -466,6 +471,6 @@ def load_reward_functions(sources: RewardSources, policy_tokenizer: PreTrainedTo
                                             trust_remote_code=trust_remote_code)
         funcs.insert(0, RewardModelFunction(model, batch_size=sources.reward_batch_size))
     if sources.missing_eos_penalty:
-        funcs.append(MissingStopPenalty(stop_token_ids(policy_tokenizer), sources.missing_eos_penalty))
+        funcs.append(MissingStopPenalty(stop_ids, sources.missing_eos_penalty))
         weights.append(1.0)
     return funcs + measured, weights + [0.0] * len(measured), report

@@ -12,7 +12,7 @@ from trl import RewardConfig, RewardTrainer
 from rlhf_kit.config import ConfigError, parse_config
 from rlhf_kit.data import DataArguments, load_data
 from rlhf_kit.grpo import GRPOArguments, RLOOArguments, apply_sampling_global_batch
-from rlhf_kit.model import ModelArguments
+from rlhf_kit.model import ModelArguments, load_tokenizer, stop_token_ids
 from rlhf_kit.rewards import MissingStopPenalty, RewardSources, load_reward_functions
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -61,14 +61,17 @@ def test_reward_functions_order_and_weights(tiny_sft):
     tokenizer = AutoTokenizer.from_pretrained(tiny_sft)
     sources = RewardSources(reward_funcs=["test_grpo:item_length"], eval_reward_funcs=["rlhf_kit.task:gold"],
                             missing_eos_penalty=1.0)
-    funcs, weights, _ = load_reward_functions(sources, tokenizer, weights=[0.5])
+    stops = stop_token_ids(tokenizer, tiny_sft)
+    funcs, weights, _ = load_reward_functions(sources, tokenizer, stop_ids=stops, weights=[0.5])
     assert [f.__name__ for f in funcs] == ["item_length", "missing_stop", "gold"]
     assert weights == [0.5, 1.0, 0.0]  # the penalty counts fully, the gold annotator is only measured
-    assert funcs[1].stop_token_ids == {tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    assert funcs[1].stop_token_ids == set(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
     with pytest.raises(ValueError, match="no reward to optimize"):
         load_reward_functions(RewardSources(eval_reward_funcs=["rlhf_kit.task:gold"]), tokenizer)
     with pytest.raises(ValueError, match="reward_weights has 2 values for 1"):
-        load_reward_functions(sources, tokenizer, weights=[1.0, 1.0])
+        load_reward_functions(sources, tokenizer, stop_ids=stops, weights=[1.0, 1.0])
+    with pytest.raises(ValueError, match="missing_eos_penalty needs the policy's stop tokens"):
+        load_reward_functions(sources, tokenizer, weights=[0.5])
 
 
 def run(name, sft, reward, out, **overrides):
@@ -97,6 +100,21 @@ def test_recipe_raises_the_held_out_reward(name, tiny_sft, tiny_reward, tmp_path
     assert (out / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()
     # The saved config runs again as it is: reward_weights stays what was configured.
     assert "reward_weights: null" in (out / "rlhf_kit_config.yaml").read_text()
+
+
+@pytest.mark.parametrize("name", ["grpo", "rloo"])
+def test_recipe_stops_where_the_model_does(name, tiny_sft, tmp_path):
+    """The SFT model's generation config keeps its base's EOS beside <|im_end|>: TRL's sampling and the missing-stop
+    penalty must both end a completion there, as PPO and inference do."""
+    tokenizer = load_tokenizer(tiny_sft)
+    stops = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    trainer = run(name, tiny_sft, None, tmp_path / name, reward_funcs=["rlhf_kit.task:gold"], eval_reward_funcs=[],
+                  missing_eos_penalty=1.0, max_steps=1, per_device_train_batch_size=4, num_generations=2,
+                  max_completion_length=4, eval_strategy="no", eval_on_start=False,
+                  eval_dataset_name="data/examples/prompts_standard.jsonl")
+    assert trainer.eos_token_ids == stops
+    assert [f.stop_token_ids for f in trainer.reward_funcs if isinstance(f, MissingStopPenalty)] == [set(stops)]
+    assert stop_token_ids(tokenizer, tiny_sft) == stops
 
 
 @pytest.mark.parametrize("config_class,name", [(GRPOArguments, "grpo"), (RLOOArguments, "rloo")])

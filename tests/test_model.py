@@ -4,15 +4,17 @@ and the merged copy of a LoRA adapter that the next stage starts from."""
 import contextlib
 import io
 import os
+import shutil
 
 import pytest
 import torch
-from conftest import load_recipe
+from conftest import REPO, load_recipe
 from peft import PeftModel
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -20,8 +22,12 @@ from transformers import (
 )
 from trl.chat_template_utils import is_chat_template_stop_token_trained
 
-from rlhf_kit.model import IM_END, IM_START, PAD, ModelArguments, load_model, load_tokenizer, lora_config, \
-    merged_model_dir, prepare_tokenizer, stop_token_ids
+from rlhf_kit.chat import chat
+from rlhf_kit.data import load_data
+from rlhf_kit.evaluation import generate, load_policy
+
+from rlhf_kit.model import IM_END, IM_START, PAD, ModelArguments, is_fresh_merge, load_model, load_tokenizer, \
+    lora_config, merge_key, merged_model_dir, prepare_tokenizer, stop_token_ids
 
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful reviewer."},
@@ -96,6 +102,52 @@ def test_generation_stops_on_im_end(tiny_base):
     ids = tok.apply_chat_template(CONVERSATION[1:2], add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=5, do_sample=False)
     assert out[0, -1].item() == im_end and out.shape[1] == ids["input_ids"].shape[1] + 1
+
+
+# The first training prompt: the best-of-N recipe samples for it first.
+PROMPT = load_data(REPO / "data/prompts", kind="prompt")["prompt"][0]
+
+
+@pytest.fixture
+def extra_eos_model(tiny_sft, tmp_path):
+    """A copy of the tiny SFT model whose generation config lists one more EOS: the token it answers PROMPT with
+    first (greedy). The tokenizer does not list it, so only a stop set that reads the model's config ends there.
+    Returns the directory and that token."""
+    policy = load_policy(tiny_sft)
+    answer = generate(policy, [PROMPT], max_new_tokens=8, temperature=0, progress=False).response_ids[0]
+    first = answer[0]
+    assert len(answer) > 1 and first not in policy.model.generation_config.eos_token_id
+    path = tmp_path / "extra-eos"
+    shutil.copytree(tiny_sft, path)
+    generation = GenerationConfig.from_pretrained(path)
+    generation.eos_token_id = [*generation.eos_token_id, first]
+    generation.save_pretrained(path)
+    return str(path), first
+
+
+def test_every_inference_path_stops_on_the_models_own_eos(extra_eos_model, tmp_path):
+    path, first = extra_eos_model
+    policy = load_policy(path)
+    tok = policy.tokenizer
+    im_end, base_eos = tok.convert_tokens_to_ids([IM_END, "<|endoftext|>"])
+    expected = [im_end, base_eos, first]  # the tokenizer's end of turn, then the model's own EOS ids in order
+    # load_model writes it into the generation config, which export saves and TRL's GRPO/RLOO read.
+    assert policy.model.generation_config.eos_token_id == expected
+
+    gens = generate(policy, [PROMPT], max_new_tokens=8, temperature=0, progress=False)  # evaluation
+    assert gens.response_ids == [[first]] and gens.stopped == [True]
+    history = chat(path, lines=[PROMPT[-1]["content"]], write=lambda _: None, max_new_tokens=8, temperature=0)
+    assert history[-1]["content"] == tok.decode([first]).strip()
+    # Best-of-N through its recipe: the missing-stop penalty spares the answer that ended on the model's EOS.
+    with contextlib.redirect_stdout(io.StringIO()):
+        metrics = load_recipe("best_of_n")(["--config", "recipes/configs/best_of_n/tiny.yaml"], overrides={
+            "model_name_or_path": path, "reward_model_path": None, "reward_funcs": ["rlhf_kit.task:gold"],
+            "eval_reward_funcs": [], "missing_eos_penalty": 1.0, "num_prompts": 1, "n": 2, "batch_size": 2,
+            "temperature": 1e-3, "max_new_tokens": 8, "output_dir": str(tmp_path / "bon")})
+    assert metrics["best/missing_stop"] == 0.0
+    # All of them ask one function, which reads the model (loaded or by path) beside the tokenizer.
+    assert stop_token_ids(tok) == [im_end]
+    assert stop_token_ids(tok, policy.model) == stop_token_ids(tok, path) == expected
 
 
 def test_lora_config_trains_chat_token_rows(tiny_base):
@@ -187,6 +239,6 @@ def test_interrupted_merge_is_never_taken_as_finished(tiny_base, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         merged_model_dir(adapter)
     monkeypatch.undo()
-    assert identity(adapter / "merged") == finished
+    assert identity(adapter / "merged") == finished and not is_fresh_merge(adapter / "merged", merge_key(adapter))
     assert sorted(p.name for p in adapter.iterdir() if p.name.startswith("merged")) == ["merged"]
     torch.testing.assert_close(loaded(adapter), base_plus_adapter(tiny_base, adapter), rtol=0, atol=1e-5)

@@ -12,11 +12,13 @@ import pytest
 import torch
 from conftest import REPO, load_recipe
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, TrainerCallback
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, GenerationConfig, TrainerCallback
 
 from rlhf_kit.config import parse_config
 from rlhf_kit.data import DataArguments, load_data
-from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config
+from rlhf_kit.model import ModelArguments, is_adapter_dir, is_fresh_merge, load_model, load_tokenizer, lora_config, \
+    merge_key, stop_token_ids
 from rlhf_kit.rewards import RewardModel
 from rlhf_kit.rollout import Rollout, left_pad, truncate_at_stop
 from rlhf_kit.trainers.ppo import PPOHealthError, PPOTrainer
@@ -217,6 +219,27 @@ def test_adapters_dropout_and_sampling_setup(sft, tmp_path, reward_model):
     assert trainer.stop_token_ids == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
 
+def test_a_response_ending_on_the_models_own_eos_counts_as_stopped(sft, tmp_path):
+    """The SFT model keeps its base's EOS (<|endoftext|>) as a stop token beside <|im_end|> (generation_config.json):
+    sampled, it ends the response at inference, so PPO must neither train on past it nor penalize it as endless."""
+    tokenizer = load_tokenizer(sft)
+    im_end, base_eos = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert tokenizer.eos_token_id == im_end and base_eos in GenerationConfig.from_pretrained(sft).eos_token_id
+    trainer = make_trainer(sft, tmp_path, missing_eos_penalty=1.5, kl_coef=0.0)
+    assert trainer.stop_token_ids == [im_end, base_eos]
+    assert trainer.model.lm.generation_config.eos_token_id == [im_end, base_eos]
+    assert stop_token_ids(tokenizer, sft) == trainer.stop_token_ids  # the stop set every other path uses
+
+    a, b = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("The tea"))[:2]
+    rollout = hand_rollout(trainer, [[a, base_eos, b, b], [a, im_end, b, b], [a, b, a, b]])
+    assert rollout.stopped.tolist() == [True, True, False]
+    assert rollout.response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert trainer._decode(rollout)[:2] == [tokenizer.decode([a])] * 2
+    rollout.old_logprobs = rollout.ref_logprobs = torch.zeros(3, 4)
+    trainer.assemble_rewards(rollout, torch.ones(3))
+    torch.testing.assert_close(rollout.scores, torch.tensor([1.0, 1.0, -0.5]))  # only the endless one pays
+
+
 def test_critic_starts_as_the_reward_model(sft, tmp_path, reward_model):
     """The reward model is a LoRA adapter on the SFT model: the critic gets its adapter and its head (normalized)."""
     trainer = make_trainer(sft, tmp_path, reward_model=reward_model)
@@ -320,6 +343,41 @@ def test_accumulation_invariance(sft, tmp_path):
         torch.testing.assert_close(weights[1][name], value, atol=2e-6, rtol=1e-4, msg=name)
 
 
+def test_update_takes_a_step_per_mini_batch_per_epoch_over_every_row_once(sft, tmp_path):
+    """num_ppo_epochs x num_mini_batches optimizer steps per update; in each epoch the mini-batches (of
+    batch_size / num_mini_batches rows, accumulated over micro-batches) split the rollout, each row used once."""
+    epochs, mini_batches, micro, accumulation = 3, 2, 2, 2
+    trainer = make_trainer(sft, tmp_path, num_ppo_epochs=epochs, num_mini_batches=mini_batches,
+                           per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation)
+    size = trainer.args.batch_size
+    assert size == mini_batches * accumulation * micro == 8
+    trainer._setup_training(None)
+    rollout = trainer.rollout(PROMPTS[:size])
+    trainer.score(rollout)
+    trainer.compute_advantages(rollout)
+
+    # Watch which rollout rows each micro-batch takes and when the optimizer steps.
+    steps, pending = [], []
+    select, step = rollout.select, trainer.optimizer.step
+    rollout.select = lambda rows: pending.append(rows.tolist()) or select(rows)
+
+    def counted_step(*args, **kwargs):
+        steps.append(list(pending))
+        pending.clear()
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = counted_step
+    trainer.update(rollout)
+    assert len(steps) == epochs * mini_batches and not pending
+    assert all(len(micro_batches) == accumulation and all(len(m) == micro for m in micro_batches)
+               for micro_batches in steps)
+    rows = [sum(micro_batches, []) for micro_batches in steps]  # each optimizer step's mini-batch
+    assert all(len(set(r)) == size // mini_batches for r in rows)
+    orders = [sum(rows[e * mini_batches : (e + 1) * mini_batches], []) for e in range(epochs)]
+    assert all(sorted(order) == list(range(size)) for order in orders)  # every row once per epoch
+    assert len({tuple(order) for order in orders}) > 1  # reshuffled between epochs
+
+
 def test_logs_every_health_metric_and_sample_completions(sft, tmp_path, reward_model):
     trainer = make_trainer(sft, tmp_path, reward_model=reward_model, reward_funcs=[], adaptive_kl=True,
                            kl_target=0.01, kl_horizon=100, max_steps=3)
@@ -372,6 +430,45 @@ def test_ppo_raises_held_out_reward_with_bounded_kl(sft, reward_dir, tmp_path):
     expected = expected.gather(-1, rollout.response_ids[..., None])[..., 0]
     real = rollout.response_mask.bool()
     torch.testing.assert_close(rollout.old_logprobs[real], expected[real], atol=1e-5, rtol=0)
+
+
+def test_ppo_from_a_lora_sft_adapter_starts_from_the_merged_sft_model(tiny_base, tmp_path):
+    """The SFT recipe's default output is a LoRA adapter: PPO merges it into its base, trains a new policy adapter on
+    the merged weights, and its reference (the adapter disabled) is the SFT model, so the KL starts at 0."""
+    sft_dir = tmp_path / "sft"
+    quiet(load_recipe("sft"), ["--config", "recipes/configs/sft/tiny.yaml"], overrides={
+        "model_name_or_path": tiny_base, "output_dir": str(sft_dir), "max_steps": 20, "per_device_train_batch_size": 8,
+        "learning_rate": 3e-3, "warmup_steps": 0, "eval_strategy": "no", "save_strategy": "no", "max_length": 64,
+        "disable_tqdm": True})
+    assert is_adapter_dir(sft_dir)
+    out = tmp_path / "ppo"
+    trainer = run_ppo(str(sft_dir), "", out, reward_funcs=["rlhf_kit.task:gold"], eval_reward_funcs=[],
+                      max_steps=2, per_device_train_batch_size=8, response_length=8, learning_rate=1e-2,
+                      save_strategy="no", eval_strategy="no", eval_on_start=True,
+                      eval_dataset_name="data/examples/prompts_standard.jsonl")
+    metrics = json.loads((out / "rlhf_kit_stage.json").read_text())["metrics"]
+    assert metrics["eval_kl_at_start"] == pytest.approx(0.0, abs=1e-4)  # and the health check passed
+    assert metrics["eval_kl"] > 1e-3  # it trained away from the reference
+
+    # The policy adapter records the merged SFT model, built from the adapter as it is now, as its base.
+    merged = sft_dir / "merged"
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(merged)
+    assert is_fresh_merge(merged, merge_key(sft_dir))
+    trained = load_file(str(out / "adapter_model.safetensors"))
+    lora_b = [name for name in trained if "lora_B" in name]
+    assert lora_b and all(trained[name].abs().max() > 0 for name in lora_b)  # each B started at 0
+
+    # The reference log-probs are those of base + SFT adapter, merged in memory with plain peft.
+    sft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), sft_dir).merge_and_unload()
+    rollout = trainer.rollout(HELD_OUT[:4])
+    with torch.no_grad():
+        logits = sft_model.eval()(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                                  position_ids=(rollout.attention_mask.cumsum(1) - 1).clamp(min=0)).logits
+    width = rollout.response_ids.shape[1]
+    expected = torch.log_softmax(logits[:, -width - 1 : -1] / trainer.args.temperature, -1)
+    expected = expected.gather(-1, rollout.response_ids[..., None])[..., 0]
+    real = rollout.response_mask.bool()
+    torch.testing.assert_close(rollout.ref_logprobs[real], expected[real], atol=1e-5, rtol=0)
 
 
 class Interrupt(TrainerCallback):

@@ -120,7 +120,7 @@ class PPOTrainer(Trainer):
         self.eval_reward_funcs = [_as_func(f) for f in
                                   (args.eval_reward_funcs if eval_reward_funcs is None else eval_reward_funcs)]
         self.reward_weights = _reward_weights(args, reward_model, self.reward_funcs)
-        self.stop_token_ids = _stop_ids(processing_class, args.stop_token)
+        self.stop_token_ids = _stop_ids(processing_class, args.stop_token, model)
         if critic_model is not None and critic_model is getattr(reward_model, "model", None):
             raise ValueError("critic_model is the reward model itself, which training would change under PPO's feet: "
                              "load a second copy for the critic")
@@ -712,12 +712,12 @@ def _reward_weights(args: PPOConfig, reward_model, reward_funcs: list) -> list[f
     return [float(w) for w in weights]
 
 
-def _stop_ids(tokenizer, stop_token: str) -> list[int]:
+def _stop_ids(tokenizer, stop_token: str, model) -> list[int]:
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; call rlhf_kit.model.prepare_tokenizer (pad must differ "
                          "from EOS, or stop tokens could not be told apart from padding)")
     if stop_token == "eos":
-        ids = stop_token_ids(tokenizer)
+        ids = stop_token_ids(tokenizer, model)  # the model's own EOS too: where inference stops, so does PPO
     else:
         token_id = tokenizer.convert_tokens_to_ids(stop_token)
         if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id:

@@ -98,7 +98,8 @@ class PPOConfig(TrainingArguments):
     )
     stop_token: str = field(
         default="eos",
-        metadata={"help": "'eos': the tokenizer's EOS (plus <|im_end|> in a ChatML vocabulary); or one token string."},
+        metadata={"help": "'eos': the tokenizer's EOS (plus <|im_end|> in a ChatML vocabulary) and the model's own EOS "
+                  "ids, where inference stops too (rlhf_kit.model.stop_token_ids); or one token string."},
     )
     missing_eos_penalty: float | None = field(
         default=None, metadata={"help": "Subtracted from the score of a response that never emits the stop token."}
