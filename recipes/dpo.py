@@ -16,7 +16,7 @@ from trl import DPOTrainer
 
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.data import DataArguments, load_data
-from rlhf_kit.distributed import apply_global_batch_size, parallelism
+from rlhf_kit.distributed import apply_global_batch_size, parallelism, shard_on_cpu
 from rlhf_kit.dpo import DPOArguments, check_dpo_setup
 from rlhf_kit.hub import publish_stage, take_over_push
 from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer
@@ -54,6 +54,7 @@ def main(argv=None, overrides=None, callbacks=None):
         peft_config=peft_config,
         callbacks=callbacks,
     )
+    shard_on_cpu(trainer)  # an FSDP launch on CPUs shards as it would on GPUs
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     # Held-out pairs at the start (with eval_on_start: loss log 2, no pair ranked yet) and at the end.

@@ -17,7 +17,7 @@ from trl import GRPOTrainer
 
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.data import DataArguments, load_data
-from rlhf_kit.distributed import parallelism
+from rlhf_kit.distributed import parallelism, shard_on_cpu
 from rlhf_kit.grpo import GRPOArguments, apply_sampling_global_batch, check_sampling_setup, reward_metrics
 from rlhf_kit.hub import publish_stage, take_over_push
 from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer, stop_token_ids
@@ -63,6 +63,7 @@ def main(argv=None, overrides=None, callbacks=None):
         callbacks=callbacks,
     )
     args.reward_weights = configured
+    shard_on_cpu(trainer)  # an FSDP launch on CPUs shards as it would on GPUs
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
 

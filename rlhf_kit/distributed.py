@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+from transformers import TrainerCallback
+
 from .config import ConfigError
 
 GLOBAL_BATCH_HELP = (
@@ -83,16 +85,41 @@ def shard_on_cpu(trainer) -> bool:
     trainer's ``accelerator.prepare`` then shards through the very code path it uses on GPUs. Call it on a built
     trainer (a transformers ``Trainer``: TRL's or rlhf-kit's PPO) before it trains. It can go when accelerate
     enables FSDP for MULTI_CPU itself.
+
+    transformers resets the accelerator state whenever a copy of the training arguments sets up its devices (TRL's
+    trainers make such copies), which would save sharded weights as if they were whole; a callback re-installs the
+    plugin at every step and at the end of training.
     """
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    if trainer.accelerator.state.distributed_type != DistributedType.MULTI_CPU or \
+            not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return False
+    _install_fsdp_plugin(trainer)
+    trainer.add_callback(_StayShardedOnCpu(trainer))
+    return True
+
+
+def _install_fsdp_plugin(trainer) -> None:
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = trainer.accelerator.state
-    if state.distributed_type != DistributedType.MULTI_CPU or not parse_flag_from_env("ACCELERATE_USE_FSDP"):
-        return False
-    state.fsdp_plugin = FullyShardedDataParallelPlugin()
-    state.distributed_type = DistributedType.FSDP
+    if state.distributed_type != DistributedType.FSDP:
+        state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        state.distributed_type = DistributedType.FSDP
     trainer.is_fsdp_enabled = True
-    return True
+
+
+class _StayShardedOnCpu(TrainerCallback):
+    """Re-installs the FSDP plugin before each step, each checkpoint (saved after on_step_end) and the final save."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def _reinstall(self, args, state, control, **kwargs):
+        _install_fsdp_plugin(self.trainer)
+
+    on_train_begin = on_step_begin = on_step_end = on_train_end = _reinstall
 
 
 def parallelism(trainer) -> str:
