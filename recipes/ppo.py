@@ -13,7 +13,7 @@ from transformers import set_seed
 
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.data import DataArguments, load_data
-from rlhf_kit.distributed import apply_global_batch_size
+from rlhf_kit.distributed import apply_global_batch_size, parallelism
 from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer
 from rlhf_kit.rewards import RewardModel, gate, tokenizer_compatibility
 from rlhf_kit.rollout import import_reward_func
@@ -71,7 +71,7 @@ def main(argv=None, overrides=None, callbacks=None):
     trainer.save_model(args.output_dir)
 
     # Held-out prompts: the SFT policy's scores (the step-0 evaluation, with eval_on_start) against the final ones.
-    metrics = {"train_loss": train_result.training_loss, "parallelism": train_result.metrics["parallelism"]}
+    metrics = {"train_loss": train_result.training_loss, "parallelism": parallelism(trainer)}
     if eval_data is not None:
         start, final = start_and_final_evaluation(trainer, "eval_reward")
         metrics.update({f"{k}_at_start": v for k, v in start.items() if k.startswith("eval_")})

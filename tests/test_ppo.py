@@ -422,14 +422,20 @@ def test_ppo_raises_held_out_reward_with_bounded_kl(sft, reward_dir, tmp_path):
     base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out).eval()
     rollout = trainer.rollout(HELD_OUT[:4])
-    with torch.no_grad():
-        logits = reloaded(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                          position_ids=(rollout.attention_mask.cumsum(1) - 1).clamp(min=0)).logits
-    width = rollout.response_ids.shape[1]
-    expected = torch.log_softmax(logits[:, -width - 1 : -1] / trainer.args.temperature, -1)
-    expected = expected.gather(-1, rollout.response_ids[..., None])[..., 0]
+    expected = response_logprobs(reloaded, rollout, trainer.args.temperature)
     real = rollout.response_mask.bool()
     torch.testing.assert_close(rollout.old_logprobs[real], expected[real], atol=1e-5, rtol=0)
+
+
+def response_logprobs(model, rollout, temperature):
+    """(B, T) log-probs of the rollout's response tokens under a plain transformers model, computed independently of
+    the trainer (positions counted over real tokens, as `generate` counts them)."""
+    with torch.no_grad():
+        logits = model.eval()(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                              position_ids=(rollout.attention_mask.cumsum(1) - 1).clamp(min=0)).logits
+    width = rollout.response_ids.shape[1]
+    logprobs = torch.log_softmax(logits[:, -width - 1 : -1] / temperature, -1)
+    return logprobs.gather(-1, rollout.response_ids[..., None])[..., 0]
 
 
 def test_ppo_from_a_lora_sft_adapter_starts_from_the_merged_sft_model(tiny_base, tmp_path):
@@ -461,12 +467,7 @@ def test_ppo_from_a_lora_sft_adapter_starts_from_the_merged_sft_model(tiny_base,
     # The reference log-probs are those of base + SFT adapter, merged in memory with plain peft.
     sft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), sft_dir).merge_and_unload()
     rollout = trainer.rollout(HELD_OUT[:4])
-    with torch.no_grad():
-        logits = sft_model.eval()(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                                  position_ids=(rollout.attention_mask.cumsum(1) - 1).clamp(min=0)).logits
-    width = rollout.response_ids.shape[1]
-    expected = torch.log_softmax(logits[:, -width - 1 : -1] / trainer.args.temperature, -1)
-    expected = expected.gather(-1, rollout.response_ids[..., None])[..., 0]
+    expected = response_logprobs(sft_model, rollout, trainer.args.temperature)
     real = rollout.response_mask.bool()
     torch.testing.assert_close(rollout.ref_logprobs[real], expected[real], atol=1e-5, rtol=0)
 

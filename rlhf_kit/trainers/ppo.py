@@ -52,7 +52,7 @@ from torch.distributed.tensor import DTensor
 from transformers import GenerationConfig, Trainer, TrainerControl, TrainerState
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
-from ..distributed import parallelism, shard_on_cpu
+from ..distributed import shard_on_cpu
 from ..losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -173,8 +173,7 @@ class PPOTrainer(Trainer):
             self._end_step(rollout, stats)
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         self.is_in_train = False
-        metrics = {"train_runtime": time.time() - start, "train_updates": len(losses),
-                   "parallelism": parallelism(self)}
+        metrics = {"train_runtime": time.time() - start, "train_updates": len(losses)}
         return TrainOutput(self.state.global_step, float(np.mean(losses)) if losses else float("nan"), metrics)
 
     def _setup_training(self, resume_from_checkpoint) -> None:
@@ -538,7 +537,7 @@ class PPOTrainer(Trainer):
         parameters are gathered, never the frozen base.
         """
         state = {}
-        for name, param in zip(self.model._trainable_names, self.model.trainable):
+        for name, param in self.model.named_trainable():
             tensor = param.detach()
             state[name] = (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).to("cpu", copy=True)
         return state

@@ -119,11 +119,15 @@ class PolicyAndCritic(nn.Module):
         """The causal LM under the adapters (LoRA layers injected in place)."""
         return self.policy.get_base_model()
 
+    def named_trainable(self) -> list[tuple[str, nn.Parameter]]:
+        """Both adapters' parameters and the value head (or full critic), by name: looked up on every call, because
+        FSDP2 replaces the parameter objects."""
+        params = dict(self.named_parameters())
+        return [(n, params[n]) for n in self._trainable_names]
+
     @property
     def trainable(self) -> list[nn.Parameter]:
-        """Both adapters' parameters and the value head (looked up by name: FSDP2 replaces parameter objects)."""
-        params = dict(self.named_parameters())
-        return [params[n] for n in self._trainable_names]
+        return [p for _, p in self.named_trainable()]
 
     @property
     def quantization_method(self):
