@@ -10,6 +10,7 @@ resumes from its last checkpoint when started again with the same output_dir.
 from transformers import set_seed
 from trl import SFTTrainer
 
+from rlhf_kit.chat_template import RENDERED, assistant_mask_source, tokenize_for_assistant_loss
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.data import DataArguments, detect_dataset_format, load_data
 from rlhf_kit.distributed import apply_global_batch_size
@@ -38,10 +39,18 @@ def main(argv=None, overrides=None, callbacks=None):
                                trust_remote_code=args.trust_remote_code)
     new_chat_template = tokenizer.chat_template is None
     prepare_tokenizer(tokenizer)
+    # Assistant-only loss with a template TRL cannot mask (Llama 3.1, Mistral, a plain ChatML): the kit tokenizes
+    # the conversations and hands TRL each row's assistant mask. Checked before the model loads.
+    own_masks = bool(args.assistant_only_loss) and assistant_mask_source(tokenizer) == RENDERED
+    if own_masks:
+        train_data = tokenize_for_assistant_loss(train_data, tokenizer, data_args.dataset_name)
+        if eval_data is not None:
+            eval_data = tokenize_for_assistant_loss(eval_data, tokenizer, data_args.eval_source)
     model = load_model(model_args, tokenizer, trust_remote_code=args.trust_remote_code)
     peft_config = lora_config(model_args, tokenizer, tied_embeddings=model.config.tie_word_embeddings,
                               new_chat_template=new_chat_template)
 
+    args.assistant_only_loss = args.assistant_only_loss and not own_masks  # pre-masked rows need no template
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -51,6 +60,7 @@ def main(argv=None, overrides=None, callbacks=None):
         peft_config=peft_config,
         callbacks=callbacks,
     )
+    args.assistant_only_loss = args.assistant_only_loss or own_masks  # the saved config says what was trained
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     metrics = {"train_loss": train_result.training_loss}

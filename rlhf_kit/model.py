@@ -85,7 +85,8 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """
     added: list[str] = []
     stops = {tokenizer.eos_token}
-    if tokenizer.chat_template is None:
+    own_template = tokenizer.chat_template is not None
+    if not own_template:
         new = [t for t in (IM_START, IM_END) if t not in tokenizer.get_vocab()]
         if new:
             tokenizer.add_special_tokens({"additional_special_tokens": new})
@@ -95,11 +96,30 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> list[str]:
         tokenizer.eos_token = IM_END
         stops.add(IM_END)
     if tokenizer.pad_token is None or tokenizer.pad_token in stops:
-        if PAD not in tokenizer.get_vocab():
-            added.append(PAD)
-        tokenizer.add_special_tokens({"pad_token": PAD})
+        pad = unused_pad_token(tokenizer, stops)
+        if pad is None:
+            pad = PAD
+            if PAD not in tokenizer.get_vocab():
+                added.append(PAD)
+                if own_template:  # a chat model, where a grown vocabulary costs a full embedding in the adapter
+                    logger.warning("The tokenizer has no pad token and no reserved token to pad with: adding %s "
+                                   "grows the embeddings by one row, so a LoRA adapter saves embed_tokens and "
+                                   "lm_head in full.", PAD)
+        tokenizer.add_special_tokens({"pad_token": pad})
     tokenizer.padding_side = "right"
     return added
+
+
+# Tokens a family keeps for padding or leaves unused, in order of preference. Padding with one needs no new embedding
+# row; a new row would make a "LoRA" adapter carry the whole embedding and head (about 2 GB at 8B in bf16). Llama 3.1+
+# names one for padding; Llama 3.0 reserves 250 special tokens it never uses.
+RESERVED_PADS = ("<|finetune_right_pad_id|>", PAD, "<pad>", "[PAD]", "<|reserved_special_token_0|>")
+
+
+def unused_pad_token(tokenizer: PreTrainedTokenizerBase, stops: set[str]) -> str | None:
+    """The tokenizer's own token to pad with, one of `RESERVED_PADS` that it has and that ends nothing; else None."""
+    vocab = tokenizer.get_vocab()
+    return next((t for t in RESERVED_PADS if t in vocab and t not in stops), None)
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model=None, *, revision: str = "main") -> list[int]:

@@ -1,0 +1,118 @@
+"""Assistant-only loss with a model's own chat template: which tokens of a rendered conversation are the assistant's.
+
+TRL finds them through `{% generation %}` markers in the template, and swaps in a marked copy of the templates it
+knows (Qwen 2.5/3, Gemma, Llama 3.0, Phi, ...). Many real templates have neither: Llama 3.1-3.3, Mistral, a plain
+ChatML. For templates without markers the kit renders the conversation turn by turn. The text an assistant turn adds after the prompt
+that asks for it (`add_generation_prompt=True`) is the assistant's content and its end-of-turn token; the tokens that
+start inside that span are trained, every other token is masked. Whitespace the template writes after the
+end-of-turn token (ChatML's newline) is the template's, not the model's to learn.
+
+The renderer checks what it relies on, per conversation: each turn's rendering must be a prefix of the next one's.
+A template that rewrites earlier turns (one that drops the reasoning of past answers, say) fails with an error that
+says how to supply a template with generation markers instead.
+"""
+
+from __future__ import annotations
+
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+# How SFT finds the assistant's tokens (see `assistant_mask_source`).
+MARKERS, TRL_TEMPLATE, RENDERED = "markers", "trl", "rendered"
+
+
+class TemplateError(ValueError):
+    """A chat template that cannot say which tokens are the assistant's; the message says what to do."""
+
+
+def _template(tokenizer) -> str | None:
+    template = tokenizer.chat_template
+    return template.get("default") if isinstance(template, dict) else template
+
+
+def assistant_mask_source(tokenizer) -> str:
+    """How assistant-only loss will find the assistant's tokens with this tokenizer, decided before a model loads.
+
+    ``"markers"``: the template has `{% generation %}` markers (TRL masks with them). ``"rendered"``: the template
+    renders a probe conversation turn by turn as a prefix of the whole (most do), so `tokenize_conversation` masks
+    exactly each assistant turn's content and end-of-turn token. Preferred over TRL's marked copies of known
+    templates, which also train the template's newlines around a turn (Qwen 2.5's, for one). ``"trl"``: TRL has a
+    marked training copy of this template, which it swaps in (templates that rewrite past turns, like Qwen 3's).
+    """
+    template = _template(tokenizer)
+    if template is None:
+        raise TemplateError("assistant_only_loss needs a chat template, and the tokenizer has none: set "
+                            "chat_template_path, or assistant_only_loss: false.")
+    if has_generation_markers(template):
+        return MARKERS
+    problem = None
+    if tokenizer.is_fast:
+        try:
+            assistant_spans(tokenizer, _PROBE)
+            return RENDERED
+        except Exception as e:  # a template may also raise on the probe (one that refuses a system turn, say)
+            problem = str(e)
+    else:
+        problem = (f"a slow {type(tokenizer).__name__} gives no character offsets to find them by (load the model's "
+                   "fast tokenizer, tokenizer.json)")
+    try:
+        if get_training_chat_template(tokenizer) is not None:
+            return TRL_TEMPLATE
+    except ValueError:  # TRL 1.16 raises for a template it has no training copy of
+        pass
+    raise TemplateError(f"assistant_only_loss cannot find the assistant's tokens with this chat template: {problem}, "
+                        f"and TRL has no training copy of it. {_REMEDY}")
+
+
+_REMEDY = ("Give a template with {% generation %} markers around each assistant turn (chat_template_path), or set "
+           "assistant_only_loss: false to train on whole conversations.")
+
+
+# Two exchanges without a system turn (some templates refuse one): enough to see whether past turns are rewritten.
+_PROBE = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hello."},
+          {"role": "user", "content": "Again?"}, {"role": "assistant", "content": "Again."}]
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of each assistant turn in it: content + end-of-turn."""
+
+    def render(turns, prompt=False):
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt)
+
+    text = render(messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        asked = render(messages[:i], prompt=True) if i else ""
+        answered = render(messages[: i + 1])
+        if not (answered.startswith(asked) and text.startswith(answered)):
+            raise TemplateError(f"the chat template renders assistant turn {i} differently once later turns follow "
+                                "(it is not prefix-preserving)")
+        end = len(answered.rstrip())
+        if end <= len(asked):
+            raise TemplateError(f"assistant turn {i} renders to no text of its own after the generation prompt.")
+        spans.append((len(asked), end))
+    return text, spans
+
+
+def tokenize_conversation(tokenizer, messages: list[dict]) -> dict[str, list[int]]:
+    """`input_ids` of the rendered conversation (as `apply_chat_template` tokenizes it) and `assistant_masks`: 1 for
+    each token that starts inside an assistant span, the columns TRL's SFTTrainer builds labels from."""
+    text, spans = assistant_spans(tokenizer, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(start <= first < end for start, end in spans)) for first, _ in encoded["offset_mapping"]]
+    return {"input_ids": encoded["input_ids"], "assistant_masks": mask}
+
+
+def tokenize_for_assistant_loss(dataset, tokenizer, source: str):
+    """A `messages` dataset as `input_ids` + `assistant_masks`, for templates TRL cannot mask (`"rendered"`).
+    A conversation the template cannot split fails with its source and row (numbered from 1)."""
+
+    def convert(row, index):
+        try:
+            return tokenize_conversation(tokenizer, row["messages"])
+        except TemplateError as e:
+            raise TemplateError(f"{source}, row {index + 1}: {e}. {_REMEDY}") from None
+
+    return dataset.map(convert, with_indices=True, remove_columns=dataset.column_names,
+                       desc="Masking assistant turns")
