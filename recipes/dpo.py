@@ -20,7 +20,13 @@ from rlhf_kit.distributed import apply_global_batch_size, parallelism, shard_on_
 from rlhf_kit.dpo import DPOArguments, check_dpo_setup
 from rlhf_kit.hub import publish_stage, take_over_push
 from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer
-from rlhf_kit.runs import format_summary, resume_checkpoint, start_and_final_evaluation, write_stage
+from rlhf_kit.runs import (
+    format_summary,
+    resume_checkpoint,
+    start_and_final_evaluation,
+    whole_run_train_loss,
+    write_stage,
+)
 
 
 def main(argv=None, overrides=None, callbacks=None):
@@ -58,7 +64,8 @@ def main(argv=None, overrides=None, callbacks=None):
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     # Held-out pairs at the start (with eval_on_start: loss log 2, no pair ranked yet) and at the end.
-    metrics = {"train_loss": train_result.training_loss, "parallelism": parallelism(trainer)}
+    train_loss = whole_run_train_loss(trainer.state, train_result.training_loss, resume)  # before a resume too
+    metrics = {"train_loss": train_loss, "parallelism": parallelism(trainer)}
     if eval_data is not None:
         start, final = start_and_final_evaluation(trainer, "eval_loss")
         kept = ("eval_loss", "eval_rewards/")

@@ -23,7 +23,7 @@ from rlhf_kit.data import load_data
 from rlhf_kit.model import load_tokenizer
 from rlhf_kit.pretraining import PretrainArguments, pack_blocks, tiny_llama_config, train_tokenizer
 from rlhf_kit.hub import publish_stage, take_over_push
-from rlhf_kit.runs import format_summary, resume_checkpoint, write_stage
+from rlhf_kit.runs import format_summary, resume_checkpoint, whole_run_train_loss, write_stage
 
 
 def main(argv=None, overrides=None):
@@ -55,7 +55,8 @@ def main(argv=None, overrides=None):
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(out)
-    metrics = {"train_loss": train_result.training_loss, "parameters": model.num_parameters()}
+    train_loss = whole_run_train_loss(trainer.state, train_result.training_loss, resume)  # before a resume too
+    metrics = {"train_loss": train_loss, "parameters": model.num_parameters()}
     if eval_data is not None:
         metrics.update(trainer.evaluate())
 

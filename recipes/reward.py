@@ -28,7 +28,7 @@ from rlhf_kit.reward_modeling import (
 )
 from rlhf_kit.rewards import RewardModel, write_reward_files
 from rlhf_kit.hub import publish_stage, take_over_push
-from rlhf_kit.runs import format_summary, resume_checkpoint, write_stage
+from rlhf_kit.runs import format_summary, resume_checkpoint, whole_run_train_loss, write_stage
 
 
 def main(argv=None, overrides=None, callbacks=None):
@@ -85,7 +85,8 @@ def main(argv=None, overrides=None, callbacks=None):
     if eval_data is not None:
         report = evaluate_reward_model(reward_model, eval_data, buckets=args.calibration_buckets, batch_size=batch_size)
 
-    metrics = {"train_loss": train_result.training_loss, **normalization}
+    train_loss = whole_run_train_loss(trainer.state, train_result.training_loss, resume)  # before a resume too
+    metrics = {"train_loss": train_loss, **normalization}
     if report is not None:
         metrics.update(eval_accuracy=report["accuracy"], eval_mean_margin=report["mean_margin"],
                        eval_calibration_error=report["calibration_error"])

@@ -24,7 +24,7 @@ from rlhf_kit.grpo import RLOOArguments, apply_sampling_global_batch, check_samp
 from rlhf_kit.hub import publish_stage, take_over_push
 from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer, stop_token_ids
 from rlhf_kit.rewards import RewardSources, load_reward_functions
-from rlhf_kit.runs import format_summary, resume_checkpoint, write_stage
+from rlhf_kit.runs import format_summary, resume_checkpoint, whole_run_train_loss, write_stage
 
 
 def main(argv=None, overrides=None, callbacks=None):
@@ -70,7 +70,8 @@ def main(argv=None, overrides=None, callbacks=None):
     trainer.save_model(args.output_dir)
 
     # Mean reward of the first and last updates; held-out prompts at the start (eval_on_start) and at the end.
-    metrics = {"train_loss": train_result.training_loss, "parallelism": parallelism(trainer),
+    train_loss = whole_run_train_loss(trainer.state, train_result.training_loss, resume)  # before a resume too
+    metrics = {"train_loss": train_loss, "parallelism": parallelism(trainer),
                **reward_metrics(trainer)}
     trainer.save_state()  # trainer_state.json: the log history, periodic evaluations included
     if "accuracy" in reward_report:

@@ -15,7 +15,7 @@ from rlhf_kit.data import DataArguments, detect_dataset_format, load_data
 from rlhf_kit.distributed import apply_global_batch_size
 from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer
 from rlhf_kit.hub import publish_stage, take_over_push
-from rlhf_kit.runs import format_summary, resume_checkpoint, write_stage
+from rlhf_kit.runs import format_summary, resume_checkpoint, whole_run_train_loss, write_stage
 from rlhf_kit.sft import SFTArguments, check_compatible, resolve_loss_masking
 
 
@@ -53,7 +53,8 @@ def main(argv=None, overrides=None, callbacks=None):
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
-    metrics = {"train_loss": train_result.training_loss}
+    train_loss = whole_run_train_loss(trainer.state, train_result.training_loss, resume)  # before a resume too
+    metrics = {"train_loss": train_loss}
     if eval_data is not None:
         metrics.update(trainer.evaluate())
 
