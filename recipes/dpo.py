@@ -14,6 +14,7 @@ stage record. An interrupted run resumes from its last checkpoint when started a
 from transformers import set_seed
 from trl import DPOTrainer
 
+from rlhf_kit.checkpoints import disk_full_explained
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.data import DataArguments, load_data
 from rlhf_kit.distributed import apply_global_batch_size, parallelism, shard_on_cpu
@@ -61,8 +62,9 @@ def main(argv=None, overrides=None, callbacks=None):
         callbacks=callbacks,
     )
     shard_on_cpu(trainer)  # an FSDP launch on CPUs shards as it would on GPUs
-    train_result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(args.output_dir)
+    with disk_full_explained(trainer):  # a full disk names the checkpoint and the space it needs
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(args.output_dir)
     # Held-out pairs at the start (with eval_on_start: loss log 2, no pair ranked yet) and at the end.
     train_loss = whole_run_train_loss(trainer.state, train_result.training_loss, resume)  # before a resume too
     metrics = {"train_loss": train_loss, "parallelism": parallelism(trainer)}

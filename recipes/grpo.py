@@ -15,6 +15,7 @@ stage record. An interrupted run resumes from its last checkpoint when started a
 from transformers import set_seed
 from trl import GRPOTrainer
 
+from rlhf_kit.checkpoints import disk_full_explained
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.data import DataArguments, load_data
 from rlhf_kit.distributed import parallelism, shard_on_cpu
@@ -64,8 +65,9 @@ def main(argv=None, overrides=None, callbacks=None):
     )
     args.reward_weights = configured
     shard_on_cpu(trainer)  # an FSDP launch on CPUs shards as it would on GPUs
-    train_result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(args.output_dir)
+    with disk_full_explained(trainer):  # a full disk names the checkpoint and the space it needs
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(args.output_dir)
 
     # Mean reward of the first and last updates; held-out prompts at the start (eval_on_start) and at the end.
     train_loss = whole_run_train_loss(trainer.state, train_result.training_loss, resume)  # before a resume too

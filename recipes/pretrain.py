@@ -18,6 +18,7 @@ from transformers import (
     set_seed,
 )
 
+from rlhf_kit.checkpoints import disk_full_explained
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.data import load_data
 from rlhf_kit.model import load_tokenizer
@@ -53,8 +54,9 @@ def main(argv=None, overrides=None):
         eval_dataset=pack_blocks(eval_data, tokenizer, args.block_size) if eval_data is not None else None,
         processing_class=tokenizer,
     )
-    train_result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(out)
+    with disk_full_explained(trainer):  # a full disk names the checkpoint and the space it needs
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(out)
     train_loss = whole_run_train_loss(trainer.state, train_result.training_loss, resume)  # before a resume too
     metrics = {"train_loss": train_loss, "parameters": model.num_parameters()}
     if eval_data is not None:

@@ -12,6 +12,7 @@ the resolved config and the stage record. An interrupted run resumes from its la
 from transformers import set_seed
 from trl import RewardTrainer
 
+from rlhf_kit.checkpoints import disk_full_explained
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.data import DataArguments, detect_dataset_format, load_data
 from rlhf_kit.distributed import apply_global_batch_size
@@ -71,8 +72,9 @@ def main(argv=None, overrides=None, callbacks=None):
         peft_config=reward_lora_config(model_args, tokenizer, added),
         callbacks=callbacks,
     )
-    train_result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(args.output_dir)
+    with disk_full_explained(trainer):  # a full disk names the checkpoint and the space it needs
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(args.output_dir)
 
     # Normalize and evaluate with the scoring code PPO uses. Every process scores (a sharded model needs all
     # of them in each forward); only the main one writes.

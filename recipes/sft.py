@@ -10,6 +10,7 @@ resumes from its last checkpoint when started again with the same output_dir.
 from transformers import set_seed
 from trl import SFTTrainer
 
+from rlhf_kit.checkpoints import disk_full_explained
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.data import DataArguments, detect_dataset_format, load_data
 from rlhf_kit.distributed import apply_global_batch_size
@@ -51,8 +52,9 @@ def main(argv=None, overrides=None, callbacks=None):
         peft_config=peft_config,
         callbacks=callbacks,
     )
-    train_result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(args.output_dir)
+    with disk_full_explained(trainer):  # a full disk names the checkpoint and the space it needs
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(args.output_dir)
     train_loss = whole_run_train_loss(trainer.state, train_result.training_loss, resume)  # before a resume too
     metrics = {"train_loss": train_loss}
     if eval_data is not None:

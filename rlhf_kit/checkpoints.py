@@ -123,7 +123,7 @@ def staged_checkpoint(final: Path, needed_bytes: int, write: bool = True) -> Ite
     staging = staging_dir(final)
     try:
         yield staging
-    except (OSError, RuntimeError) as e:
+    except Exception as e:
         if not _is_disk_full(e, staging, needed_bytes):
             raise
         raise OSError(errno.ENOSPC, disk_full_message(final, needed_bytes)) from e
@@ -132,11 +132,45 @@ def staged_checkpoint(final: Path, needed_bytes: int, write: bool = True) -> Ite
         os.replace(staging, final)
 
 
+@contextmanager
+def disk_full_explained(trainer) -> Iterator[None]:
+    """Around a transformers Trainer's `train()` and `save_model()`, whose saves we do not write ourselves: a full
+    disk is reported with the directory being written and about how much space it needs."""
+    try:
+        yield
+    except Exception as e:
+        # In train() the write that failed is the checkpoint of the current step; after it, the final model.
+        path = Path(trainer.args.output_dir)
+        if trainer.is_in_train:
+            path = path / f"checkpoint-{trainer.state.global_step}"
+        needed = trainer_checkpoint_bytes(trainer.model)
+        if not _is_disk_full(e, path, needed):
+            raise
+        raise OSError(errno.ENOSPC, disk_full_message(path, needed)) from e
+
+
+def trainer_checkpoint_bytes(model) -> int:
+    """About the size of one checkpoint: the saved weights (the adapter with PEFT, else the whole model) and the
+    optimizer's two fp32 moments per trainable parameter (Adam)."""
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    saved = [p for p in params if p.requires_grad] if hasattr(model, "peft_config") else params
+    return sum(p.numel() * p.element_size() for p in saved) + 2 * 4 * trainable
+
+
+# How a full disk shows in the libraries that write checkpoints: an OSError from Python, a Rust io error (code 28)
+# from safetensors, and from torch.save's C++ writer a RuntimeError without an errno, where the free space tells.
+_DISK_FULL_TEXT = ("No space left", "StorageFull", "code: 28")
+_TORCH_WRITER_TEXT = ("PytorchStreamWriter", "inline_container")
+
+
 def _is_disk_full(error: BaseException, path: Path, needed_bytes: int) -> bool:
-    # torch.save's C++ writer reports ENOSPC as a RuntimeError without an errno: then the free space tells.
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    return isinstance(error, RuntimeError) and _free_bytes(path) < needed_bytes
+    text = str(error)
+    if any(t in text for t in _DISK_FULL_TEXT):
+        return True
+    return any(t in text for t in _TORCH_WRITER_TEXT) and _free_bytes(path) < needed_bytes
 
 
 def _free_bytes(path: Path) -> int:
@@ -145,7 +179,7 @@ def _free_bytes(path: Path) -> int:
 
 
 def disk_full_message(path: Path, needed_bytes: int) -> str:
-    return (f"No space left on the device while writing checkpoint {path}: it needs about "
+    return (f"No space left on the device while writing {path}: it needs about "
             f"{_megabytes(needed_bytes)} and {_megabytes(_free_bytes(path))} are free there. Free some space, lower "
             "save_total_limit, or set output_dir on a larger disk, then run the same command again to resume from "
             "the last complete checkpoint.")

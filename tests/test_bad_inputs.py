@@ -105,6 +105,34 @@ def test_sft_resumes_past_a_cut_off_checkpoint_and_matches_the_uninterrupted_run
                                                                   rel=1e-4)
 
 
+def test_sft_full_disk_names_the_checkpoint_and_the_rerun_resumes_past_it(tiny_base, sft_straight, tmp_path,
+                                                                         monkeypatch):
+    out = tmp_path / "sft"
+    monkeypatch.setattr(torch, "save", _disk_full_at("checkpoint-4/optimizer.pt"))
+    with pytest.raises(OSError, match=r"No space left .*checkpoint-4: it needs about [\d.,]+ MiB and .* free"):
+        _sft(tiny_base, out)
+    monkeypatch.undo()
+    assert checkpoint_problem(out / "checkpoint-4")  # the weights were written, the optimizer and the state not
+    steps = _Steps()
+    with pytest.warns(UserWarning, match=r"Skipping checkpoint .*checkpoint-4: no trainer_state.json"):
+        _sft(tiny_base, out, callbacks=[steps])  # the same command again, with space
+    assert steps.seen == [3, 4, 5, 6] and checkpoint_problem(out / "checkpoint-4") is None
+    torch.testing.assert_close(load_file(out / "adapter_model.safetensors"),
+                               load_file(sft_straight / "adapter_model.safetensors"))
+
+
+def _disk_full_at(suffix):
+    """torch.save that fails as a full disk does when it writes a file ending in `suffix`."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if str(f).endswith(suffix):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    return save
+
+
 def _history(out):
     return json.loads((out / "checkpoint-6/trainer_state.json").read_text())["log_history"]
 
@@ -122,17 +150,10 @@ def test_ppo_full_disk_names_the_checkpoint_and_the_rerun_resumes_and_matches(ti
 
     run(tmp_path / "straight")
     out = tmp_path / "resumed"
-    real_save = torch.save
-
-    def disk_fills_up(obj, f, *args, **kwargs):  # the disk is full when step 4's optimizer state is written
-        if str(f).endswith("checkpoint-4/optimizer.pt"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", disk_fills_up)
+    monkeypatch.setattr(torch, "save", _disk_full_at("checkpoint-4/optimizer.pt"))
     with pytest.raises(OSError, match=r"No space left .*checkpoint-4: it needs about [\d.,]+ MiB and .* free"):
         run(out)
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.undo()
     # The half-written checkpoint never took the name a resume looks for.
     assert checkpoint_problem(out / "checkpoint-2") is None and not (out / "checkpoint-4").exists()
     assert (out / "tmp-checkpoint-4").is_dir()
