@@ -118,7 +118,8 @@ def staged_checkpoint(final: Path, needed_bytes: int, write: bool = True) -> Ite
     Yields the staging directory. A kill part-way leaves only the staging directory, which no resume looks at and
     the next save of that step replaces. A full disk is reported with the path and the space the checkpoint needs.
     With several processes, every one writes into the staging directory; only the one with `write` renames, and
-    the caller must synchronize the processes around the block.
+    the caller must synchronize the processes around the block, and clear a staging directory a killed save left
+    (one process, before the others start writing).
     """
     staging = staging_dir(final)
     try:
