@@ -7,8 +7,6 @@ corpus into `block_size` blocks and saves an ordinary Hugging Face model directo
 continues pretraining that model instead (same packing, its own tokenizer).
 """
 
-from pathlib import Path
-
 from transformers import (
     AutoModelForCausalLM,
     DataCollatorForLanguageModeling,
