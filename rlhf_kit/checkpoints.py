@@ -27,7 +27,8 @@ STAGING_PREFIX = "tmp-"
 TRAINER_STATE = "trainer_state.json"  # both trainers write it last, so its presence means the rest was written
 WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
            "adapter_model.bin")
-FSDP_WEIGHTS_PREFIX = "pytorch_model_fsdp"  # accelerate's sharded-state-dict checkpoints
+# Weights that sharded runs save instead: accelerate's FSDP sharded state dict, DeepSpeed's per-tag directory.
+SHARDED_WEIGHTS = ("pytorch_model_fsdp*", "global_step*")
 
 
 def checkpoint_step(path: str | Path) -> int | None:
@@ -47,18 +48,22 @@ def checkpoint_problem(path: str | Path) -> str | None:
     if not state.is_file():
         return f"no {TRAINER_STATE} (the save did not finish)"
     try:
-        step = json.loads(state.read_text()).get("global_step")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        step = dict(json.loads(state.read_text())).get("global_step")
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
         return f"{TRAINER_STATE} is truncated or corrupt ({e})"
     if checkpoint_step(path) is not None and step != checkpoint_step(path):
         return f"{TRAINER_STATE} is for step {step}, not {checkpoint_step(path)}"
-    if not any((path / name).exists() for name in WEIGHTS) and not any(path.glob(f"{FSDP_WEIGHTS_PREFIX}*")):
+    if not _has_weights(path):
         return f"no model weights (none of {', '.join(WEIGHTS)})"
     for file in sorted(path.rglob("*")):
         problem = _file_problem(file)
         if problem:
             return f"{file.relative_to(path)} {problem}"
     return None
+
+
+def _has_weights(path: Path) -> bool:
+    return any((path / name).exists() for name in WEIGHTS) or any(any(path.glob(p)) for p in SHARDED_WEIGHTS)
 
 
 def _file_problem(file: Path) -> str | None:
