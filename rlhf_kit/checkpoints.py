@@ -108,7 +108,8 @@ def last_valid_checkpoint(output_dir: str | Path) -> str | None:
         if problem is None:
             return str(candidate)
         warnings.warn(f"Skipping checkpoint {candidate}: {problem}. It was probably cut off while being written (a "
-                      "kill or a full disk); resuming from the newest complete checkpoint before it instead.", stacklevel=2)
+                      "kill or a full disk); resuming from the newest complete checkpoint before it instead.",
+                      stacklevel=2)
     return None
 
 
