@@ -14,13 +14,20 @@ stage record. An interrupted run resumes from its last checkpoint when started a
 from transformers import set_seed
 from trl import DPOTrainer
 
+from rlhf_kit.checkpoints import disk_full_explained
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.data import DataArguments, load_data
 from rlhf_kit.distributed import apply_global_batch_size, parallelism, shard_on_cpu
 from rlhf_kit.dpo import DPOArguments, check_dpo_setup
 from rlhf_kit.hub import publish_stage, take_over_push
 from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer
-from rlhf_kit.runs import format_summary, resume_checkpoint, start_and_final_evaluation, write_stage
+from rlhf_kit.runs import (
+    format_summary,
+    resume_checkpoint,
+    start_and_final_evaluation,
+    whole_run_train_loss,
+    write_stage,
+)
 
 
 def main(argv=None, overrides=None, callbacks=None):
@@ -55,10 +62,12 @@ def main(argv=None, overrides=None, callbacks=None):
         callbacks=callbacks,
     )
     shard_on_cpu(trainer)  # an FSDP launch on CPUs shards as it would on GPUs
-    train_result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(args.output_dir)
+    with disk_full_explained(trainer):  # a full disk names the checkpoint and the space it needs
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(args.output_dir)
     # Held-out pairs at the start (with eval_on_start: loss log 2, no pair ranked yet) and at the end.
-    metrics = {"train_loss": train_result.training_loss, "parallelism": parallelism(trainer)}
+    train_loss = whole_run_train_loss(trainer.state, train_result.training_loss, resume)  # before a resume too
+    metrics = {"train_loss": train_loss, "parallelism": parallelism(trainer)}
     if eval_data is not None:
         start, final = start_and_final_evaluation(trainer, "eval_loss")
         kept = ("eval_loss", "eval_rewards/")

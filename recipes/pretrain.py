@@ -7,8 +7,6 @@ corpus into `block_size` blocks and saves an ordinary Hugging Face model directo
 continues pretraining that model instead (same packing, its own tokenizer).
 """
 
-from pathlib import Path
-
 from transformers import (
     AutoModelForCausalLM,
     DataCollatorForLanguageModeling,
@@ -18,12 +16,13 @@ from transformers import (
     set_seed,
 )
 
+from rlhf_kit.checkpoints import disk_full_explained
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.data import load_data
 from rlhf_kit.model import load_tokenizer
 from rlhf_kit.pretraining import PretrainArguments, pack_blocks, tiny_llama_config, train_tokenizer
 from rlhf_kit.hub import publish_stage, take_over_push
-from rlhf_kit.runs import format_summary, resume_checkpoint, write_stage
+from rlhf_kit.runs import format_summary, resume_checkpoint, whole_run_train_loss, write_stage
 
 
 def main(argv=None, overrides=None):
@@ -53,9 +52,11 @@ def main(argv=None, overrides=None):
         eval_dataset=pack_blocks(eval_data, tokenizer, args.block_size) if eval_data is not None else None,
         processing_class=tokenizer,
     )
-    train_result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(out)
-    metrics = {"train_loss": train_result.training_loss, "parameters": model.num_parameters()}
+    with disk_full_explained(trainer):  # a full disk names the checkpoint and the space it needs
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(out)
+    train_loss = whole_run_train_loss(trainer.state, train_result.training_loss, resume)  # before a resume too
+    metrics = {"train_loss": train_loss, "parameters": model.num_parameters()}
     if eval_data is not None:
         metrics.update(trainer.evaluate())
 

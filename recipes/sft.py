@@ -11,12 +11,13 @@ from transformers import set_seed
 from trl import SFTTrainer
 
 from rlhf_kit.chat_template import RENDERED, assistant_mask_source, tokenize_for_assistant_loss
+from rlhf_kit.checkpoints import disk_full_explained
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.data import DataArguments, detect_dataset_format, load_data
 from rlhf_kit.distributed import apply_global_batch_size
 from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer
 from rlhf_kit.hub import publish_stage, take_over_push
-from rlhf_kit.runs import format_summary, resume_checkpoint, write_stage
+from rlhf_kit.runs import format_summary, resume_checkpoint, whole_run_train_loss, write_stage
 from rlhf_kit.sft import SFTArguments, check_compatible, resolve_loss_masking
 
 
@@ -61,9 +62,11 @@ def main(argv=None, overrides=None, callbacks=None):
         callbacks=callbacks,
     )
     args.assistant_only_loss = args.assistant_only_loss or own_masks  # the saved config says what was trained
-    train_result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(args.output_dir)
-    metrics = {"train_loss": train_result.training_loss}
+    with disk_full_explained(trainer):  # a full disk names the checkpoint and the space it needs
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(args.output_dir)
+    train_loss = whole_run_train_loss(trainer.state, train_result.training_loss, resume)  # before a resume too
+    metrics = {"train_loss": train_loss}
     if eval_data is not None:
         metrics.update(trainer.evaluate())
 

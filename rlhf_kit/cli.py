@@ -144,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="pretrain -> SFT -> reward model -> PPO -> evaluation, resuming finished stages")
     p.add_argument("config", help="pipeline YAML, e.g. recipes/configs/pipeline/tiny.yaml")
     p.add_argument("--output_dir", help="override the pipeline's output_dir")
-    p.add_argument("--force", action="store_true", help="rerun stages even when their output is finished")
+    p.add_argument("--force", action="store_true",
+                   help="start over: remove every stage's previous output (weights, checkpoints, record) and train "
+                        "each stage from scratch, instead of skipping finished stages and resuming unfinished ones")
     p.add_argument("--no_eval", action="store_true", help="skip the final evaluation report")
     p.set_defaults(func=_pipeline)
 

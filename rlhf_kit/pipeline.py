@@ -9,10 +9,17 @@ Each stage runs as `accelerate launch recipes/<stage>.py --config <its yaml>` in
 would run it by hand, with the previous stage's output handed over on the command line. A stage whose output
 directory already holds a finished stage record is skipped, so an interrupted pipeline resumes at the stage it was
 in (and that stage resumes from its own last checkpoint).
+
+`force` starts over: every configured stage's output directory (weights, checkpoints, stage record) is removed
+before the first stage runs, and each stage trains from scratch. Removing them all first keeps a stage record from
+ever describing other weights than those next to it: a forced rerun interrupted part-way leaves no record behind
+(that stage resumes from the new run's checkpoints on the next plain run), and no later stage keeps a record
+built on the earlier stage's previous output.
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -113,7 +120,10 @@ def run_pipeline(
     log: Callable[[str], None] = lambda _: None,
     run: Callable[[list[str]], int] = lambda cmd: subprocess.call(cmd),
 ) -> dict[str, str]:
-    """Run every configured stage in order; returns {stage: "ran" | "skipped"}."""
+    """Run every configured stage in order; returns {stage: "ran" | "skipped"}. With `force`, every stage's previous
+    output is removed first and every stage trains from scratch."""
+    if force:
+        _clear_outputs(config, log)
     status: dict[str, str] = {}
     for stage in config.ordered_stages():
         if is_finished(config, stage) and not force:
@@ -127,6 +137,14 @@ def run_pipeline(
             raise RuntimeError(f"Pipeline stage '{stage}' failed with exit code {code}; rerun to resume from it.")
         status[stage] = "ran"
     return status
+
+
+def _clear_outputs(config: PipelineConfig, log: Callable[[str], None]) -> None:
+    for stage in config.ordered_stages():
+        folder = config.stage_dir(stage)
+        if folder.exists():
+            log(f"[pipeline] {stage}: --force: removing the previous output {folder}; the stage trains from scratch")
+            shutil.rmtree(folder)
 
 
 REPORT_COLUMNS = ["shape_rate", "format_rate", "gold_score", "reward_model_score", "kl_to_reference", "response_tokens",

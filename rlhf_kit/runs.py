@@ -4,34 +4,64 @@ from __future__ import annotations
 
 import json
 import platform
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from transformers.trainer_utils import get_last_checkpoint
+from .checkpoints import TRAINER_STATE, checkpoint_problem, last_valid_checkpoint
 
 STAGE_FILE = "rlhf_kit_stage.json"
 _LIBRARIES = ("rlhf-kit", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes")
 
 
 def resume_checkpoint(output_dir: str, resume_from_checkpoint: str | bool | None) -> str | None:
-    """The checkpoint to resume from: the one asked for, else the newest in `output_dir` (an interrupted run).
+    """The checkpoint to resume from: the one asked for, else the newest complete one in `output_dir` (an
+    interrupted run); a newer checkpoint cut off while being written is skipped with a warning.
 
     `resume_from_checkpoint` may be a path, "true"/True for "the last one, which must exist", or "false" to start over.
     """
     flag = str(resume_from_checkpoint).lower() if resume_from_checkpoint is not None else None
     if flag in ("false", "no", "0"):
         return None
-    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    last = last_valid_checkpoint(output_dir)
     if flag in ("true", "yes", "1"):
         if last is None:
-            raise FileNotFoundError(f"resume_from_checkpoint=true but {output_dir} holds no checkpoint-* directory.")
+            raise FileNotFoundError(f"resume_from_checkpoint=true but {output_dir} holds no complete checkpoint-* "
+                                    "directory.")
         return last
     if resume_from_checkpoint is not None:
         if not Path(resume_from_checkpoint).is_dir():
             raise FileNotFoundError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a directory.")
+        problem = checkpoint_problem(resume_from_checkpoint)
+        if problem:
+            raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} is incomplete: {problem}. Give an "
+                             "earlier checkpoint, or leave resume_from_checkpoint unset to take the newest complete "
+                             "one.")
         return str(resume_from_checkpoint)
     return last
+
+
+def whole_run_train_loss(state, training_loss: float, resumed_from: str | None) -> float:
+    """The mean training loss over every step of the run, the part before a resume included.
+
+    A Trainer's `training_loss` covers only the steps trained since it started, so after a resume it describes part
+    of the run. The part before comes from the checkpoint's log history in `state` (each "loss" entry is the mean
+    over the steps since the previous one). Exact when the checkpoint's step was a logging step; otherwise the steps
+    between the last log and the checkpoint are left out of the mean, as no file holds their loss.
+    """
+    if resumed_from is None:
+        return training_loss
+    resumed_at = json.loads((Path(resumed_from) / TRAINER_STATE).read_text())["global_step"]
+    total, steps, previous = 0.0, 0, 0
+    for entry in state.log_history:
+        if "loss" in entry and entry["step"] <= resumed_at:
+            total += entry["loss"] * (entry["step"] - previous)
+            steps, previous = steps + entry["step"] - previous, entry["step"]
+    resumed_steps = state.global_step - resumed_at
+    if steps + resumed_steps <= 0:
+        return training_loss
+    return (total + training_loss * resumed_steps) / (steps + resumed_steps)
 
 
 def library_versions() -> dict[str, str]:
@@ -45,8 +75,17 @@ def library_versions() -> dict[str, str]:
 
 
 def read_stage(path: str | Path) -> dict[str, Any] | None:
+    """The stage record in `path`, or None when there is none or it is unreadable (a write cut off): the stage
+    counts as unfinished, so the pipeline reruns it (resuming from its checkpoints)."""
     file = Path(path) / STAGE_FILE
-    return json.loads(file.read_text()) if file.is_file() else None
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        warnings.warn(f"The stage record {file} is truncated or corrupt ({e}); treating the stage as unfinished. "
+                      "Rerunning the stage (or the pipeline) rewrites it.", stacklevel=2)
+        return None
 
 
 def write_stage(

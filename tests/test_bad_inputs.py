@@ -13,6 +13,195 @@ import pytest  # noqa: F401
 # ---- Half-written outputs and interrupted runs: --force, resumed records, partial checkpoints, stage records -----
 # (items 1, 4, 5, 6)
 
+# Imports of this section live here, not at the top of the file, so each section merges on its own.
+import errno  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+import torch  # noqa: E402
+from conftest import REPO, load_recipe, losses  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from rlhf_kit.checkpoints import checkpoint_problem  # noqa: E402
+from rlhf_kit.pipeline import PipelineConfig, run_pipeline  # noqa: E402
+from rlhf_kit.runs import STAGE_FILE, resume_checkpoint  # noqa: E402
+
+SFT_TINY = str(REPO / "recipes/configs/sft/tiny.yaml")
+SFT_SHORT = {"max_steps": 6, "save_strategy": "steps", "save_steps": 2, "save_total_limit": None,
+             "per_device_train_batch_size": 8, "max_length": 64, "learning_rate": 3e-3, "warmup_steps": 0,
+             "lr_scheduler_type": "constant", "logging_steps": 1, "eval_strategy": "no", "disable_tqdm": True,
+             "report_to": "none"}
+
+
+def _sft(tiny_base, out, callbacks=None, **overrides):
+    return load_recipe("sft")(["--config", SFT_TINY], callbacks=callbacks, overrides={
+        "model_name_or_path": tiny_base, "output_dir": str(out), **SFT_SHORT, **overrides})
+
+
+def _record(out):
+    return json.loads((out / STAGE_FILE).read_text())
+
+
+class _Steps(TrainerCallback):
+    def __init__(self):
+        self.seen = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seen.append(state.global_step)
+
+
+@pytest.fixture(scope="module")
+def sft_straight(tiny_base, tmp_path_factory):
+    """An uninterrupted 6-step SFT run with checkpoints at steps 2, 4 and 6."""
+    out = tmp_path_factory.mktemp("sft-straight")
+    _sft(tiny_base, out)
+    return out
+
+
+def _cut(ckpt, how):
+    """Leave `ckpt` as a save cut off part-way (a kill, a full disk) would."""
+    if how == "no trainer state":  # killed before the last file
+        (ckpt / "trainer_state.json").unlink()
+    elif how == "truncated trainer state":
+        state = ckpt / "trainer_state.json"
+        state.write_text(state.read_text()[:40])
+    else:  # a weights, optimizer or RNG file cut short, trainer_state.json written
+        file = ckpt / how
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+CUTS = ["no trainer state", "truncated trainer state", "adapter_model.safetensors", "optimizer.pt", "rng_state.pth"]
+
+
+@pytest.mark.parametrize("how", CUTS)
+def test_a_cut_off_checkpoint_is_named_incomplete_and_skipped(sft_straight, tmp_path, how):
+    for step in (2, 4):
+        shutil.copytree(sft_straight / f"checkpoint-{step}", tmp_path / f"checkpoint-{step}")
+    assert checkpoint_problem(tmp_path / "checkpoint-4") is None
+    _cut(tmp_path / "checkpoint-4", how)
+    assert checkpoint_problem(tmp_path / "checkpoint-4")  # a reason, not None
+    with pytest.warns(UserWarning, match=r"Skipping checkpoint .*checkpoint-4: .*newest complete checkpoint"):
+        assert resume_checkpoint(str(tmp_path), None) == str(tmp_path / "checkpoint-2")
+    with pytest.raises(ValueError, match=r"checkpoint-4 is incomplete: .*earlier checkpoint"):
+        resume_checkpoint(str(tmp_path / "checkpoint-4"), str(tmp_path / "checkpoint-4"))
+
+
+def test_sft_resumes_past_a_cut_off_checkpoint_and_matches_the_uninterrupted_run(tiny_base, sft_straight, tmp_path):
+    out = tmp_path / "resumed"
+    for step in (2, 4):
+        shutil.copytree(sft_straight / f"checkpoint-{step}", out / f"checkpoint-{step}")
+    _cut(out / "checkpoint-4", "adapter_model.safetensors")
+    steps = _Steps()
+    with pytest.warns(UserWarning, match=r"Skipping checkpoint .*checkpoint-4"):
+        resumed = _sft(tiny_base, out, callbacks=[steps])
+    assert steps.seen == [3, 4, 5, 6]  # from checkpoint-2
+    assert losses(resumed.state.log_history) == pytest.approx(losses(_history(sft_straight)), rel=1e-4)
+    torch.testing.assert_close(load_file(out / "adapter_model.safetensors"),
+                               load_file(sft_straight / "adapter_model.safetensors"))
+    # Item 4: the record's train_loss is the whole run's, as in the uninterrupted run.
+    assert _record(out)["metrics"]["train_loss"] == pytest.approx(_record(sft_straight)["metrics"]["train_loss"],
+                                                                  rel=1e-4)
+
+
+def test_sft_full_disk_names_the_checkpoint_and_the_rerun_resumes_past_it(tiny_base, sft_straight, tmp_path,
+                                                                         monkeypatch):
+    out = tmp_path / "sft"
+    monkeypatch.setattr(torch, "save", _disk_full_at("checkpoint-4/optimizer.pt"))
+    with pytest.raises(OSError, match=r"No space left .*checkpoint-4: it needs about [\d.,]+ MiB and .* free"):
+        _sft(tiny_base, out)
+    monkeypatch.undo()
+    assert checkpoint_problem(out / "checkpoint-4")  # the weights were written, the optimizer and the state not
+    steps = _Steps()
+    with pytest.warns(UserWarning, match=r"Skipping checkpoint .*checkpoint-4: no trainer_state.json"):
+        _sft(tiny_base, out, callbacks=[steps])  # the same command again, with space
+    assert steps.seen == [3, 4, 5, 6] and checkpoint_problem(out / "checkpoint-4") is None
+    torch.testing.assert_close(load_file(out / "adapter_model.safetensors"),
+                               load_file(sft_straight / "adapter_model.safetensors"))
+
+
+def _disk_full_at(suffix):
+    """torch.save that fails as a full disk does when it writes a file ending in `suffix`."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if str(f).endswith(suffix):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    return save
+
+
+def _history(out):
+    return json.loads((out / "checkpoint-6/trainer_state.json").read_text())["log_history"]
+
+
+def test_ppo_full_disk_names_the_checkpoint_and_the_rerun_resumes_and_matches(tiny_sft, tiny_reward, tmp_path,
+                                                                              monkeypatch):
+    settings = {"model_name_or_path": tiny_sft, "reward_model_path": tiny_reward, "max_steps": 4,
+                "save_steps": 2, "save_total_limit": None, "per_device_train_batch_size": 8, "eval_on_start": False,
+                "eval_strategy": "no", "response_length": 12, "disable_tqdm": True, "report_to": "none"}
+    ppo = load_recipe("ppo")
+
+    def run(out):
+        return ppo(["--config", str(REPO / "recipes/configs/ppo/tiny.yaml")],
+                   overrides={**settings, "output_dir": str(out)})
+
+    run(tmp_path / "straight")
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(torch, "save", _disk_full_at("checkpoint-4/optimizer.pt"))
+    with pytest.raises(OSError, match=r"No space left .*checkpoint-4: it needs about [\d.,]+ MiB and .* free"):
+        run(out)
+    monkeypatch.undo()
+    # The half-written checkpoint never took the name a resume looks for.
+    assert checkpoint_problem(out / "checkpoint-2") is None and not (out / "checkpoint-4").exists()
+    assert (out / "tmp-checkpoint-4").is_dir()
+
+    run(out)  # the same command again, with space: from checkpoint-2
+    assert not (out / "tmp-checkpoint-4").exists() and checkpoint_problem(out / "checkpoint-4") is None
+    torch.testing.assert_close(load_file(out / "adapter_model.safetensors"),
+                               load_file(tmp_path / "straight/adapter_model.safetensors"))
+    assert _record(out)["metrics"]["train_loss"] == pytest.approx(
+        _record(tmp_path / "straight")["metrics"]["train_loss"], rel=1e-4)
+
+
+def test_a_truncated_stage_record_is_named_and_the_stage_reruns(tmp_path):
+    config = PipelineConfig(output_dir=str(tmp_path), stages={"sft": SFT_TINY})
+    config.stage_dir("sft").mkdir()
+    (config.stage_dir("sft") / STAGE_FILE).write_text('{"stage": "sft", "compl')  # a write cut off
+    ran = []
+    with pytest.warns(UserWarning, match=rf"{STAGE_FILE} is truncated or corrupt .*treating the stage as unfinished"):
+        status = run_pipeline(config, run=lambda cmd: ran.append(cmd) or 0)
+    assert status == {"sft": "ran"} and len(ran) == 1
+
+
+def test_pipeline_force_trains_the_stage_from_scratch_and_the_record_matches(tiny_base, tmp_path):
+    def config(learning_rate):
+        return PipelineConfig(output_dir=str(tmp_path), accelerate_config=str(REPO / "accelerate_config.yaml"),
+                              stages={"sft": SFT_TINY}, overrides={"sft": {
+                                  **SFT_SHORT, "save_total_limit": 2, "model_name_or_path": tiny_base, "max_steps": 4,
+                                  "learning_rate": learning_rate}})
+
+    sft = tmp_path / "sft"
+    run_pipeline(config(1e-3), run=lambda cmd: subprocess.call(cmd, cwd=REPO))
+    before = load_file(sft / "adapter_model.safetensors")
+
+    def run_from_scratch(cmd):  # what the forced stage starts from: nothing of the previous run
+        assert not sft.exists()
+        return subprocess.call(cmd, cwd=REPO)
+
+    log = []
+    assert run_pipeline(config(3e-3), force=True, log=log.append, run=run_from_scratch) == {"sft": "ran"}
+    assert any("--force: removing the previous output" in line for line in log)
+    history = json.loads((sft / "checkpoint-4/trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4]
+    assert {e["learning_rate"] for e in history if "loss" in e} == {3e-3}  # trained at the new rate
+    after = load_file(sft / "adapter_model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    record = _record(sft)
+    assert record["config"]["learning_rate"] == 3e-3 and record["metrics"]["train_loss"] > 0
+
 
 # ---- Security, network and processes: secrets, telemetry, signals, read-only inputs ------------------------------
 # (items 7, 9, 11, 13)

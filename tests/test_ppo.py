@@ -503,6 +503,11 @@ def test_resume_after_interruption_matches_uninterrupted_run(sft, reward_dir, tm
     for step in (3, 4):
         for key in ("objective/scores", "objective/kl", "loss/policy", "loss/value", "policy/clipfrac"):
             assert steps(resumed)[step][key] == pytest.approx(steps(straight)[step][key], rel=1e-4, abs=1e-6), key
+    # The record describes the whole run, not only the updates after the resume (issue 15, item 4).
+    def record_loss(out):
+        return json.loads((out / "rlhf_kit_stage.json").read_text())["metrics"]["train_loss"]
+
+    assert record_loss(tmp_path / "resumed") == pytest.approx(record_loss(tmp_path / "straight"), rel=1e-4)
 
 
 def test_full_critic(sft, reward_dir, tmp_path):

@@ -418,6 +418,11 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_base, tmp_path
     assert steps.seen == [4, 5, 6]
     assert losses(resumed.state.log_history) == pytest.approx(losses(straight.state.log_history), rel=1e-4)
     assert (tmp_path / "resumed" / EVAL_FILE).is_file()
+    # The record describes the whole run, not only the steps trained after the resume (issue 15, item 4).
+    def record_loss(out):
+        return json.loads((out / "rlhf_kit_stage.json").read_text())["metrics"]["train_loss"]
+
+    assert record_loss(tmp_path / "resumed") == pytest.approx(record_loss(tmp_path / "straight"), rel=1e-4)
 
 
 def test_pairwise_report_by_hand():

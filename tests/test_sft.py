@@ -122,6 +122,13 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_base, tmp_path
     steps = [e["step"] for e in resumed.state.log_history if "loss" in e]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert losses(resumed.state.log_history) == pytest.approx(losses(straight.state.log_history), rel=1e-4)
+    # The record describes the whole run, not only the steps trained after the resume (issue 15, item 4).
+    assert record_loss(tmp_path / "resumed") == pytest.approx(record_loss(tmp_path / "straight"), rel=1e-4)
+    assert record_loss(tmp_path / "resumed") != pytest.approx(sum(losses(resumed.state.log_history)[3:]) / 3)
+
+
+def record_loss(out):
+    return json.loads((out / "rlhf_kit_stage.json").read_text())["metrics"]["train_loss"]
 
 
 def test_qlora_4bit_sft_on_cpu(tiny_base, tmp_path):

@@ -50,8 +50,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 from transformers import GenerationConfig, Trainer, TrainerControl, TrainerState
-from transformers.trainer_utils import TrainOutput, get_last_checkpoint
+from transformers.trainer_utils import TrainOutput
 
+from ..checkpoints import last_valid_checkpoint, staged_checkpoint, staging_dir, tensor_bytes
 from ..distributed import shard_on_cpu
 from ..losses import (
     AdaptiveKLController,
@@ -162,26 +163,30 @@ class PPOTrainer(Trainer):
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         if args.eval_on_start and self.state.global_step == 0 and self.eval_dataset is not None:
             self.evaluate()
-        losses = []
+        updates = 0
         while self.state.global_step < self.state.max_steps and not self.control.should_training_stop:
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             rollout = self.rollout(self._prompt_batch(self.state.global_step))
             self.score(rollout)
             self.compute_advantages(rollout)
             stats = self.update(rollout)
-            losses.append(stats["loss/total"])
+            self._losses.append(stats["loss/total"])
+            updates += 1
             self._end_step(rollout, stats)
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         self.is_in_train = False
-        metrics = {"train_runtime": time.time() - start, "train_updates": len(losses)}
-        return TrainOutput(self.state.global_step, float(np.mean(losses)) if losses else float("nan"), metrics)
+        metrics = {"train_runtime": time.time() - start, "train_updates": updates}
+        # The mean over every update of the run: a resumed run restores the losses of the updates before it.
+        train_loss = float(np.mean(self._losses)) if self._losses else float("nan")
+        return TrainOutput(self.state.global_step, train_loss, metrics)
 
     def _setup_training(self, resume_from_checkpoint) -> None:
         args = self.args
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(args.output_dir)
+            resume_from_checkpoint = last_valid_checkpoint(args.output_dir)
             if resume_from_checkpoint is None:
-                raise FileNotFoundError(f"resume_from_checkpoint=True but {args.output_dir} has no checkpoint-*")
+                raise FileNotFoundError(f"resume_from_checkpoint=True but {args.output_dir} has no complete "
+                                        "checkpoint-*")
         if args.fp16:
             raise ValueError("fp16 needs loss scaling, which this trainer does not do; use bf16 (or a bfloat16 dtype)")
         self.is_in_train = True
@@ -194,6 +199,7 @@ class PPOTrainer(Trainer):
         self.state.compute_steps(args, max_steps)
         self.create_optimizer_and_scheduler(num_training_steps=max_steps)
         self._fresh_start = resume_from_checkpoint is None
+        self._losses: list[float] = []  # "loss/total" of every update, for the run's mean training loss
         if resume_from_checkpoint:
             self._load_weights(str(resume_from_checkpoint))  # before sharding: full tensors into full parameters
         if self.is_fsdp_enabled:
@@ -571,24 +577,37 @@ class PPOTrainer(Trainer):
         self.processing_class.save_pretrained(output_dir)
 
     def _save_checkpoint(self) -> None:
-        """checkpoint-N: adapters, value head, optimizer, scheduler, KL controller, RNG, data position, state."""
-        ckpt = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-        self._save(str(ckpt), with_critic=True)
+        """checkpoint-N: adapters, value head, optimizer, scheduler, KL controller, RNG, data position, state.
+
+        Written into tmp-checkpoint-N and renamed when complete, so a kill or a full disk part-way never leaves a
+        checkpoint-N that a resume would trip over.
+        """
+        final = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         # The optimizer state by parameter name, whole tensors: the same file whether it was sharded or not.
         optimizer_state = get_optimizer_state_dict(self.model, _inner_optimizer(self.optimizer),
                                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        ckpt.mkdir(parents=True, exist_ok=True)
-        torch.save(_rng_state(), ckpt / f"rng_state_{self.args.process_index}.pth")
+        needed = tensor_bytes(optimizer_state) + sum(p.numel() * p.element_size() for p in self.model.trainable)
         if self.args.should_save:
-            torch.save(optimizer_state, ckpt / "optimizer.pt")
-            torch.save(self.lr_scheduler.state_dict(), ckpt / "scheduler.pt")
-            epoch, index = divmod(self.state.global_step, self._batches_per_epoch())
-            ppo_state = {"kl_controller": self.kl_ctl.state_dict(), "data_epoch": epoch, "data_batch": index,
-                         "dataset_size": len(self.train_dataset), "batch_size": self.args.batch_size,
-                         "warned": sorted(self._warned), "trend": self._trend}
-            (ckpt / PPO_STATE).write_text(json.dumps(ppo_state, indent=2))
-            self.state.save_to_json(str(ckpt / "trainer_state.json"))
+            shutil.rmtree(staging_dir(final), ignore_errors=True)  # left by a save that was killed
+        self.accelerator.wait_for_everyone()
+        with staged_checkpoint(final, needed, write=self.args.should_save) as ckpt:
+            self._save(str(ckpt), with_critic=True)
+            ckpt.mkdir(parents=True, exist_ok=True)
+            torch.save(_rng_state(), ckpt / f"rng_state_{self.args.process_index}.pth")
+            if self.args.should_save:
+                torch.save(optimizer_state, ckpt / "optimizer.pt")
+                torch.save(self.lr_scheduler.state_dict(), ckpt / "scheduler.pt")
+                (ckpt / PPO_STATE).write_text(json.dumps(self._ppo_state(), indent=2))
+                self.state.save_to_json(str(ckpt / "trainer_state.json"))  # last: what completeness checks read
+            self.accelerator.wait_for_everyone()  # every process's RNG file is in before the rename
+        if self.args.should_save:
             self._rotate_checkpoints()
+
+    def _ppo_state(self) -> dict:
+        epoch, index = divmod(self.state.global_step, self._batches_per_epoch())
+        return {"kl_controller": self.kl_ctl.state_dict(), "data_epoch": epoch, "data_batch": index,
+                "dataset_size": len(self.train_dataset), "batch_size": self.args.batch_size,
+                "warned": sorted(self._warned), "trend": self._trend, "losses": self._losses}
 
     def _load_weights(self, ckpt: str) -> None:
         """The adapters and value head (or full critic) of a checkpoint, into the model before it is prepared."""
@@ -615,6 +634,7 @@ class PPOTrainer(Trainer):
                           f"({ppo_state['dataset_size']}, {ppo_state['batch_size']}); the prompt order will differ")
         self.kl_ctl.load_state_dict(ppo_state["kl_controller"])
         self._warned, self._trend = set(ppo_state["warned"]), [tuple(t) for t in ppo_state["trend"]]
+        self._losses = list(ppo_state.get("losses", []))  # absent in checkpoints saved before rlhf-kit recorded it
         _set_rng_state(torch.load(os.path.join(ckpt, f"rng_state_{self.args.process_index}.pth"), weights_only=True))
         logger.info("resumed from %s at update %d", ckpt, self.state.global_step)
 
