@@ -23,7 +23,7 @@ from pathlib import Path
 # So `python data/make_datasets.py` works from a fresh checkout without `pip install -e .`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rlhf_kit import task  # noqa: E402
+from rlhf_kit.tasks import review as task  # noqa: E402
 
 SYSTEM_FRACTION = 0.1  # share of SFT conversations that open with a system message
 N_EXAMPLES = 20  # rows in each data/examples/ file

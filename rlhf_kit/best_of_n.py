@@ -173,12 +173,12 @@ def kl_bound(n: int) -> float:
 
 
 def evaluate_best_of_n(policy: Policy, prompts: list, *, n: int, reward_model, missing_eos_penalty: float | None = None,
-                       max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0, name: str | None = None):
+                       task=None, max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0,
+                       name: str | None = None):
     """Best-of-`n` of `policy` at inference, judged by `reward_model` (a RewardModel), as an evaluation row with
     the columns `evaluation.evaluate_policy` gives a trained policy. Its KL to `policy` is the analytic bound
     `kl_bound(n)`; its reward-model score is that of the picked completions, so it is optimistic by construction:
-    the gold score says what the picks are worth."""
-    from . import task
+    the gold score says what the picks are worth. `task` (`evaluation.load_task`) adds its own columns."""
     from .evaluation import EvalResult
     from .model import stop_token_ids
     from .rewards import MissingStopPenalty, RewardModelFunction
@@ -190,9 +190,7 @@ def evaluate_best_of_n(policy: Policy, prompts: list, *, n: int, reward_model, m
                       max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     responses = [p.response for p in picks]
     metrics = {
-        "gold_score": sum(task.gold_score(p, r) for p, r in zip(prompts, responses)) / len(prompts),
-        "shape_rate": sum(map(task.has_review_shape, responses)) / len(prompts),
-        "format_rate": sum(task.follows_format(p, r) for p, r in zip(prompts, responses)) / len(prompts),
+        **(task.metrics(prompts, responses) if task is not None else {}),
         "response_tokens": sum(p.lengths[p.best] for p in picks) / len(prompts),
         "stop_rate": sum(p.stopped[p.best] for p in picks) / len(prompts),
         "reward_model_score": sum(p.components["reward_model"][p.best] for p in picks) / len(prompts),

@@ -24,26 +24,33 @@ def _pipeline(ns: argparse.Namespace) -> int:
 def _eval(ns: argparse.Namespace) -> int:
     import json
 
-    from . import task
     from .data import load_data
-    from .evaluation import evaluate_policy, format_table, load_policy, win_rate
+    from .evaluation import evaluate_policy, format_table, load_policy, load_task, win_rate
 
+    task = load_task(ns.task)  # a typo fails before any model loads
+    judges = {}
+    if task is not None:
+        judges["gold_win_rate"] = task.gold_score
+    if ns.judge:
+        from .rollout import import_reward_func
+
+        judge_func = import_reward_func(ns.judge)
+        judges["judge_win_rate"] = lambda p, r: float(judge_func(prompts=[p], completions=[r])[0])
     prompts = load_data(ns.prompts, kind="prompt", split=ns.split)["prompt"][: ns.num_prompts]
     reward_model = None
     if ns.reward_model:
         from .rewards import RewardModel
 
         reward_model = RewardModel.from_pretrained(ns.reward_model)
+        judges["rm_win_rate"] = lambda p, r: reward_model.score_texts_for([p], [r]).item()
     reference = load_policy(ns.reference, "reference") if ns.reference else None
-    results = [evaluate_policy(load_policy(path), prompts, reward_model=reward_model, reference=reference,
+    results = [evaluate_policy(load_policy(path), prompts, reward_model=reward_model, reference=reference, task=task,
                                max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, seed=ns.seed)
                for path in [ns.model] + ([ns.against] if ns.against else [])]
     if ns.against:
         ours, theirs = results
-        ours.metrics["gold_win_rate"] = win_rate(prompts, ours.responses, theirs.responses, task.gold_score)
-        if reward_model is not None:
-            judge = lambda p, r: reward_model.score_texts_for([p], [r]).item()  # noqa: E731
-            ours.metrics["rm_win_rate"] = win_rate(prompts, ours.responses, theirs.responses, judge)
+        for column, judge in judges.items():
+            ours.metrics[column] = win_rate(prompts, ours.responses, theirs.responses, judge)
     columns = sorted({k for r in results for k in r.metrics})
     print(format_table(results, columns))
     if ns.output:
@@ -150,11 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_eval", action="store_true", help="skip the final evaluation report")
     p.set_defaults(func=_pipeline)
 
-    p = sub.add_parser("eval", help="gold score, reward-model score, KL, length, stop rate and win rate of a model")
+    p = sub.add_parser("eval", help="reward-model score, KL, length, stop rate, win rates and a task's metrics of a "
+                                    "model on any prompts")
     p.add_argument("model", help="a stage output directory (full model or LoRA adapter)")
     p.add_argument("--reward_model", help="reward stage output to score with")
     p.add_argument("--reference", help="model to measure KL against (usually the SFT output)")
-    p.add_argument("--against", help="a second model: report the first one's win rate against it")
+    p.add_argument("--against", help="a second model: report the first one's win rate against it, judged by the "
+                                     "reward model, the task's gold annotator and --judge, whichever are given")
+    p.add_argument("--task", help="a task module with a gold annotator, e.g. rlhf_kit.tasks.review: adds its metrics")
+    p.add_argument("--judge", help="'module:function' reward function (prompts=..., completions=...) -> scores that "
+                                   "judges the win rate")
     p.add_argument("--prompts", default="data/prompts", help="prompt-only data (default: data/prompts)")
     p.add_argument("--split", default="test")
     p.add_argument("--num_prompts", type=int, default=100)

@@ -1,6 +1,8 @@
-"""Evaluating policies on held-out prompts: gold score, reward-model score, KL to a reference, length, stops, wins.
+"""Evaluating policies on held-out prompts: reward-model score, KL to a reference, length, stops, win rates, and the
+columns of a task with a gold annotator when one is named.
 
-    result = evaluate_policy("outputs/tiny/ppo", prompts, reward_model=rm, reference="outputs/tiny/sft")
+    result = evaluate_policy(load_policy("outputs/tiny/ppo"), prompts, reward_model=rm,
+                             reference=load_policy("outputs/tiny/sft"), task=load_task("rlhf_kit.tasks.review"))
 
 Responses are *sampled* (with a fixed seed) at a temperature T, 1 by default; give PPO's sampling temperature to
 score each policy on the distribution PPO optimized. KL is that of the sampling distributions, as PPO measures it:
@@ -10,13 +12,13 @@ by T (the k1 estimator, unbiased for KL(pi_T || ref_T)).
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import task
 from .model import ModelArguments, load_model, load_tokenizer, prepare_tokenizer, stop_token_ids
 
 
@@ -52,6 +54,22 @@ def load_policy(path: str, name: str | None = None) -> Policy:
     prepare_tokenizer(tokenizer)
     model = load_model(ModelArguments(model_name_or_path=path), tokenizer).eval()
     return Policy(name or Path(path).name, model, tokenizer)
+
+
+def load_task(name: str | None):
+    """The task module `name` names (see `rlhf_kit.tasks`), checked for what evaluation calls; None for none."""
+    if not name:
+        return None
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:
+        raise ValueError(f"task '{name}' cannot be imported ({e}); a task is a module path, such as "
+                         "rlhf_kit.tasks.review") from None
+    missing = [f for f in ("metrics", "gold_score") if not callable(getattr(module, f, None))]
+    if missing:
+        raise ValueError(f"task module '{name}' has no {' or '.join(missing)} function; a task provides "
+                         "metrics(prompts, responses) and gold_score(prompt, response) (see rlhf_kit.tasks)")
+    return module
 
 
 def _prompt_ids(tokenizer, prompt) -> list[int]:
@@ -105,13 +123,12 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
 
 
 def evaluate_policy(policy: Policy, prompts: list, *, reward_model=None, reference: Policy | None = None,
-                    max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0) -> EvalResult:
+                    task=None, max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0) -> EvalResult:
+    """Sample one response per prompt and measure it: length and stops always, the reward model's score, the KL to
+    `reference` and the columns of `task` (`load_task`) when given."""
     gens = generate(policy, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    gold = [task.gold_score(p, r) for p, r in zip(prompts, gens.responses)]
     metrics = {
-        "gold_score": sum(gold) / len(gold),
-        "shape_rate": sum(map(task.has_review_shape, gens.responses)) / len(prompts),
-        "format_rate": sum(task.follows_format(p, r) for p, r in zip(prompts, gens.responses)) / len(prompts),
+        **(task.metrics(prompts, gens.responses) if task is not None else {}),
         "response_tokens": sum(map(len, gens.response_ids)) / len(prompts),
         "stop_rate": sum(gens.stopped) / len(prompts),
     }

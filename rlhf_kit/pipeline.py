@@ -50,8 +50,10 @@ WIRING: dict[str, dict[str, str]] = {
 
 # The report's evaluation: held-out prompts, sampled with a fixed seed. Set `temperature` to the one PPO samples at
 # to score each policy on the distribution PPO optimized.
+# `task` names a task module with a gold annotator (rlhf_kit.tasks.review for the shipped data): its metrics become
+# columns and its annotator judges the win rates; without one the report has the columns that apply to any prompts.
 EVALUATION_DEFAULTS = {"prompts": "data/prompts", "split": "test", "num_prompts": 100, "max_new_tokens": 32,
-                       "temperature": 1.0, "seed": 0}
+                       "temperature": 1.0, "seed": 0, "task": None}
 
 
 @dataclass
@@ -156,11 +158,11 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
     stage ran, at its n); write report.json, report.md and the PPO training plot."""
     import json
 
-    from . import task
     from .data import load_data
-    from .evaluation import evaluate_policy, format_table, load_policy, win_rate
+    from .evaluation import evaluate_policy, format_table, load_policy, load_task, win_rate
 
     settings = {**EVALUATION_DEFAULTS, **config.evaluation}
+    task = load_task(settings["task"])
     prompts_data = load_data(settings["prompts"], kind="prompt", split=settings["split"])
     prompts = prompts_data["prompt"][: settings["num_prompts"]]
     reward_model = None
@@ -172,7 +174,7 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
     policies = {name: load_policy(str(config.stage_dir(stage)), name) for name, stage in rows.items()
                 if stage in config.stages}
     reference = policies.get("sft")
-    results = [evaluate_policy(policy, prompts, reward_model=reward_model, reference=reference,
+    results = [evaluate_policy(policy, prompts, reward_model=reward_model, reference=reference, task=task,
                                max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
                                seed=settings["seed"])
                for policy in policies.values()]
@@ -181,13 +183,14 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
 
         stage = (read_stage(config.stage_dir("best_of_n")) or {}).get("config", {})
         results.append(evaluate_best_of_n(reference, prompts, n=stage.get("n", 4), reward_model=reward_model,
-                                          missing_eos_penalty=stage.get("missing_eos_penalty"),
+                                          missing_eos_penalty=stage.get("missing_eos_penalty"), task=task,
                                           max_new_tokens=settings["max_new_tokens"],
                                           temperature=settings["temperature"], seed=settings["seed"]))
     sft = next((r for r in results if r.name == "sft"), None)
     for r in results:
         if sft is not None:
-            r.metrics["gold_win_rate_vs_sft"] = win_rate(prompts, r.responses, sft.responses, task.gold_score)
+            if task is not None:
+                r.metrics["gold_win_rate_vs_sft"] = win_rate(prompts, r.responses, sft.responses, task.gold_score)
             if reward_model is not None:
                 def rm_judge(prompt, response):
                     return reward_model.score_texts_for([prompt], [response]).item()

@@ -422,7 +422,7 @@ class RewardSources:
     eval_reward_funcs: list[str] = field(
         default_factory=list,
         metadata={"help": "'module:function' rewards that are only measured and logged (weight 0), never optimized: "
-                  "e.g. rlhf_kit.task:gold, to see whether the learned reward is being hacked."},
+                  "e.g. rlhf_kit.tasks.review:gold, to see whether the learned reward is being hacked."},
     )
     missing_eos_penalty: float | None = field(
         default=None, metadata={"help": "Subtracted from the reward of a completion that never emits the stop token."}

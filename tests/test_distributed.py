@@ -229,7 +229,7 @@ def test_ppo_recipe_runs_on_two_processes(sft_pair, tmp_path):
     out = tmp_path / "ppo"
     launch(2, "recipes/ppo.py", [
         "--config", "recipes/configs/ppo/tiny.yaml", "--model_name_or_path", str(sft), "--reward_model_path", "",
-        "--reward_funcs", "rlhf_kit.task:gold", "--dataset_test_split", "none",  # no held-out set: no final eval
+        "--reward_funcs", "rlhf_kit.tasks.review:gold", "--dataset_test_split", "none",  # no held-out set: no final eval
         "--per_device_train_batch_size", "2",
         "--global_batch_size", "8", "--num_mini_batches", "2", "--response_length", "8", "--max_steps", "2",
         "--eval_on_start", "false", "--eval_strategy", "no", "--save_steps", "2", "--output_dir", str(out)])
@@ -262,7 +262,7 @@ def test_ppo_update_on_two_processes_matches_one(sft_pair, tmp_path, profile):
 
 def ppo_argv(sft, out, *extra):
     return ["--config", "recipes/configs/ppo/tiny.yaml", "--model_name_or_path", str(sft), "--reward_model_path", "",
-            "--reward_funcs", "rlhf_kit.task:gold", "--dataset_test_split", "none", "--per_device_train_batch_size",
+            "--reward_funcs", "rlhf_kit.tasks.review:gold", "--dataset_test_split", "none", "--per_device_train_batch_size",
             "2", "--global_batch_size", "8", "--num_mini_batches", "2", "--response_length", "8",
             "--eval_on_start", "false", "--eval_strategy", "no", "--lr_scheduler_type", "constant",
             "--output_dir", str(out), *extra]
@@ -297,9 +297,9 @@ def test_ppo_recipe_under_fsdp2_resumes_exactly(sft_pair, tmp_path):
 
 TRL_STAGE_ARGS = {
     "dpo": ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1"],
-    "grpo": ["--reward_model_path", "", "--reward_funcs", "rlhf_kit.task:gold", "--per_device_train_batch_size", "4",
+    "grpo": ["--reward_model_path", "", "--reward_funcs", "rlhf_kit.tasks.review:gold", "--per_device_train_batch_size", "4",
              "--gradient_accumulation_steps", "1", "--num_generations", "4", "--max_completion_length", "8"],
-    "rloo": ["--reward_model_path", "", "--reward_funcs", "rlhf_kit.task:gold", "--per_device_train_batch_size", "4",
+    "rloo": ["--reward_model_path", "", "--reward_funcs", "rlhf_kit.tasks.review:gold", "--per_device_train_batch_size", "4",
              "--gradient_accumulation_steps", "1", "--num_generations", "4", "--max_completion_length", "8"],
 }
 

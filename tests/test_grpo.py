@@ -59,7 +59,7 @@ def test_missing_stop_penalty_by_hand():
 
 def test_reward_functions_order_and_weights(tiny_sft):
     tokenizer = AutoTokenizer.from_pretrained(tiny_sft)
-    sources = RewardSources(reward_funcs=["test_grpo:item_length"], eval_reward_funcs=["rlhf_kit.task:gold"],
+    sources = RewardSources(reward_funcs=["test_grpo:item_length"], eval_reward_funcs=["rlhf_kit.tasks.review:gold"],
                             missing_eos_penalty=1.0)
     stops = stop_token_ids(tokenizer, tiny_sft)
     funcs, weights, _ = load_reward_functions(sources, tokenizer, stop_ids=stops, weights=[0.5])
@@ -67,7 +67,7 @@ def test_reward_functions_order_and_weights(tiny_sft):
     assert weights == [0.5, 1.0, 0.0]  # the penalty counts fully, the gold annotator is only measured
     assert funcs[1].stop_token_ids == set(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
     with pytest.raises(ValueError, match="no reward to optimize"):
-        load_reward_functions(RewardSources(eval_reward_funcs=["rlhf_kit.task:gold"]), tokenizer)
+        load_reward_functions(RewardSources(eval_reward_funcs=["rlhf_kit.tasks.review:gold"]), tokenizer)
     with pytest.raises(ValueError, match="reward_weights has 2 values for 1"):
         load_reward_functions(sources, tokenizer, stop_ids=stops, weights=[1.0, 1.0])
     with pytest.raises(ValueError, match="missing_eos_penalty needs the policy's stop tokens"):
@@ -108,7 +108,7 @@ def test_recipe_stops_where_the_model_does(name, tiny_sft, tmp_path):
     penalty must both end a completion there, as PPO and inference do."""
     tokenizer = load_tokenizer(tiny_sft)
     stops = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    trainer = run(name, tiny_sft, None, tmp_path / name, reward_funcs=["rlhf_kit.task:gold"], eval_reward_funcs=[],
+    trainer = run(name, tiny_sft, None, tmp_path / name, reward_funcs=["rlhf_kit.tasks.review:gold"], eval_reward_funcs=[],
                   missing_eos_penalty=1.0, max_steps=1, per_device_train_batch_size=4, num_generations=2,
                   max_completion_length=4, eval_strategy="no", eval_on_start=False,
                   eval_dataset_name="data/examples/prompts_standard.jsonl")
@@ -131,7 +131,7 @@ def test_bad_settings_fail_before_the_policy_loads(tiny_sft, tmp_path):
         run("grpo", "no/such/model", "no/such/reward", tmp_path, num_generations=1, per_device_train_batch_size=4,
             eval_strategy="no", eval_on_start=False)
     with pytest.raises(ValueError, match="reward_weights has 3 values for 1"):
-        run("rloo", tiny_sft, None, tmp_path, reward_funcs=["rlhf_kit.task:gold"], reward_weights=[1, 1, 1])
+        run("rloo", tiny_sft, None, tmp_path, reward_funcs=["rlhf_kit.tasks.review:gold"], reward_weights=[1, 1, 1])
 
 
 @pytest.mark.parametrize("config_class", [GRPOArguments, RLOOArguments])

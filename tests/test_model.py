@@ -141,7 +141,7 @@ def test_every_inference_path_stops_on_the_models_own_eos(extra_eos_model, tmp_p
     # Best-of-N through its recipe: the missing-stop penalty spares the answer that ended on the model's EOS.
     with contextlib.redirect_stdout(io.StringIO()):
         metrics = load_recipe("best_of_n")(["--config", "recipes/configs/best_of_n/tiny.yaml"], overrides={
-            "model_name_or_path": path, "reward_model_path": None, "reward_funcs": ["rlhf_kit.task:gold"],
+            "model_name_or_path": path, "reward_model_path": None, "reward_funcs": ["rlhf_kit.tasks.review:gold"],
             "eval_reward_funcs": [], "missing_eos_penalty": 1.0, "num_prompts": 1, "n": 2, "batch_size": 2,
             "temperature": 1e-3, "max_new_tokens": 8, "output_dir": str(tmp_path / "bon")})
     assert metrics["best/missing_stop"] == 0.0

@@ -27,7 +27,7 @@ def pipeline(tmp_path_factory):
         output_dir=str(out),
         stages=STAGES,
         overrides=SHORT,
-        evaluation={"num_prompts": 40, "max_new_tokens": 24, "temperature": 0.7},
+        evaluation={"num_prompts": 40, "max_new_tokens": 24, "temperature": 0.7, "task": "rlhf_kit.tasks.review"},
     )
     status = run_pipeline(config, run=_run_in(REPO))
     return config, status

@@ -448,7 +448,7 @@ def test_ppo_from_a_lora_sft_adapter_starts_from_the_merged_sft_model(tiny_base,
         "disable_tqdm": True})
     assert is_adapter_dir(sft_dir)
     out = tmp_path / "ppo"
-    trainer = run_ppo(str(sft_dir), "", out, reward_funcs=["rlhf_kit.task:gold"], eval_reward_funcs=[],
+    trainer = run_ppo(str(sft_dir), "", out, reward_funcs=["rlhf_kit.tasks.review:gold"], eval_reward_funcs=[],
                       max_steps=2, per_device_train_batch_size=8, response_length=8, learning_rate=1e-2,
                       save_strategy="no", eval_strategy="no", eval_on_start=True,
                       eval_dataset_name="data/examples/prompts_standard.jsonl")

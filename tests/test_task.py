@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_kit import task
+from rlhf_kit.tasks import review as task
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -267,7 +267,7 @@ def test_readme_command_writes_the_datasets(tmp_path):
 
 
 def test_review_shape_ignores_which_item():
-    from rlhf_kit.task import has_review_shape
+    from rlhf_kit.tasks.review import has_review_shape
 
     assert has_review_shape("The phone is great and red.")  # right shape, whichever item the prompt named
     assert has_review_shape([{"role": "assistant", "content": " The coffee is bland. "}])

@@ -92,7 +92,7 @@ _TEMPLATE_PATTERNS = tuple(
 def make_prompt(item: str, template_id: int) -> str:
     """The user's request for a review of `item` in wording `template_id`."""
     if item not in ITEMS:
-        raise ValueError(f"unknown item {item!r}; use one of rlhf_kit.task.ITEMS")
+        raise ValueError(f"unknown item {item!r}; use one of rlhf_kit.tasks.review.ITEMS")
     return TEMPLATES[template_id].format(item=item)
 
 
@@ -118,7 +118,7 @@ def split_of(item: str, template_id: int) -> Split:
     about equally represented in both splits (8, 8, 7, 7 test items).
     """
     if item not in ITEMS:
-        raise ValueError(f"unknown item {item!r}; use one of rlhf_kit.task.ITEMS")
+        raise ValueError(f"unknown item {item!r}; use one of rlhf_kit.tasks.review.ITEMS")
     held_out = ITEMS.index(item) % len(TEMPLATES)
     return "test" if template_id == held_out else "train"
 
@@ -160,7 +160,7 @@ def _adjectives(prompt: Text, response: Text) -> list[str] | None:
     if item is None:
         raise ValueError(
             f"not a task prompt: {_content(prompt, 'user')!r}; pass the user message "
-            "(one of rlhf_kit.task.TEMPLATES), not the chat-formatted text"
+            "(one of rlhf_kit.tasks.review.TEMPLATES), not the chat-formatted text"
         )
     match = _RESPONSE.fullmatch(_content(response, role="assistant").strip())
     if match is None or match.group(1) != item:
@@ -208,9 +208,18 @@ def gold_score(prompt: Text, response: Text) -> float:
 
 def gold(prompts: Sequence[Text], completions: Sequence[Text], **columns) -> list[float]:
     """`gold_score` as a TRL-style reward function, for PPO's ``reward_funcs`` or ``eval_reward_funcs``
-    (``rlhf_kit.task:gold``, logged as ``reward/gold``): prompts and completions as strings or message lists;
+    (``rlhf_kit.tasks.review:gold``, logged as ``reward/gold``): prompts and completions as strings or message lists;
     extra dataset columns are ignored."""
     return [gold_score(p, c) for p, c in zip(prompts, completions)]
+
+
+def metrics(prompts: Sequence[Text], responses: Sequence[str]) -> dict[str, float]:
+    """The task's evaluation columns over a set of responses: mean gold score, and the share with the answer's shape
+    (any item) and in the prompt's format (its item, known adjectives)."""
+    n = len(prompts)
+    return {"gold_score": sum(gold_score(p, r) for p, r in zip(prompts, responses)) / n,
+            "shape_rate": sum(map(has_review_shape, responses)) / n,
+            "format_rate": sum(follows_format(p, r) for p, r in zip(prompts, responses)) / n}
 
 
 def gold_prefers(prompt: Text, a: Text, b: Text) -> bool:

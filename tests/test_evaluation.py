@@ -1,0 +1,42 @@
+"""`rlhf-kit eval` and the report's evaluation on any prompts: the task's columns only when a task is named."""
+
+import json
+
+import pytest
+
+from rlhf_kit.cli import main as cli
+from rlhf_kit.evaluation import load_task
+
+OWN_PROMPTS = ["Summarize the meeting in one line.", "Name a colour.", "What is two plus two?", "Say hello.",
+               "Give me a word that rhymes with cat.", "Suggest a name for a dog."]
+
+
+def test_eval_on_a_users_own_prompts_reports_reward_kl_length_and_win_rates(tiny_sft, tiny_reward, tiny_base,
+                                                                            tmp_path, single_thread):
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": p}]}) + "\n" for p in OWN_PROMPTS))
+    out = tmp_path / "metrics.json"
+    assert cli(["eval", tiny_sft, "--prompts", str(prompts), "--reward_model", tiny_reward, "--reference", tiny_sft,
+                "--against", tiny_base, "--judge", "test_evaluation:longer", "--max_new_tokens", "8",
+                "--output", str(out)]) == 0
+    ours = json.loads(out.read_text())[tiny_sft.rstrip("/").split("/")[-1]]
+    assert {"reward_model_score", "kl_to_reference", "response_tokens", "stop_rate", "rm_win_rate",
+            "judge_win_rate"} <= set(ours)
+    assert ours["kl_to_reference"] == 0.0 and 0.0 <= ours["rm_win_rate"] <= 1.0
+    assert not {"gold_score", "shape_rate", "format_rate", "gold_win_rate"} & set(ours)  # no task was named
+
+
+def longer(prompts, completions, **columns):
+    """A judge for the test: the longer answer wins."""
+    return [float(len(c)) for c in completions]
+
+
+def test_a_named_task_adds_its_columns_and_a_bad_one_fails_first(tiny_sft, tmp_path, single_thread):
+    out = tmp_path / "metrics.json"
+    assert cli(["eval", tiny_sft, "--task", "rlhf_kit.tasks.review", "--num_prompts", "4", "--max_new_tokens", "8",
+                "--output", str(out)]) == 0
+    assert {"gold_score", "shape_rate", "format_rate"} <= set(next(iter(json.loads(out.read_text()).values())))
+    with pytest.raises(ValueError, match="task 'rlhf_kit.tasks.reviews' cannot be imported"):
+        load_task("rlhf_kit.tasks.reviews")
+    with pytest.raises(ValueError, match="has no metrics or gold_score function"):
+        load_task("json")
