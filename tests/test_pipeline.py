@@ -36,7 +36,7 @@ def pipeline(tmp_path_factory):
 def _run_in(cwd):
     import subprocess
 
-    return lambda cmd: subprocess.call(cmd, cwd=cwd)
+    return lambda cmd, env: subprocess.call(cmd, cwd=cwd, env=env)
 
 
 def test_stages_hand_outputs_forward(tmp_path):
@@ -78,7 +78,7 @@ def test_pipeline_runs_and_rerun_skips_finished_stages(pipeline):
     assert record["parent"]["stage"] == "sft"  # the lineage chain is recorded
     assert record["parent"]["parent"]["stage"] == "pretrain"
 
-    def must_not_run(cmd):
+    def must_not_run(cmd, env):
         raise AssertionError(f"finished stage was run again: {cmd}")
 
     assert run_pipeline(config, run=must_not_run) == dict.fromkeys(STAGES, "skipped")
