@@ -86,3 +86,81 @@ def test_stopping_the_pipeline_stops_its_running_stage(tmp_path, signum):
         for pid in [pipeline.pid, *stage]:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+PLANTED = "hf_PLANTEDsecret123"
+# Put first on PYTHONPATH as `sitecustomize`, so every process of a run (launcher, recipe, threads) records each
+# connection attempt and DNS lookup it makes, and is refused: nothing leaves the machine even when a test fails.
+NETWORK_GUARD = '''
+import os, socket, traceback
+
+def _refuse(what):
+    with open(os.environ["NETWORK_LOG"], "a") as f:
+        f.write(f"{what}\\n{''.join(traceback.format_stack(limit=25))}\\n")
+    raise OSError(f"network refused by the test: {what}")
+
+def _connect(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        _refuse(f"connect {address}")
+    return _unguarded_connect(self, address)
+
+_unguarded_connect = socket.socket.connect
+socket.socket.connect = _connect
+socket.getaddrinfo = lambda host, *args, **kwargs: _refuse(f"getaddrinfo {host}")
+'''
+
+
+@pytest.fixture(scope="module")
+def guarded_pipeline(tmp_path_factory):
+    """The real `rlhf-kit pipeline` through every stage (shrunk to a few steps, each saving checkpoints), with a
+    planted Hub token (as pipeline overrides, and in the SFT stage's own YAML) and offline mode NOT set, every
+    connection attempt recorded and refused. Returns the run's directory, its captured log and its network log."""
+    root = tmp_path_factory.mktemp("guarded")
+    (root / "guard").mkdir()
+    (root / "guard" / "sitecustomize.py").write_text(NETWORK_GUARD)
+    sft_yaml = root / "sft.yaml"
+    sft_yaml.write_text((REPO / "recipes/configs/sft/tiny.yaml").read_text() + f"hub_token: {PLANTED}\n")
+    quick = {"eval_strategy": "no", "save_strategy": "steps", "disable_tqdm": True, "report_to": "none"}
+    config = {
+        "output_dir": str(root / "out"),
+        "stages": {"pretrain": "recipes/configs/pretrain/tiny.yaml", "sft": str(sft_yaml),
+                   "reward": "recipes/configs/reward/tiny.yaml", "ppo": "recipes/configs/ppo/tiny.yaml"},
+        "overrides": {
+            "pretrain": {**quick, **TINY_SHAPE, "max_steps": 4, "save_steps": 2, "per_device_train_batch_size": 8,
+                         "hub_token": PLANTED},
+            "sft": {**quick, "max_steps": 4, "save_steps": 2, "per_device_train_batch_size": 8, "max_length": 64},
+            "reward": {**quick, "max_steps": 4, "save_steps": 2, "per_device_train_batch_size": 8, "max_length": 64,
+                       "reference_pairs": 16, "hub_token": PLANTED},
+            "ppo": {**quick, "max_steps": 2, "save_steps": 1, "eval_on_start": False, "per_device_train_batch_size": 4,
+                    "response_length": 8, "allow_weak_reward_model": True, "hub_token": PLANTED},
+        },
+    }
+    (root / "pipeline.yaml").write_text(yaml.safe_dump(config))
+    offline = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "HF_TOKEN")
+    env = {k: v for k, v in os.environ.items() if k not in offline}
+    env.update(PYTHONPATH=f"{root / 'guard'}:{REPO}", NETWORK_LOG=str(root / "network.log"), HF_HOME=str(root / "hf"))
+    with open(root / "pipeline.log", "w") as log:
+        code = subprocess.call([sys.executable, "-m", "rlhf_kit.cli", "pipeline", str(root / "pipeline.yaml")],
+                               cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    assert code == 0, (root / "pipeline.log").read_text()[-3000:]
+    return root
+
+
+def test_planted_token_reaches_no_file_checkpoint_or_log(guarded_pipeline):
+    """Item 11: not in any stage output, checkpoint (training_args.bin is a pickle: searched as bytes), cache or the
+    pipeline's log; before, every checkpoint-*/training_args.bin held it and the log printed it."""
+    root = guarded_pipeline
+    checkpoints = list((root / "out").glob("*/checkpoint-*"))
+    assert {c.parent.name for c in checkpoints} == {"pretrain", "sft", "reward", "ppo"}
+    inputs = {root / "pipeline.yaml", root / "sft.yaml"}  # where the user wrote it
+    leaks = [str(f.relative_to(root)) for f in root.rglob("*")
+             if f.is_file() and f not in inputs and PLANTED.encode() in f.read_bytes()]
+    assert leaks == []
+    assert "hub_token is ignored and kept out of every saved file" in (root / "pipeline.log").read_text()
+
+
+def test_run_on_local_files_makes_no_network_call(guarded_pipeline):
+    """Item 13: with every model and data set local and offline mode unset, no process of the run opens a
+    connection; before, datasets' download count and TRL's telemetry reached for the Hub."""
+    log = guarded_pipeline / "network.log"
+    assert not log.exists(), log.read_text()[:3000]
