@@ -3,6 +3,7 @@ row, field or key and saying what to do, or (for what is handled rather than ref
 entry that report it. None of them may be silent. The cases are those of issue 15's adversarial review.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -138,7 +139,8 @@ def guarded_pipeline(tmp_path_factory):
     (root / "pipeline.yaml").write_text(yaml.safe_dump(config))
     offline = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "HF_TOKEN")
     env = {k: v for k, v in os.environ.items() if k not in offline}
-    env.update(PYTHONPATH=f"{root / 'guard'}:{REPO}", NETWORK_LOG=str(root / "network.log"), HF_HOME=str(root / "hf"))
+    env.update(PYTHONPATH=f"{root / 'guard'}:{REPO}", NETWORK_LOG=str(root / "network.log"), HF_HOME=str(root / "hf"),
+               RLHF_KIT_CACHE=str(root / "cache"))
     with open(root / "pipeline.log", "w") as log:
         code = subprocess.call([sys.executable, "-m", "rlhf_kit.cli", "pipeline", str(root / "pipeline.yaml")],
                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -164,3 +166,43 @@ def test_run_on_local_files_makes_no_network_call(guarded_pipeline):
     connection; before, datasets' download count and TRL's telemetry reached for the Hub."""
     log = guarded_pipeline / "network.log"
     assert not log.exists(), log.read_text()[:3000]
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    return {str(f.relative_to(directory)): (f.stat().st_size, f.stat().st_mtime_ns) for f in directory.rglob("*")}
+
+
+def test_read_only_sft_adapter_feeds_the_reward_stage(tiny_base, tmp_path, monkeypatch):
+    """Item 7: the merged SFT model is cached in the cache directory ($RLHF_KIT_CACHE), nothing is written inside the
+    input directory, and the reward adapter's recorded base names the SFT adapter it derives from; before, the
+    reward stage wrote `<sft>/merged` and failed on a read-only SFT directory (root ignores the mode bits, so the
+    test checks that the directory is left exactly as it was)."""
+    import contextlib
+    import io
+
+    from conftest import load_recipe
+
+    from rlhf_kit.model import merged_source
+
+    sft, cache = tmp_path / "sft", tmp_path / "cache"
+    monkeypatch.setenv("RLHF_KIT_CACHE", str(cache))
+    quick = {"eval_strategy": "no", "save_strategy": "no", "disable_tqdm": True, "max_length": 64,
+             "per_device_train_batch_size": 8, "report_to": "none"}
+    with contextlib.redirect_stdout(io.StringIO()):
+        load_recipe("sft")(["--config", "recipes/configs/sft/tiny.yaml"],
+                           overrides={**quick, "model_name_or_path": tiny_base, "output_dir": str(sft), "max_steps": 2})
+    before = _snapshot(sft)
+    for path in [sft, *sft.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            load_recipe("reward")(["--config", "recipes/configs/reward/tiny.yaml"], overrides={
+                **quick, "model_name_or_path": str(sft), "output_dir": str(tmp_path / "reward"), "max_steps": 2,
+                "reference_pairs": 16})
+    finally:
+        for path in [sft, *sft.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)
+    assert _snapshot(sft) == before
+    base = json.loads((tmp_path / "reward" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base).is_relative_to(cache) and Path(base).is_dir()
+    assert merged_source(base) == sft.resolve()
