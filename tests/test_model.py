@@ -222,6 +222,19 @@ def test_merged_cache_follows_the_adapter(tiny_base, tmp_path):
     assert leftovers(merged) == []
 
 
+def test_a_cleared_merge_cache_is_rebuilt_from_its_adapter(tiny_base, tmp_path):
+    """A reward or PPO adapter records the merged SFT model in the cache as its base: with the cache cleared, loading
+    that base rebuilds it from the SFT adapter its path names, instead of failing on a missing directory."""
+    adapter = tmp_path / "sft"
+    train_sft_adapter(tiny_base, adapter, seed=0)
+    merged = merged_model_dir(adapter)
+    shutil.rmtree(merged)
+    tokenizer = load_tokenizer(str(adapter))
+    model = load_model(ModelArguments(model_name_or_path=str(merged)), tokenizer)
+    assert merged.is_dir() and is_fresh_merge(merged, merge_key(adapter))
+    torch.testing.assert_close(logits_of(model, tokenizer), base_plus_adapter(tiny_base, adapter), rtol=0, atol=1e-5)
+
+
 def test_interrupted_merge_is_never_taken_as_finished(tiny_base, tmp_path, monkeypatch):
     adapter = tmp_path / "sft"
     train_sft_adapter(tiny_base, adapter, seed=0)
