@@ -139,23 +139,28 @@ def run_stage(cmd: list[str], env: dict[str, str]) -> int:
     launcher and its training processes, and the pipeline waits for them: otherwise the stage would go on training in
     the background with nobody to see it. A second signal kills the group outright. Raises StageStopped once stopped.
     """
-    child = subprocess.Popen(cmd, env=env, start_new_session=True)
+    child: subprocess.Popen | None = None
     received: list[int] = []
 
     def forward(signum, _frame):
         received.append(signum)
-        _signal_group(child.pid, signum if len(received) == 1 else signal.SIGKILL)
+        if child is not None:
+            _signal_group(child.pid, signum if len(received) == 1 else signal.SIGKILL)
 
-    # Python lets only the main thread set handlers; elsewhere (a caller's worker thread) signals stay theirs.
+    # Handlers first, so that no signal falls between starting the stage and watching for it. Python lets only the
+    # main thread set handlers; elsewhere (a caller's worker thread) signals stay the caller's.
     handlers = ({s: signal.signal(s, forward) for s in STOP_SIGNALS}
                 if threading.current_thread() is threading.main_thread() else {})
     try:
+        child = subprocess.Popen(cmd, env=env, start_new_session=True)
+        if received:  # arrived while it was starting
+            _signal_group(child.pid, received[0])
         code = child.wait()
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
     if received:
-        # The launcher can exit before its workers: none of the stage may outlive the pipeline.
+        # The launcher can exit before its workers: no part of the stage may outlive the pipeline.
         _signal_group(child.pid, signal.SIGKILL)
         raise StageStopped(received[0])
     return code
