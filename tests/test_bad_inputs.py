@@ -154,6 +154,7 @@ def test_planted_token_reaches_no_file_checkpoint_or_log(guarded_pipeline):
     root = guarded_pipeline
     checkpoints = list((root / "out").glob("*/checkpoint-*"))
     assert {c.parent.name for c in checkpoints} == {"pretrain", "sft", "reward", "ppo"}
+    assert (root / "cache" / "rlhf_kit_merged").is_dir()  # the merged SFT model is searched too
     inputs = {root / "pipeline.yaml", root / "sft.yaml"}  # where the user wrote it
     leaks = [str(f.relative_to(root)) for f in root.rglob("*")
              if f.is_file() and f not in inputs and PLANTED.encode() in f.read_bytes()]
