@@ -8,9 +8,9 @@ The token is the one huggingface_hub finds (HF_TOKEN, then the file `hf auth log
 in memory and is never printed, logged or written; a file that contains it is refused. HF_ENDPOINT is read at each
 call, so tests can point the real client at a local server.
 
-A training recipe with `push_to_hub: true` calls `take_over_push(args)` right after parsing its config and
-`push(output_dir, settings.repo_id, ...)` at the end: Trainer's own push would upload at every save, to a public
-repository unless told otherwise, without rlhf-kit's card.
+Every training recipe calls `take_over_push(args)` right after parsing its config (which also keeps a hub_token out
+of the saved arguments and switches telemetry off), and with `push_to_hub: true` pushes at the end: Trainer's own
+push would upload at every save, to a public repository unless told otherwise, without rlhf-kit's card.
 """
 
 from __future__ import annotations
