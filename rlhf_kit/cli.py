@@ -8,12 +8,16 @@ from collections.abc import Callable
 
 
 def _pipeline(ns: argparse.Namespace) -> int:
-    from .pipeline import PipelineConfig, run_pipeline
+    from .pipeline import PipelineConfig, StageStopped, run_pipeline
 
     config = PipelineConfig.from_yaml(ns.config)
     if ns.output_dir:
         config.output_dir = ns.output_dir
-    run_pipeline(config, force=ns.force, log=print)
+    try:
+        run_pipeline(config, force=ns.force, log=lambda line: print(line, flush=True))
+    except StageStopped as stop:
+        print(f"rlhf-kit pipeline: {stop}", file=sys.stderr)
+        return 128 + stop.signum  # the shell's convention for "ended by this signal"
     if config.evaluation and not ns.no_eval:
         from .pipeline import report
 

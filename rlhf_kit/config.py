@@ -117,7 +117,7 @@ def to_dict(*instances: Any) -> dict[str, Any]:
     for inst in instances:
         data = inst.to_dict() if hasattr(inst, "to_dict") else dataclasses.asdict(inst)
         for key, value in data.items():
-            if "token" in key and key not in _NOT_SECRETS:
+            if is_secret(key):
                 continue
             out[key] = value if _json_safe(value) else str(value)
     return out
@@ -125,6 +125,14 @@ def to_dict(*instances: Any) -> dict[str, Any]:
 
 # Keys that contain "token" but hold no secret.
 _NOT_SECRETS = {"pad_token", "eos_token", "stop_token", "train_chat_tokens", "max_new_tokens", "include_num_input_tokens_seen"}
+# The environment variable that carries a secret key's value to a child process instead of its command line (which
+# every user of the machine can read in `ps`, and which logs print).
+SECRET_ENV = {"hub_token": "HF_TOKEN"}
+
+
+def is_secret(key: str) -> bool:
+    """Whether a config key holds a secret, which is never saved, logged or put on a command line."""
+    return "token" in key and key not in _NOT_SECRETS
 
 
 def _json_safe(value: Any) -> bool:

@@ -446,9 +446,15 @@ def _load_file(path: str, kind: str) -> tuple[datasets.Dataset, str]:
     return _check_dataset(_build("parquet", path), path, kind)
 
 
+# A local file is read by its packaged builder directly: `datasets.load_dataset("json", ...)` also sends a download
+# count to the Hub (datasets 5.2, `increase_load_count`) unless offline mode is set, a network call for local data.
+_READERS = {"json": datasets.Dataset.from_json, "csv": datasets.Dataset.from_csv,
+            "parquet": datasets.Dataset.from_parquet}
+
+
 def _build(builder: str, path: str, **kwargs) -> datasets.Dataset:
     try:
-        return datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
+        return _READERS[builder](path, split="train", **kwargs)
     except Exception as error:  # the builders raise many types (Arrow, pandas, DatasetGenerationError)
         raise DataError(f"{path}: could not be read as {builder.upper()}: {type(error).__name__}: {error}") from error
 

@@ -33,7 +33,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from .config import ConfigError, save_config
-from .model import IM_END, ModelArguments, adapter_base, is_adapter_dir, load_model, merged_model_dir
+from .model import (IM_END, ModelArguments, adapter_base, is_adapter_dir, load_model, merged_model_dir,
+                    merged_source)
 from .rewards import REWARD_FILE, read_eval_report, read_reward_file, write_reward_files
 from .runs import STAGE_FILE, read_stage
 
@@ -173,9 +174,10 @@ class BaseModelUnavailable(ExportError):
 
 
 def _merged_cache_parent(base: str) -> Path | None:
-    """An SFT output's merged/ cache (the base of PPO and reward adapters) can be rebuilt from the SFT adapter."""
-    parent = Path(base).parent
-    return parent if Path(base).name == "merged" and not Path(base).is_dir() and is_adapter_dir(parent) else None
+    """An SFT output's merged cache (the base of PPO and reward adapters), when deleted, is rebuilt from the SFT
+    adapter."""
+    source = merged_source(base)
+    return source if source is not None and not Path(base).is_dir() and is_adapter_dir(source) else None
 
 
 def _base_config(source: StageOutput):

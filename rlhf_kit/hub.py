@@ -8,9 +8,9 @@ The token is the one huggingface_hub finds (HF_TOKEN, then the file `hf auth log
 in memory and is never printed, logged or written; a file that contains it is refused. HF_ENDPOINT is read at each
 call, so tests can point the real client at a local server.
 
-A training recipe with `push_to_hub: true` calls `take_over_push(args)` right after parsing its config and
-`push(output_dir, settings.repo_id, ...)` at the end: Trainer's own push would upload at every save, to a public
-repository unless told otherwise, without rlhf-kit's card.
+Every training recipe calls `take_over_push(args)` right after parsing its config (which also keeps a hub_token out
+of the saved arguments and switches telemetry off), and with `push_to_hub: true` pushes at the end: Trainer's own
+push would upload at every save, to a public repository unless told otherwise, without rlhf-kit's card.
 """
 
 from __future__ import annotations
@@ -88,19 +88,39 @@ def require_token() -> str:
 
 def take_over_push(args) -> PushSettings | None:
     """A recipe's push settings (TrainingArguments' push_to_hub, hub_model_id, hub_private_repo, hub_revision), with
-    Trainer's own push switched off. Fails now, not after training, on a missing or malformed id or a missing token."""
+    Trainer's own push switched off. Fails now, not after training, on a missing or malformed id or a missing token.
+
+    Whether or not it pushes, the recipe's Hub traffic is settled here too: a token among the arguments is dropped
+    (Trainer pickles the arguments into every checkpoint's training_args.bin) and telemetry is switched off.
+    """
+    _drop_token(args)
+    _no_telemetry()
     if not getattr(args, "push_to_hub", False):
         return None
     if not args.hub_model_id:
         raise ConfigError("push_to_hub: true needs hub_model_id: <namespace>/<name>.")
     check_repo_id(args.hub_model_id)
-    if getattr(args, "hub_token", None):
-        logger.warning("hub_token in a config is ignored (configs are saved and shared); use HF_TOKEN or "
-                       "`hf auth login`.")
-        args.hub_token = None
     require_token()
     args.push_to_hub = False
     return PushSettings(args.hub_model_id, private=args.hub_private_repo is not False, revision=args.hub_revision)
+
+
+def _drop_token(args) -> None:
+    if getattr(args, "hub_token", None):
+        logger.warning("hub_token is ignored and kept out of every saved file (training_args.bin, configs, cards): "
+                       "set HF_TOKEN or run `hf auth login` instead. The pipeline hands a hub_token override to the "
+                       "stage as HF_TOKEN.")
+        args.hub_token = None
+
+
+def _no_telemetry() -> None:
+    """No usage pings: TRL's trainers send one per run (trl 1.16, `_BaseTrainer._send_telemetry`) unless telemetry or
+    offline mode is set, so a run on local files would still reach the Hub. An explicit HF_HUB_DISABLE_TELEMETRY in
+    the environment is left to decide."""
+    from huggingface_hub import constants
+
+    if "HF_HUB_DISABLE_TELEMETRY" not in os.environ:
+        constants.HF_HUB_DISABLE_TELEMETRY = True
 
 
 def upload_plan(folder: str | Path) -> list[str]:

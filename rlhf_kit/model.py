@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -219,6 +220,7 @@ def load_model(
     """
     if args.model_name_or_path is None:
         raise ValueError("model_name_or_path is not set: give a local model directory or a Hub model id.")
+    args = dataclasses.replace(args, model_name_or_path=available_base(args.model_name_or_path, trust_remote_code))
     if is_adapter_dir(args.model_name_or_path):
         # The previous stage saved a LoRA adapter: this stage starts from base + adapter, merged.
         path = merged_model_dir(args.model_name_or_path, trust_remote_code=trust_remote_code)
@@ -310,7 +312,12 @@ def adapter_base(adapter_dir: str | Path) -> str:
     return base
 
 
-# The merged copy of an adapter is cached beside it, with a record of what it was built from (`merge_key`).
+# The merged copy of an adapter is cached outside it (its directory may be read-only, shared or on another disk), in
+# the cache directory: $RLHF_KIT_CACHE, else the Hugging Face home ($HF_HOME). It sits at the adapter's absolute path
+# under `<cache>/rlhf_kit_merged/`, so a merged base recorded by a later stage names the adapter it came from, and is
+# rebuilt from it when the cache was cleared. A record says what it was built from (`merge_key`).
+CACHE_ENV = "RLHF_KIT_CACHE"
+MERGED_CACHE = "rlhf_kit_merged"
 MERGE_RECORD = "rlhf_kit_merge.json"
 # The base is loaded at its stored precision for merging; recorded so that merging another way would rebuild.
 MERGE_DTYPE = "auto"
@@ -372,8 +379,38 @@ def is_fresh_merge(merged_dir: str | Path, key: dict) -> bool:
         return False
 
 
+def cache_dir() -> Path:
+    """Where rlhf-kit caches models it derives (merged adapters): $RLHF_KIT_CACHE, else $HF_HOME."""
+    from huggingface_hub import constants
+
+    return Path(os.environ.get(CACHE_ENV) or constants.HF_HOME).expanduser()
+
+
+def merged_cache_path(adapter_dir: str | Path) -> Path:
+    """The merged model's directory in the cache: the adapter's absolute path, under `<cache>/rlhf_kit_merged/`."""
+    absolute = Path(adapter_dir).expanduser().resolve()
+    return cache_dir() / MERGED_CACHE / absolute.relative_to(absolute.anchor)
+
+
+def merged_source(path: str | Path) -> Path | None:
+    """The adapter directory that `path` is the merged cache of (found from the path alone, so also when the cache
+    was deleted), or None. A cache from before the cache directory sits inside its adapter as `merged/`."""
+    path = Path(path)
+    if MERGED_CACHE in path.parts:
+        return Path(path.anchor or "/", *path.parts[path.parts.index(MERGED_CACHE) + 1:])
+    return path.parent if path.name == "merged" and is_adapter_dir(path.parent) else None
+
+
+def available_base(name_or_path: str, trust_remote_code: bool = False) -> str:
+    """`name_or_path`, or, when it is a merged cache that no longer exists but its adapter does, that cache rebuilt."""
+    source = merged_source(name_or_path)
+    if source is None or Path(name_or_path).is_dir() or not is_adapter_dir(source):
+        return name_or_path
+    return str(merged_model_dir(source, trust_remote_code=trust_remote_code))
+
+
 def merged_model_dir(adapter_dir: str | Path, trust_remote_code: bool = False) -> Path:
-    """Fold a causal-LM LoRA adapter into its base (in full precision) and cache the result beside the adapter.
+    """Fold a causal-LM LoRA adapter into its base (in full precision) and cache the result (`merged_cache_path`).
 
     A new stage trains a new adapter on top of the previous stage's *merged* weights. Merging happens in 16/32-bit
     (never into 4-bit weights, which would round the adapter away); a QLoRA stage then re-quantizes the merged model.
@@ -383,7 +420,8 @@ def merged_model_dir(adapter_dir: str | Path, trust_remote_code: bool = False) -
     from accelerate import PartialState
 
     adapter_dir = Path(adapter_dir)
-    out = adapter_dir / "merged"
+    out = merged_cache_path(adapter_dir)
+    available_base(adapter_base(adapter_dir), trust_remote_code)  # first: the key stamps the base's files
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     key = merge_key(adapter_dir, tokenizer)
     # Under `accelerate launch` every process gets here: the main one merges while the others wait, then they find
@@ -399,10 +437,11 @@ def _build_merged(adapter_dir: Path, out: Path, key: dict, tokenizer, trust_remo
     previous `out` or none, never a half-written one under its name."""
     from peft import PeftModel
 
-    leftovers = sorted(p.name for p in adapter_dir.glob(f"{out.name}.*") if p.is_dir())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    leftovers = sorted(p.name for p in out.parent.glob(f"{out.name}.*") if p.is_dir())
     if leftovers:
         logger.warning("%s holds %s, left by an interrupted merge (or one still running): delete them once no other "
-                       "run is merging this adapter, to free the disk space.", adapter_dir, ", ".join(leftovers))
+                       "run is merging this adapter, to free the disk space.", out.parent, ", ".join(leftovers))
     # Loading the adapter and new embedding rows draws from the global RNG; forked, so that a seeded run starts
     # from the same weights whether or not an earlier run already left this cache.
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from .model import merged_source
 from .rewards import REWARD_FILE
 from .runs import STAGE_FILE, library_versions, read_stage
 
@@ -291,12 +292,17 @@ model = PeftModel.from_pretrained(base, "{where}"{subfolder})
 
 def _describe_local(base: str, steps) -> str:
     """Which step of the lineage a local base path is: PPO and reward adapters apply to the SFT output, merged."""
-    merged = base.rstrip("/").endswith("/merged")
+    source = merged_source(base)
+    merged = source is not None
     for i, step in enumerate(steps):
-        if step["output"] and base.rstrip("/").removesuffix("/merged") == str(step["output"]).rstrip("/"):
+        if step["output"] and _same_dir(source or base, step["output"]):
             title = TITLES.get(step["stage"], step["stage"])
             return f"the output of step {i} ({title})" + (", merged" if merged else "")
     return "a local model"
+
+
+def _same_dir(a: str | Path, b: str | Path) -> bool:
+    return str(a).rstrip("/") == str(b).rstrip("/") or Path(a).resolve() == Path(b).resolve()
 
 
 def _gguf_snippet(where: str, files: list[str], on_hub: bool) -> str:

@@ -19,15 +19,18 @@ built on the earlier stage's previous output.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, check_keys, load_yaml
+from .config import SECRET_ENV, ConfigError, check_keys, is_secret, load_yaml
 from .runs import read_stage
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -97,17 +100,86 @@ class PipelineConfig:
 
 
 def stage_command(config: PipelineConfig, stage: str) -> list[str]:
-    """The `accelerate launch` command line that runs one stage with its inputs wired to earlier outputs."""
+    """The `accelerate launch` command line that runs one stage with its inputs wired to earlier outputs.
+
+    Secret overrides (a hub_token) are not on it: `stage_secrets` hands them over in the environment."""
     args: dict[str, Any] = {"output_dir": str(config.stage_dir(stage))}
     for key, source in WIRING[stage].items():
         if source in config.stages:
             args[key] = str(config.stage_dir(source))
-    args.update(config.overrides.get(stage, {}))
+    args.update({k: v for k, v in config.overrides.get(stage, {}).items() if k not in SECRET_ENV})
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config.accelerate_config,
            str(RECIPES / f"{RECIPE_OF.get(stage, stage)}.py"), "--config", config.stages[stage]]
     for key, value in args.items():
         cmd += [f"--{key}", *(map(str, value) if isinstance(value, (list, tuple)) else [str(value)])]
     return cmd
+
+
+def stage_secrets(config: PipelineConfig, stage: str) -> dict[str, str]:
+    """The environment variables that carry a stage's secret overrides (hub_token as HF_TOKEN): a command line is
+    readable by every user in `ps` and is printed in the pipeline's log."""
+    return {SECRET_ENV[k]: str(v) for k, v in config.overrides.get(stage, {}).items() if k in SECRET_ENV}
+
+
+def printable(cmd: list[str]) -> str:
+    """A command line for the log, with the value of any secret-looking key masked."""
+    shown = [cmd[0]]
+    for previous, arg in zip(cmd, cmd[1:]):
+        shown.append("***" if previous.startswith("--") and is_secret(previous[2:]) else arg)
+    return " ".join(shown)
+
+
+class StageStopped(RuntimeError):
+    """The pipeline was told to stop by a signal; the stage it was running has exited."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}; the running stage has exited. Run the same "
+                         "command again to resume where it stopped.")
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def run_stage(cmd: list[str], env: dict[str, str]) -> int:
+    """Run a stage's command in its own process group and return its exit code.
+
+    A stop signal sent to the pipeline (Ctrl-C, `kill`, a closed terminal) is passed on to the whole group, accelerate's
+    launcher and its training processes, and the pipeline waits for them: otherwise the stage would go on training in
+    the background with nobody to see it. A second signal kills the group outright. Raises StageStopped once stopped.
+    """
+    child: subprocess.Popen | None = None
+    received: list[int] = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        if child is not None:
+            _signal_group(child.pid, signum if len(received) == 1 else signal.SIGKILL)
+
+    # Handlers first, so that no signal falls between starting the stage and watching for it. Python lets only the
+    # main thread set handlers; elsewhere (a caller's worker thread) signals stay the caller's.
+    handlers = ({s: signal.signal(s, forward) for s in STOP_SIGNALS}
+                if threading.current_thread() is threading.main_thread() else {})
+    try:
+        child = subprocess.Popen(cmd, env=env, start_new_session=True)
+        if received:  # arrived while it was starting
+            _signal_group(child.pid, received[0])
+        code = child.wait()
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    if received:
+        # The launcher can exit before its workers: no part of the stage may outlive the pipeline.
+        _signal_group(child.pid, signal.SIGKILL)
+        raise StageStopped(received[0])
+    return code
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:  # the group has already exited
+        pass
 
 
 def is_finished(config: PipelineConfig, stage: str) -> bool:
@@ -120,10 +192,12 @@ def run_pipeline(
     *,
     force: bool = False,
     log: Callable[[str], None] = lambda _: None,
-    run: Callable[[list[str]], int] = lambda cmd: subprocess.call(cmd),
+    run: Callable[[list[str], dict[str, str]], int] = run_stage,
 ) -> dict[str, str]:
     """Run every configured stage in order; returns {stage: "ran" | "skipped"}. With `force`, every stage's previous
-    output is removed first and every stage trains from scratch."""
+    output is removed first and every stage trains from scratch.
+
+    `run(cmd, env)` runs one stage's command with the given environment and returns its exit code."""
     if force:
         _clear_outputs(config, log)
     status: dict[str, str] = {}
@@ -133,8 +207,8 @@ def run_pipeline(
             status[stage] = "skipped"
             continue
         cmd = stage_command(config, stage)
-        log(f"[pipeline] {stage}: {' '.join(cmd[2:])}")
-        code = run(cmd)
+        log(f"[pipeline] {stage}: {printable(cmd[2:])}")
+        code = run(cmd, {**os.environ, **stage_secrets(config, stage)})
         if code != 0:
             raise RuntimeError(f"Pipeline stage '{stage}' failed with exit code {code}; rerun to resume from it.")
         status[stage] = "ran"

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random LLaMA and tokenizer saved like a Hub model, built offline once per session."""
 
 import os
+import tempfile
 
 # Before anything imports huggingface_hub: tests never touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -8,6 +9,8 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Merged adapters are cached per session, not in the user's Hugging Face home.
+os.environ.setdefault("RLHF_KIT_CACHE", tempfile.mkdtemp(prefix="rlhf-kit-test-cache-"))
 
 import json
 from pathlib import Path

@@ -27,7 +27,7 @@ from rlhf_kit.data import load_data
 from rlhf_kit.evaluation import generate, load_policy
 
 from rlhf_kit.model import IM_END, IM_START, PAD, ModelArguments, is_fresh_merge, load_model, load_tokenizer, \
-    lora_config, merge_key, merged_model_dir, prepare_tokenizer, stop_token_ids
+    lora_config, merge_key, merged_cache_path, merged_model_dir, prepare_tokenizer, stop_token_ids
 
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful reviewer."},
@@ -199,6 +199,11 @@ def identity(directory) -> tuple[int, int]:
     return stat.st_ino, stat.st_mtime_ns
 
 
+def leftovers(merged) -> list[str]:
+    """Partial or replaced merges next to the cache entry `merged`."""
+    return sorted(p.name for p in merged.parent.iterdir() if p.name.startswith(f"{merged.name}."))
+
+
 def test_merged_cache_follows_the_adapter(tiny_base, tmp_path):
     adapter = tmp_path / "sft"
     train_sft_adapter(tiny_base, adapter, seed=0)
@@ -214,17 +219,31 @@ def test_merged_cache_follows_the_adapter(tiny_base, tmp_path):
     assert not torch.allclose(second, first, atol=1e-3)  # the retrained adapter really differs
     torch.testing.assert_close(loaded(adapter), second, rtol=0, atol=1e-5)
     assert identity(merged) != built
-    assert sorted(p.name for p in adapter.iterdir() if p.name.startswith("merged")) == ["merged"]  # nothing left over
+    assert leftovers(merged) == []
+
+
+def test_a_cleared_merge_cache_is_rebuilt_from_its_adapter(tiny_base, tmp_path):
+    """A reward or PPO adapter records the merged SFT model in the cache as its base: with the cache cleared, loading
+    that base rebuilds it from the SFT adapter its path names, instead of failing on a missing directory."""
+    adapter = tmp_path / "sft"
+    train_sft_adapter(tiny_base, adapter, seed=0)
+    merged = merged_model_dir(adapter)
+    shutil.rmtree(merged)
+    tokenizer = load_tokenizer(str(adapter))
+    model = load_model(ModelArguments(model_name_or_path=str(merged)), tokenizer)
+    assert merged.is_dir() and is_fresh_merge(merged, merge_key(adapter))
+    torch.testing.assert_close(logits_of(model, tokenizer), base_plus_adapter(tiny_base, adapter), rtol=0, atol=1e-5)
 
 
 def test_interrupted_merge_is_never_taken_as_finished(tiny_base, tmp_path, monkeypatch):
     adapter = tmp_path / "sft"
     train_sft_adapter(tiny_base, adapter, seed=0)
     # What a merge killed while writing leaves behind: a config, no weights.
-    (adapter / "merged").mkdir()
-    AutoModelForCausalLM.from_pretrained(tiny_base).config.save_pretrained(adapter / "merged")
+    merged = merged_cache_path(adapter)
+    merged.mkdir(parents=True)
+    AutoModelForCausalLM.from_pretrained(tiny_base).config.save_pretrained(merged)
     torch.testing.assert_close(loaded(adapter), base_plus_adapter(tiny_base, adapter), rtol=0, atol=1e-5)
-    finished = identity(adapter / "merged")
+    finished = identity(merged)
 
     # Killed after the new weights are written but before the merge completes: the previous merge stays in place
     # (stale now, and known to be), no partial directory is left, and the next load completes the merge.
@@ -239,6 +258,6 @@ def test_interrupted_merge_is_never_taken_as_finished(tiny_base, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         merged_model_dir(adapter)
     monkeypatch.undo()
-    assert identity(adapter / "merged") == finished and not is_fresh_merge(adapter / "merged", merge_key(adapter))
-    assert sorted(p.name for p in adapter.iterdir() if p.name.startswith("merged")) == ["merged"]
+    assert identity(merged) == finished and not is_fresh_merge(merged, merge_key(adapter))
+    assert leftovers(merged) == []
     torch.testing.assert_close(loaded(adapter), base_plus_adapter(tiny_base, adapter), rtol=0, atol=1e-5)

@@ -7,7 +7,7 @@ import yaml
 from conftest import REPO, TINY_SHAPE
 
 from rlhf_kit.config import ConfigError
-from rlhf_kit.pipeline import PipelineConfig, report, run_pipeline, stage_command
+from rlhf_kit.pipeline import PipelineConfig, printable, report, run_pipeline, stage_command, stage_secrets
 
 SHORT = {
     "pretrain": {**TINY_SHAPE, "vocab_size": 2048, "max_steps": 100, "per_device_train_batch_size": 16, "eval_strategy": "no",
@@ -36,7 +36,7 @@ def pipeline(tmp_path_factory):
 def _run_in(cwd):
     import subprocess
 
-    return lambda cmd: subprocess.call(cmd, cwd=cwd)
+    return lambda cmd, env: subprocess.call(cmd, cwd=cwd, env=env)
 
 
 def test_stages_hand_outputs_forward(tmp_path):
@@ -47,6 +47,18 @@ def test_stages_hand_outputs_forward(tmp_path):
     assert cmd[cmd.index("--model_name_or_path") + 1] == str(tmp_path / "pretrain")
     assert cmd[cmd.index("--output_dir") + 1] == str(tmp_path / "sft")
     assert cmd[cmd.index("--lora_target_modules") + 1 : cmd.index("--lora_target_modules") + 3] == ["q_proj", "v_proj"]
+
+
+def test_a_hub_token_override_goes_to_the_stage_environment_not_its_command_line(tmp_path):
+    config = PipelineConfig(output_dir=str(tmp_path), stages={"sft": "recipes/configs/sft/tiny.yaml"},
+                            overrides={"sft": {"hub_token": "hf_PLANTED", "max_steps": 3}})
+    cmd = stage_command(config, "sft")
+    assert "hf_PLANTED" not in " ".join(cmd) and cmd[cmd.index("--max_steps") + 1] == "3"
+    assert stage_secrets(config, "sft") == {"HF_TOKEN": "hf_PLANTED"}
+    logged = []
+    run_pipeline(config, log=logged.append, run=lambda cmd, env: 0 if env["HF_TOKEN"] == "hf_PLANTED" else 1)
+    assert "--max_steps 3" in logged[0] and "hf_PLANTED" not in logged[0]
+    assert printable(["--hub_token", "hf_x", "--eos_token", "<eos>"]) == "--hub_token *** --eos_token <eos>"
 
 
 def test_pipeline_config_errors(tmp_path):
@@ -78,7 +90,7 @@ def test_pipeline_runs_and_rerun_skips_finished_stages(pipeline):
     assert record["parent"]["stage"] == "sft"  # the lineage chain is recorded
     assert record["parent"]["parent"]["stage"] == "pretrain"
 
-    def must_not_run(cmd):
+    def must_not_run(cmd, env):
         raise AssertionError(f"finished stage was run again: {cmd}")
 
     assert run_pipeline(config, run=must_not_run) == dict.fromkeys(STAGES, "skipped")

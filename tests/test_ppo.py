@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, TrainerCallback
 from rlhf_kit.config import parse_config
 from rlhf_kit.data import DataArguments, load_data
 from rlhf_kit.model import ModelArguments, is_adapter_dir, is_fresh_merge, load_model, load_tokenizer, lora_config, \
-    merge_key, stop_token_ids
+    merge_key, merged_cache_path, stop_token_ids
 from rlhf_kit.rewards import RewardModel
 from rlhf_kit.rollout import Rollout, left_pad, truncate_at_stop
 from rlhf_kit.trainers.ppo import PPOHealthError, PPOTrainer
@@ -457,7 +457,7 @@ def test_ppo_from_a_lora_sft_adapter_starts_from_the_merged_sft_model(tiny_base,
     assert metrics["eval_kl"] > 1e-3  # it trained away from the reference
 
     # The policy adapter records the merged SFT model, built from the adapter as it is now, as its base.
-    merged = sft_dir / "merged"
+    merged = merged_cache_path(sft_dir)
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(merged)
     assert is_fresh_merge(merged, merge_key(sft_dir))
     trained = load_file(str(out / "adapter_model.safetensors"))
