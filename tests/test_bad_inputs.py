@@ -182,7 +182,7 @@ def test_a_truncated_stage_record_is_named_and_the_stage_reruns(tmp_path):
     (config.stage_dir("sft") / STAGE_FILE).write_text('{"stage": "sft", "compl')  # a write cut off
     ran = []
     with pytest.warns(UserWarning, match=rf"{STAGE_FILE} is truncated or corrupt .*treating the stage as unfinished"):
-        status = run_pipeline(config, run=lambda cmd: ran.append(cmd) or 0)
+        status = run_pipeline(config, run=lambda cmd, env: ran.append(cmd) or 0)
     assert status == {"sft": "ran"} and len(ran) == 1
 
 
@@ -194,12 +194,12 @@ def test_pipeline_force_trains_the_stage_from_scratch_and_the_record_matches(tin
                                   "learning_rate": learning_rate}})
 
     sft = tmp_path / "sft"
-    run_pipeline(config(1e-3), run=lambda cmd: subprocess.call(cmd, cwd=REPO))
+    run_pipeline(config(1e-3), run=lambda cmd, env: subprocess.call(cmd, cwd=REPO, env=env))
     before = load_file(sft / "adapter_model.safetensors")
 
-    def run_from_scratch(cmd):  # what the forced stage starts from: nothing of the previous run
+    def run_from_scratch(cmd, env):  # what the forced stage starts from: nothing of the previous run
         assert not sft.exists()
-        return subprocess.call(cmd, cwd=REPO)
+        return subprocess.call(cmd, cwd=REPO, env=env)
 
     log = []
     assert run_pipeline(config(3e-3), force=True, log=log.append, run=run_from_scratch) == {"sft": "ran"}
