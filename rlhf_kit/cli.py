@@ -1,4 +1,4 @@
-"""The `rlhf-kit` command: pipeline, eval, chat, export, push, plan."""
+"""The `rlhf-kit` command: pipeline, train, eval, chat, export, push, plan."""
 
 from __future__ import annotations
 
@@ -23,6 +23,32 @@ def _pipeline(ns: argparse.Namespace) -> int:
 
         report(config, log=print)
     return 0
+
+
+# The stages `rlhf-kit train` runs: each one recipe (best-of-N has its own command).
+TRAIN_STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "rloo")
+
+
+def _train(ns: argparse.Namespace) -> int:
+    """`accelerate launch recipes/<stage>.py --config CONFIG ...`, through the project's accelerate profile (or the
+    one `--accelerate_config` names), stopped with this command as the pipeline's stages are."""
+    import os
+
+    from .pipeline import RECIPES, StageStopped, launch_command, run_stage
+
+    args, profile = list(ns.args), str(RECIPES.parent / "accelerate_config.yaml")
+    if "--accelerate_config" in args:
+        at = args.index("--accelerate_config")
+        if at + 1 >= len(args):
+            print("rlhf-kit train: --accelerate_config needs a path to an accelerate profile", file=sys.stderr)
+            return 2
+        profile = args.pop(at + 1)
+        args.pop(at)
+    try:
+        return run_stage(launch_command(ns.stage, ns.config, profile) + args, dict(os.environ))
+    except StageStopped as stop:
+        print(f"rlhf-kit train: {stop}", file=sys.stderr)
+        return 128 + stop.signum
 
 
 def _eval(ns: argparse.Namespace) -> int:
@@ -160,6 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "each stage from scratch, instead of skipping finished stages and resuming unfinished ones")
     p.add_argument("--no_eval", action="store_true", help="skip the final evaluation report")
     p.set_defaults(func=_pipeline)
+
+    # Everything after the config goes through to the recipe's strict config parser (REMAINDER), not to argparse.
+    p = sub.add_parser("train",
+                       help="run one stage's recipe through accelerate: rlhf-kit train sft CONFIG [--key value ...]",
+                       description="Runs `accelerate launch --config_file accelerate_config.yaml recipes/<stage>.py "
+                                   "--config CONFIG --key value ...`; `--accelerate_config PROFILE` picks another "
+                                   "profile (accelerate_configs/).")
+    p.add_argument("stage", choices=TRAIN_STAGES)
+    p.add_argument("config", help="the stage's YAML, e.g. recipes/configs/sft/tiny.yaml")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="--key value overrides of any config key")
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="reward-model score, KL, length, stop rate, win rates and a task's metrics of a "
                                     "model on any prompts")

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import SECRET_ENV, ConfigError, check_keys, is_secret, load_yaml
-from .runs import read_stage
+from .runs import IN_PIPELINE, read_stage
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 STAGE_ORDER = ("pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo", "best_of_n", "rft")
@@ -108,11 +108,17 @@ def stage_command(config: PipelineConfig, stage: str) -> list[str]:
         if source in config.stages:
             args[key] = str(config.stage_dir(source))
     args.update({k: v for k, v in config.overrides.get(stage, {}).items() if k not in SECRET_ENV})
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config.accelerate_config,
-           str(RECIPES / f"{RECIPE_OF.get(stage, stage)}.py"), "--config", config.stages[stage]]
+    cmd = launch_command(stage, config.stages[stage], config.accelerate_config)
     for key, value in args.items():
         cmd += [f"--{key}", *(map(str, value) if isinstance(value, (list, tuple)) else [str(value)])]
     return cmd
+
+
+def launch_command(stage: str, stage_config: str, accelerate_config: str) -> list[str]:
+    """`accelerate launch --config_file <profile> recipes/<recipe>.py --config <stage_config>`, the way every stage
+    runs (the pipeline's and `rlhf-kit train`'s); `--key value` overrides go after it."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
+            str(RECIPES / f"{RECIPE_OF.get(stage, stage)}.py"), "--config", stage_config]
 
 
 def stage_secrets(config: PipelineConfig, stage: str) -> dict[str, str]:
@@ -208,7 +214,7 @@ def run_pipeline(
             continue
         cmd = stage_command(config, stage)
         log(f"[pipeline] {stage}: {printable(cmd[2:])}")
-        code = run(cmd, {**os.environ, **stage_secrets(config, stage)})
+        code = run(cmd, {**os.environ, **stage_secrets(config, stage), IN_PIPELINE: "1"})
         if code != 0:
             raise RuntimeError(f"Pipeline stage '{stage}' failed with exit code {code}; rerun to resume from it.")
         status[stage] = "ran"

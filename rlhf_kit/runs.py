@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import warnings
 from importlib.metadata import PackageNotFoundError, version
@@ -12,6 +13,19 @@ from typing import Any
 from .checkpoints import TRAINER_STATE, checkpoint_problem, last_valid_checkpoint
 
 STAGE_FILE = "rlhf_kit_stage.json"
+# Set by `rlhf-kit pipeline` for the stages it runs: it runs the next one itself, so their summaries do not suggest it.
+IN_PIPELINE = "RLHF_KIT_PIPELINE"
+# What a user runs after each stage, printed under its summary ({out}: the stage's output directory).
+NEXT_STEPS = {
+    "pretrain": ["rlhf-kit train sft recipes/configs/sft/tiny.yaml --model_name_or_path {out}"],
+    "sft": ["rlhf-kit train reward recipes/configs/reward/tiny.yaml --model_name_or_path {out}",
+            "rlhf-kit chat {out}"],
+    "reward": ["rlhf-kit train ppo recipes/configs/ppo/tiny.yaml --model_name_or_path <the SFT output> "
+               "--reward_model_path {out}"],
+    **dict.fromkeys(("ppo", "dpo", "grpo", "rloo"), [
+        "rlhf-kit eval {out} --reference <the SFT output> --against <the SFT output>", "rlhf-kit chat {out}",
+        "rlhf-kit export {out}"]),
+}
 _LIBRARIES = ("rlhf-kit", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes")
 
 
@@ -133,8 +147,11 @@ def start_and_final_evaluation(trainer, marker: str) -> tuple[dict[str, Any], di
 
 
 def format_summary(stage: str, output_dir: str, metrics: dict[str, Any]) -> str:
-    """A short table for the end of a stage: what was produced and how it scored."""
+    """A short table for the end of a stage: what was produced, how it scored, and what to run next (outside a
+    pipeline, which runs it itself)."""
     rows = [(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in sorted(metrics.items())]
     width = max([len(k) for k, _ in rows] + [10])
     lines = [f"== {stage} finished: {output_dir}", *(f"  {k:<{width}}  {v}" for k, v in rows)]
+    if stage in NEXT_STEPS and not os.environ.get(IN_PIPELINE):
+        lines += ["next:", *(f"  {step.format(out=output_dir)}" for step in NEXT_STEPS[stage])]
     return "\n".join(lines)

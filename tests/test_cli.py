@@ -1,0 +1,33 @@
+"""The `rlhf-kit` command's own behaviour (each subcommand's work is tested with the module it runs)."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_train_runs_a_stage_through_accelerate_and_says_what_to_run_next(tiny_base, tmp_path):
+    out = tmp_path / "sft"
+    done = subprocess.run(
+        [sys.executable, "-m", "rlhf_kit.cli", "train", "sft", "recipes/configs/sft/tiny.yaml",
+         "--model_name_or_path", tiny_base, "--output_dir", str(out), "--max_steps", "2", "--eval_strategy", "no",
+         "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--learning_rate", "-1e-3"],
+        cwd=REPO, capture_output=True, text=True)
+    assert done.returncode != 0 and "learning_rate" in done.stderr  # every key reaches the recipe's parser
+    done = subprocess.run(
+        [sys.executable, "-m", "rlhf_kit.cli", "train", "sft", "recipes/configs/sft/tiny.yaml",
+         "--model_name_or_path", tiny_base, "--output_dir", str(out), "--max_steps", "2", "--eval_strategy", "no",
+         "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
+         "--accelerate_config", str(REPO / "accelerate_config.yaml")],
+        cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "rlhf_kit_stage.json").read_text())
+    assert record["stage"] == "sft" and record["config"]["max_steps"] == 2
+    assert f"next:\n  rlhf-kit train reward recipes/configs/reward/tiny.yaml --model_name_or_path {out}" in done.stdout
+
+
+def test_train_refuses_an_unknown_stage(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "rlhf_kit.cli", "train", "sfft", "x.yaml"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "invalid choice: 'sfft'" in done.stderr and "Traceback" not in done.stderr
