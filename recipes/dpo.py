@@ -15,17 +15,17 @@ from transformers import set_seed
 from trl import DPOTrainer
 
 from rlhf_kit.config import parse_config, save_config, to_dict
-from rlhf_kit.data import DataArguments, load_data
+from rlhf_kit.stages import recipe_arguments
+from rlhf_kit.data import load_data
 from rlhf_kit.distributed import apply_global_batch_size, parallelism, shard_on_cpu
-from rlhf_kit.dpo import DPOArguments, check_dpo_setup
+from rlhf_kit.dpo import check_dpo_setup
 from rlhf_kit.hub import publish_stage, take_over_push
-from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer
+from rlhf_kit.model import load_model, load_tokenizer, lora_config, prepare_tokenizer
 from rlhf_kit.runs import format_summary, resume_checkpoint, start_and_final_evaluation, write_stage
 
 
 def main(argv=None, overrides=None, callbacks=None):
-    data_args, model_args, args = parse_config(DataArguments, ModelArguments, DPOArguments,
-                                               args=argv, overrides=overrides)
+    data_args, model_args, args = parse_config(*recipe_arguments("dpo"), args=argv, overrides=overrides)
     push = take_over_push(args)  # fails now, not after training, without a repo id or token
     apply_global_batch_size(args)  # gradient accumulation for this launch's process count
     set_seed(args.seed)

@@ -12,19 +12,19 @@ card and the stage record. An interrupted run resumes from its last checkpoint w
 from transformers import set_seed
 
 from rlhf_kit.config import parse_config, save_config, to_dict
-from rlhf_kit.data import DataArguments, load_data
+from rlhf_kit.stages import recipe_arguments
+from rlhf_kit.data import load_data
 from rlhf_kit.distributed import apply_global_batch_size, parallelism
-from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer
+from rlhf_kit.model import load_model, load_tokenizer, lora_config, prepare_tokenizer
 from rlhf_kit.rewards import RewardModel, gate, tokenizer_compatibility
 from rlhf_kit.rollout import import_reward_func
 from rlhf_kit.hub import publish_stage, take_over_push
 from rlhf_kit.runs import format_summary, resume_checkpoint, start_and_final_evaluation, write_stage
 from rlhf_kit.trainers.ppo import PPOTrainer
-from rlhf_kit.trainers.ppo_config import PPOConfig
 
 
 def main(argv=None, overrides=None, callbacks=None):
-    data_args, model_args, args = parse_config(DataArguments, ModelArguments, PPOConfig, args=argv, overrides=overrides)
+    data_args, model_args, args = parse_config(*recipe_arguments("ppo"), args=argv, overrides=overrides)
     apply_global_batch_size(args, mini_batches=args.num_mini_batches)  # global batch = prompts per update
     push = take_over_push(args)  # fails now, not after training, without a repo id or token
     set_seed(args.seed)

@@ -13,11 +13,11 @@ from transformers import set_seed
 from trl import RewardTrainer
 
 from rlhf_kit.config import parse_config, save_config, to_dict
-from rlhf_kit.data import DataArguments, detect_dataset_format, load_data
+from rlhf_kit.stages import recipe_arguments
+from rlhf_kit.data import detect_dataset_format, load_data
 from rlhf_kit.distributed import apply_global_batch_size
-from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, prepare_tokenizer
+from rlhf_kit.model import load_model, load_tokenizer, prepare_tokenizer
 from rlhf_kit.reward_modeling import (
-    RewardArguments,
     check_reward_setup,
     evaluate_reward_model,
     fit_normalization,
@@ -32,8 +32,7 @@ from rlhf_kit.runs import format_summary, resume_checkpoint, write_stage
 
 
 def main(argv=None, overrides=None, callbacks=None):
-    data_args, model_args, args = parse_config(DataArguments, ModelArguments, RewardArguments,
-                                               args=argv, overrides=overrides)
+    data_args, model_args, args = parse_config(*recipe_arguments("reward"), args=argv, overrides=overrides)
     apply_global_batch_size(args)  # gradient accumulation for this launch's process count
     push = take_over_push(args)  # fails now, not after training, without a repo id or token
     set_seed(args.seed)

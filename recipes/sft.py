@@ -11,16 +11,17 @@ from transformers import set_seed
 from trl import SFTTrainer
 
 from rlhf_kit.config import parse_config, save_config, to_dict
-from rlhf_kit.data import DataArguments, detect_dataset_format, load_data
+from rlhf_kit.stages import recipe_arguments
+from rlhf_kit.data import detect_dataset_format, load_data
 from rlhf_kit.distributed import apply_global_batch_size
-from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer
+from rlhf_kit.model import load_model, load_tokenizer, lora_config, prepare_tokenizer
 from rlhf_kit.hub import publish_stage, take_over_push
 from rlhf_kit.runs import format_summary, resume_checkpoint, write_stage
-from rlhf_kit.sft import SFTArguments, check_compatible, resolve_loss_masking
+from rlhf_kit.sft import check_compatible, resolve_loss_masking
 
 
 def main(argv=None, overrides=None, callbacks=None):
-    data_args, model_args, args = parse_config(DataArguments, ModelArguments, SFTArguments, args=argv, overrides=overrides)
+    data_args, model_args, args = parse_config(*recipe_arguments("sft"), args=argv, overrides=overrides)
     apply_global_batch_size(args)  # gradient accumulation for this launch's process count
     push = take_over_push(args)  # fails now, not after training, without a repo id or token
     set_seed(args.seed)

@@ -25,6 +25,7 @@ Accepted formats (TRL's), by kind:
 import csv
 import difflib
 import glob
+import itertools
 import json
 import math
 import os
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field, fields
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .config import looks_like_path
 
 FORMATS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
@@ -433,6 +436,25 @@ def _extension(path: str) -> str | None:
 
 def _load_file(path: str, kind: str) -> tuple[datasets.Dataset, str]:
     """Load, detect and validate one file; return the dataset and its format."""
+    try:
+        return _read_file(path, kind)
+    except UnicodeDecodeError:
+        raise _encoding_error(path) from None
+
+
+def _encoding_error(path: str) -> DataError:
+    """Where a text file stops being UTF-8: Python's own error gives only a position in an 8 KB read buffer."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return DataError(f"{path}: line {n}: byte 0x{line[error.start]:02x} at column {error.start + 1} is "
+                                 "not UTF-8; save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+    return DataError(f"{path}: not UTF-8 text; save the file as UTF-8")
+
+
+def _read_file(path: str, kind: str) -> tuple[datasets.Dataset, str]:
     ext = _extension(path)
     if ext is None:
         raise _source_error(path, f"unknown file type; accepted extensions: {', '.join(EXTENSIONS)}", [], kind)
@@ -602,8 +624,7 @@ def _is_glob(path: str) -> bool:
 def _is_local(path: str) -> bool:
     """Existing paths and globs are local; so is anything that looks like a path. The rest is a Hub name."""
     expanded = os.path.expanduser(path)
-    return (os.path.exists(expanded) or _is_glob(path) or _extension(path) is not None
-            or path.startswith((".", "/", "~", "\\")) or path.count("/") > 1 or "\\" in path)
+    return os.path.exists(expanded) or _is_glob(path) or _extension(path) is not None or looks_like_path(path)
 
 
 def _local_files(source: DataSource, split: str, kind: str) -> list[str]:
@@ -654,12 +675,15 @@ def _load_source(source: DataSource, split: str, kind: str) -> list[tuple[str, d
     if not files:
         if split != "train":
             return None
-        present = sorted(os.listdir(os.path.expanduser(source.path)))
-        raise _source_error(source.path, f"no file for split '{wanted}' in the directory: expected {wanted}.jsonl, "
-                            f"{wanted}.json, {wanted}.csv, {wanted}.parquet, shards {wanted}-*.<ext> or a {wanted}/ "
-                            f"subdirectory; the directory holds {', '.join(present) or 'nothing'}", [], kind,
-                            files=True)
+        raise _no_split_file(source, wanted, kind)
     return [(path, *_load_file(path, kind)) for path in files]
+
+
+def _no_split_file(source: DataSource, split: str, kind: str) -> DataError:
+    present = sorted(os.listdir(os.path.expanduser(source.path)))
+    return _source_error(source.path, f"no file for split '{split}' in the directory: expected {split}.jsonl, "
+                         f"{split}.json, {split}.csv, {split}.parquet, shards {split}-*.<ext> or a {split}/ "
+                         f"subdirectory; the directory holds {', '.join(present) or 'nothing'}", [], kind, files=True)
 
 
 def _load_hub(source: DataSource, split: str, kind: str, optional: bool) -> tuple[str, datasets.Dataset, str] | None:
@@ -679,6 +703,53 @@ def _hub_error(source: DataSource, label: str, error: Exception, kind: str) -> D
     return _source_error(label, f"'{source.path}' is not a local file or directory (working directory "
                          f"{os.getcwd()}), and loading it as a Hub dataset failed: {type(error).__name__}: {error}",
                          [], kind, files=True)
+
+
+# ---------------------------------------------------------------------------------------------- checking ahead
+
+
+def check_sources(sources, kind: str, split: str = "train", rows: int = 100) -> None:
+    """Check, without loading them, that the local files of `sources` exist and that their first `rows` rows are
+    valid `kind` data: the pipeline runs this on every stage's data before the first stage trains. Hub datasets are
+    left to the stage (no network before training starts); a non-train split that is missing is no error."""
+    _check_kind(kind)
+    for source in parse_sources(sources):
+        if not _is_local(source.path):
+            continue
+        wanted = source.split if split == "train" else split
+        files = _local_files(source, wanted, kind)
+        if not files and split == "train":
+            raise _no_split_file(source, wanted, kind)
+        for path in files:
+            _check_head(path, kind, rows)
+
+
+def _check_head(path: str, kind: str, rows: int) -> None:
+    if _extension(path) is None:
+        raise _source_error(path, f"unknown file type; accepted extensions: {', '.join(EXTENSIONS)}", [], kind)
+    try:
+        head = _head(path, rows)
+    except UnicodeDecodeError:
+        raise _encoding_error(path) from None
+    if not head:
+        raise _source_error(path, "empty file: no rows", [], kind)
+    columns = list(dict.fromkeys(key for _, row in head for key in row))
+    _validate_rows(head, detect_format(columns, head[0][1], kind, path), path)
+
+
+def _head(path: str, rows: int) -> list[tuple[int, dict]]:
+    """The first `rows` (row number, row) of a file, read as `load_data` reads it."""
+    ext = _extension(path)
+    if ext in (".jsonl", ".json"):
+        return list(itertools.islice(_json_records(path), rows))
+    if ext == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            records = [{k: (v if v != "" else None) for k, v in row.items()}
+                       for row in itertools.islice(csv.DictReader(f), rows)]
+        _parse_json_columns(records, path)
+        return list(enumerate(records, 1))
+    batch = next(pq.ParquetFile(path).iter_batches(batch_size=rows), None) if os.path.getsize(path) else None
+    return list(enumerate(batch.to_pylist(), 1)) if batch is not None else []
 
 
 # ---------------------------------------------------------------------------------------------- mixing
