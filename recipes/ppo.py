@@ -13,7 +13,7 @@ from transformers import set_seed
 
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.stages import recipe_arguments
-from rlhf_kit.data import load_data
+from rlhf_kit.data import load_data, row_char_limit
 from rlhf_kit.distributed import apply_global_batch_size, parallelism
 from rlhf_kit.model import load_model, load_tokenizer, lora_config, prepare_tokenizer
 from rlhf_kit.rewards import RewardModel, gate, tokenizer_compatibility
@@ -30,8 +30,11 @@ def main(argv=None, overrides=None, callbacks=None):
     set_seed(args.seed)
 
     # Data, reward functions and the reward-model gate first: each can fail in a second, before any model loads.
-    train_data = load_data(data_args.dataset_name, kind="prompt", split=data_args.dataset_train_split, seed=args.seed)
-    eval_data = load_data(data_args.eval_source, kind="prompt", split=data_args.dataset_test_split, seed=args.seed)
+    limit = row_char_limit(args.max_prompt_length)  # longer prompts are dropped (with a warning) by the trainer
+    train_data = load_data(data_args.dataset_name, kind="prompt", split=data_args.dataset_train_split, seed=args.seed,
+                           max_chars=limit)
+    eval_data = load_data(data_args.eval_source, kind="prompt", split=data_args.dataset_test_split, seed=args.seed,
+                          max_chars=limit)
     reward_funcs = [import_reward_func(name) for name in args.reward_funcs]
     eval_reward_funcs = [import_reward_func(name) for name in args.eval_reward_funcs]
     if not args.reward_model_path and not reward_funcs:

@@ -307,6 +307,38 @@ def _preference(row: dict, fmt: str) -> None:
             raise RowError("margin", f"expected a finite number, got {_describe(margin)}")
 
 
+# A token of a real tokenizer rarely spans more than ~16 characters; 64 per token of max_length is far more than a
+# row that the trainer keeps (or truncates only a little) can hold.
+CHARS_PER_TOKEN = 64
+
+
+def row_char_limit(max_length: int | None) -> int | None:
+    """The most characters of text a row may hold for a stage that cuts sequences at `max_length` tokens."""
+    return None if max_length is None else CHARS_PER_TOKEN * max_length
+
+
+def _check_size(row: dict, max_chars: int) -> None:
+    # Checked before tokenizing: a 10 MB row takes the tokenizer tens of seconds and gigabytes, only to be cut
+    # to max_length tokens or dropped by the trainer.
+    sizes = {name: _chars(row[name]) for name in _TEXT_COLUMNS if name in row}
+    total = sum(sizes.values())
+    if total > max_chars:
+        biggest = max(sizes, key=sizes.get)
+        raise RowError(biggest, f"the row holds {total:,} characters of text ({sizes[biggest]:,} in '{biggest}'), "
+                       f"more than {max_chars:,} ({CHARS_PER_TOKEN} per token of max_length), far beyond what the "
+                       "trainer can use: shorten or split the row, remove it, or raise max_length")
+
+
+def _chars(value) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_chars(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_chars(v) for v in value.values())
+    return 0
+
+
 def _get(row: dict, field: str):
     if field not in row:
         raise RowError(field, f"missing: this row has no '{field}' key (other rows have it)")
@@ -434,10 +466,10 @@ def _extension(path: str) -> str | None:
     return next((ext for ext in EXTENSIONS if path.lower().endswith(ext)), None)
 
 
-def _load_file(path: str, kind: str) -> tuple[datasets.Dataset, str]:
+def _load_file(path: str, kind: str, max_chars: int | None = None) -> tuple[datasets.Dataset, str]:
     """Load, detect and validate one file; return the dataset and its format."""
     try:
-        return _read_file(path, kind)
+        return _read_file(path, kind, max_chars)
     except UnicodeDecodeError:
         raise _encoding_error(path) from None
 
@@ -454,18 +486,18 @@ def _encoding_error(path: str) -> DataError:
     return DataError(f"{path}: not UTF-8 text; save the file as UTF-8")
 
 
-def _read_file(path: str, kind: str) -> tuple[datasets.Dataset, str]:
+def _read_file(path: str, kind: str, max_chars: int | None) -> tuple[datasets.Dataset, str]:
     ext = _extension(path)
     if ext is None:
         raise _source_error(path, f"unknown file type; accepted extensions: {', '.join(EXTENSIONS)}", [], kind)
     if ext in (".jsonl", ".json"):
-        return _load_json(path, kind)
+        return _load_json(path, kind, max_chars)
     if ext == ".csv":
-        return _load_csv(path, kind)
+        return _load_csv(path, kind, max_chars)
     schema = pq.read_schema(path) if os.path.getsize(path) else None
     if schema is None or pq.read_metadata(path).num_rows == 0:  # the builder fails on these without saying why
         raise _source_error(path, "empty file: no rows", schema.names if schema else [], kind)
-    return _check_dataset(_build("parquet", path), path, kind)
+    return _check_dataset(_build("parquet", path), path, kind, max_chars)
 
 
 def _build(builder: str, path: str, **kwargs) -> datasets.Dataset:
@@ -507,7 +539,7 @@ def _json_lines(f, path: str):
                                 "one JSON object per line (or a .json file holding a list of objects)") from None
 
 
-def _load_json(path: str, kind: str) -> tuple[datasets.Dataset, str]:
+def _load_json(path: str, kind: str, max_chars: int | None) -> tuple[datasets.Dataset, str]:
     # Validate the rows as written, before Arrow sees them: Arrow would turn a missing key into null and
     # datasets 5.x JSON-encodes a column whose type varies between rows, hiding the bad row.
     columns, first, count = {}, None, 0
@@ -518,7 +550,7 @@ def _load_json(path: str, kind: str) -> tuple[datasets.Dataset, str]:
     if count == 0:
         raise _source_error(path, "empty file: no rows", [], kind)
     fmt = detect_format(list(columns), first, kind, path)
-    _validate_rows(_json_records(path), fmt, path)
+    _validate_rows(_json_records(path), fmt, path, max_chars)
     dataset = _build("json", path)
     if len(dataset) != count:
         raise DataError(f"{path}: datasets read {len(dataset)} rows but the file holds {count}; "
@@ -526,7 +558,7 @@ def _load_json(path: str, kind: str) -> tuple[datasets.Dataset, str]:
     return _drop_conflicting_columns(dataset, fmt, path), fmt
 
 
-def _load_csv(path: str, kind: str) -> tuple[datasets.Dataset, str]:
+def _load_csv(path: str, kind: str, max_chars: int | None) -> tuple[datasets.Dataset, str]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header, first = next(reader, None), next(reader, None)
@@ -542,7 +574,7 @@ def _load_csv(path: str, kind: str) -> tuple[datasets.Dataset, str]:
     rows = dataset.to_list()
     parsed = _parse_json_columns(rows, path)
     fmt = detect_format(header, rows[0], kind, path)
-    _validate_rows(enumerate(rows, 1), fmt, path)
+    _validate_rows(enumerate(rows, 1), fmt, path, max_chars)
     if parsed:
         dataset = datasets.Dataset.from_list(rows)
     return _drop_conflicting_columns(dataset, fmt, path), fmt
@@ -577,11 +609,12 @@ def _looks_like_conversation(value) -> bool:
     return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
 
 
-def _check_dataset(dataset: datasets.Dataset, source: str, kind: str) -> tuple[datasets.Dataset, str]:
+def _check_dataset(dataset: datasets.Dataset, source: str, kind: str,
+                   max_chars: int | None = None) -> tuple[datasets.Dataset, str]:
     if len(dataset) == 0:
         raise _source_error(source, "no rows", dataset.column_names, kind)
     fmt = detect_format(dataset.column_names, dataset[0], kind, source)
-    _validate_rows(enumerate(_rows(dataset), 1), fmt, source)
+    _validate_rows(enumerate(_rows(dataset), 1), fmt, source, max_chars)
     return _drop_conflicting_columns(dataset, fmt, source), fmt
 
 
@@ -592,9 +625,11 @@ def _rows(dataset: datasets.Dataset):
             yield dict(zip(names, values))
 
 
-def _validate_rows(numbered_rows, fmt: str, source: str) -> None:
+def _validate_rows(numbered_rows, fmt: str, source: str, max_chars: int | None = None) -> None:
     for n, row in numbered_rows:
         try:
+            if max_chars is not None:
+                _check_size(row, max_chars)
             validate_row(row, fmt)
         except RowError as error:
             raise DataError(f"{source}: row {n}: {error}") from None
@@ -664,19 +699,20 @@ def _split_files(directory: str, split: str) -> list[str]:
     return files
 
 
-def _load_source(source: DataSource, split: str, kind: str) -> list[tuple[str, datasets.Dataset, str]] | None:
+def _load_source(source: DataSource, split: str, kind: str,
+                 max_chars: int | None = None) -> list[tuple[str, datasets.Dataset, str]] | None:
     """(name, dataset, format) for each file of the source; None if a non-train split does not exist."""
     # load_data(split="train") takes each source's own split (e.g. a Hub "train_sft"); other splits are literal
     wanted = source.split if split == "train" else split
     if not _is_local(source.path):
-        loaded = _load_hub(source, wanted, kind, optional=split != "train")
+        loaded = _load_hub(source, wanted, kind, optional=split != "train", max_chars=max_chars)
         return None if loaded is None else [loaded]
     files = _local_files(source, wanted, kind)
     if not files:
         if split != "train":
             return None
         raise _no_split_file(source, wanted, kind)
-    return [(path, *_load_file(path, kind)) for path in files]
+    return [(path, *_load_file(path, kind, max_chars)) for path in files]
 
 
 def _no_split_file(source: DataSource, split: str, kind: str) -> DataError:
@@ -686,7 +722,8 @@ def _no_split_file(source: DataSource, split: str, kind: str) -> DataError:
                          f"subdirectory; the directory holds {', '.join(present) or 'nothing'}", [], kind, files=True)
 
 
-def _load_hub(source: DataSource, split: str, kind: str, optional: bool) -> tuple[str, datasets.Dataset, str] | None:
+def _load_hub(source: DataSource, split: str, kind: str, optional: bool,
+              max_chars: int | None = None) -> tuple[str, datasets.Dataset, str] | None:
     label = f"{source.path}[{split}]"
     try:
         dataset = datasets.load_dataset(source.path, source.name, split=split)
@@ -696,7 +733,7 @@ def _load_hub(source: DataSource, split: str, kind: str, optional: bool) -> tupl
         raise _hub_error(source, label, error, kind) from error
     except Exception as error:  # offline, not found, gated: datasets raises many types
         raise _hub_error(source, label, error, kind) from error
-    return (label, *_check_dataset(dataset, label, kind))
+    return (label, *_check_dataset(dataset, label, kind, max_chars))
 
 
 def _hub_error(source: DataSource, label: str, error: Exception, kind: str) -> DataError:
@@ -708,7 +745,7 @@ def _hub_error(source: DataSource, label: str, error: Exception, kind: str) -> D
 # ---------------------------------------------------------------------------------------------- checking ahead
 
 
-def check_sources(sources, kind: str, split: str = "train", rows: int = 100) -> None:
+def check_sources(sources, kind: str, split: str = "train", rows: int = 100, max_chars: int | None = None) -> None:
     """Check, without loading them, that the local files of `sources` exist and that their first `rows` rows are
     valid `kind` data: the pipeline runs this on every stage's data before the first stage trains. Hub datasets are
     left to the stage (no network before training starts); a non-train split that is missing is no error."""
@@ -721,10 +758,10 @@ def check_sources(sources, kind: str, split: str = "train", rows: int = 100) -> 
         if not files and split == "train":
             raise _no_split_file(source, wanted, kind)
         for path in files:
-            _check_head(path, kind, rows)
+            _check_head(path, kind, rows, max_chars)
 
 
-def _check_head(path: str, kind: str, rows: int) -> None:
+def _check_head(path: str, kind: str, rows: int, max_chars: int | None) -> None:
     if _extension(path) is None:
         raise _source_error(path, f"unknown file type; accepted extensions: {', '.join(EXTENSIONS)}", [], kind)
     try:
@@ -734,7 +771,7 @@ def _check_head(path: str, kind: str, rows: int) -> None:
     if not head:
         raise _source_error(path, "empty file: no rows", [], kind)
     columns = list(dict.fromkeys(key for _, row in head for key in row))
-    _validate_rows(head, detect_format(columns, head[0][1], kind, path), path)
+    _validate_rows(head, detect_format(columns, head[0][1], kind, path), path, max_chars)
 
 
 def _head(path: str, rows: int) -> list[tuple[int, dict]]:
@@ -755,15 +792,17 @@ def _head(path: str, rows: int) -> list[tuple[int, dict]]:
 # ---------------------------------------------------------------------------------------------- mixing
 
 
-def load_data(sources, kind: str, split: str = "train", seed: int = 0) -> datasets.Dataset | None:
+def load_data(sources, kind: str, split: str = "train", seed: int = 0,
+              max_chars: int | None = None) -> datasets.Dataset | None:
     """Load, validate and mix `sources` (anything parse_sources reads) as `kind` data ("text", "sft",
     "preference", "prompt"). With split "train" each source's own split is used; another split is taken
     as named, and sources without it are skipped (None if none has it). Several sources are mixed by
-    weight: the largest mixture in which no source repeats a row, shuffled with `seed`."""
+    weight: the largest mixture in which no source repeats a row, shuffled with `seed`. A row with more
+    than `max_chars` characters of text (see `row_char_limit`) is refused, naming its file and row."""
     _check_kind(kind)
     loaded = []
     for source in parse_sources(sources):
-        files = _load_source(source, split, kind)
+        files = _load_source(source, split, kind, max_chars)
         if files is not None:
             loaded.append((source, files))
     if not loaded:
@@ -777,6 +816,13 @@ def load_data(sources, kind: str, split: str = "train", seed: int = 0) -> datase
     if len(parts) == 1:
         return parts[0][1]
     return _mix(parts, seed)
+
+
+def load_files(sources, kind: str, split: str = "train", max_chars: int | None = None) -> list[tuple]:
+    """Each file of `sources` loaded and validated on its own, as (name, dataset, format): what load_data mixes.
+    Sources without a non-train `split` are left out."""
+    _check_kind(kind)
+    return [file for source in parse_sources(sources) for file in _load_source(source, split, kind, max_chars) or []]
 
 
 def _mix(parts: list[tuple[DataSource, datasets.Dataset]], seed: int) -> datasets.Dataset:

@@ -168,14 +168,17 @@ def _check_models(values: dict[str, Any], produced: set[Path]) -> None:
 
 
 def _check_data(values: dict[str, Any], kind: str, produced: set[Path]) -> None:
-    from .data import check_sources
+    from .data import check_sources, row_char_limit
 
     test_split = values.get("dataset_test_split", "test")
+    # The length the stage cuts rows at, as its recipe reads it: max_length, or for PPO max_prompt_length.
+    max_length = None if values.get("packing") else values.get("max_length", values.get("max_prompt_length"))
+    max_chars = row_char_limit(max_length)
     for key, split in (("dataset_name", "train"), ("dataset_name", test_split), ("eval_dataset_name", test_split),
                        ("reference_dataset", test_split)):
         value = values.get(key)
         if value is not None and not (isinstance(value, str) and _is_produced(value, produced)):
-            check_sources(value, kind, split)
+            check_sources(value, kind, split, max_chars=max_chars)
 
 
 def is_finished(config: PipelineConfig, stage: str) -> bool:
