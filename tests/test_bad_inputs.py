@@ -12,7 +12,7 @@ import pytest  # noqa: F401
 import json  # noqa: E402
 
 import yaml  # noqa: E402
-from conftest import REPO, load_recipe  # noqa: E402
+from conftest import REPO, load_recipe, read_jsonl  # noqa: E402
 
 # Each case: the recipe whose config dataclasses parse, the command line after its tiny YAML, and what the message
 # must name. parse_config is what every recipe runs first, before data or models load.
@@ -82,6 +82,92 @@ def test_every_shipped_recipe_config_is_within_bounds():
             check_precision(load_yaml(path))
             if path.name.startswith("tiny"):  # the GPU configs ask for bf16, which transformers refuses on a CPU
                 parse_config(*recipe_arguments(recipe), args=["--config", str(path)])
+
+
+# ---- item 3: rows far beyond max_length are refused before tokenizing; rows cut or dropped for length are counted
+
+def _sft_rows_with_a_huge_one(tmp_path, huge_row, chars):
+    rows = read_jsonl(REPO / "data/sft/train.jsonl", limit=8)
+    rows[huge_row - 1]["messages"][-1]["content"] = "x" * chars
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_oversized_row_is_refused_before_tokenizing_naming_file_row_and_fix(tmp_path, monkeypatch):
+    from rlhf_kit.data import DataError, check_sources, load_data, row_char_limit
+
+    monkeypatch.chdir(REPO)
+    path = _sft_rows_with_a_huge_one(tmp_path, huge_row=5, chars=1_000_000)
+    for read in (lambda: load_data(str(path), kind="sft", max_chars=row_char_limit(128)),
+                 lambda: check_sources(str(path), kind="sft", max_chars=row_char_limit(128))):
+        with pytest.raises(DataError) as error:
+            read()
+        message = str(error.value)
+        for fragment in (str(path), "row 5", "'messages'", "1,000", "max_length"):
+            assert fragment in message
+    # The recipe refuses it from its max_length (128 in the tiny SFT config), before the (missing) model loads.
+    with pytest.raises(DataError, match="row 5"):
+        load_recipe("sft")(["--config", "recipes/configs/sft/tiny.yaml", "--dataset_name", str(path),
+                            "--eval_strategy", "no", "--model_name_or_path", "./no/such/model"])
+    # A row within the limit loads: the limit is far above what max_length tokens hold.
+    assert len(load_data(str(path), kind="sft", max_chars=row_char_limit(100_000))) == 8
+
+
+def test_sft_truncation_count_matches_what_the_trainer_tokenizes(tiny_sft, tmp_path, monkeypatch):
+    """The per-file count of rows SFT truncates, against the lengths TRL's SFTTrainer itself tokenizes (with no
+    max_length, so nothing is cut), and in the stage record and summary."""
+    import contextlib
+    import io
+
+    from trl import SFTConfig, SFTTrainer
+
+    from rlhf_kit.data import load_data
+    from rlhf_kit.lengths import count_over_length
+    from rlhf_kit.model import load_tokenizer
+
+    monkeypatch.chdir(REPO)
+    tokenizer = load_tokenizer(tiny_sft)
+    data = load_data("data/sft", kind="sft")
+    uncut = SFTTrainer(model=tiny_sft, processing_class=tokenizer, train_dataset=data,
+                       args=SFTConfig(output_dir=str(tmp_path / "uncut"), max_length=None, report_to="none",
+                                      bf16=False, use_cpu=True))
+    lengths = [len(ids) for ids in uncut.train_dataset["input_ids"]]
+    max_length = sorted(lengths)[len(lengths) // 2]  # about half the rows are longer
+    expected = sum(n > max_length for n in lengths)
+    assert 0 < expected < len(lengths)
+    assert count_over_length("data/sft", "sft", "train", tokenizer, max_length) == {
+        "data/sft/train.jsonl": (len(lengths), expected)}
+
+    out = tmp_path / "sft"
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        load_recipe("sft")(["--config", "recipes/configs/sft/tiny.yaml"], overrides={
+            "model_name_or_path": tiny_sft, "output_dir": str(out), "use_peft": False, "max_steps": 1,
+            "max_length": max_length, "eval_strategy": "no", "save_strategy": "no", "report_to": "none",
+            "disable_tqdm": True})
+    record = json.loads((out / "rlhf_kit_stage.json").read_text())
+    assert record["metrics"]["truncated_rows/data/sft/train.jsonl"] == expected
+    assert f"truncated_rows/data/sft/train.jsonl  {expected}" in summary.getvalue()
+
+
+def test_reward_drop_count_matches_the_pairs_the_trainer_drops(tiny_sft, tmp_path, monkeypatch, caplog):
+    import contextlib
+    import io
+
+    from rlhf_kit.data import load_data
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "reward"
+    with contextlib.redirect_stdout(io.StringIO()), caplog.at_level("WARNING", logger="rlhf_kit.lengths"):
+        trainer = load_recipe("reward")(["--config", "recipes/configs/reward/tiny.yaml"], overrides={
+            "model_name_or_path": tiny_sft, "output_dir": str(out), "max_steps": 1, "max_length": 40,
+            "eval_strategy": "no", "save_strategy": "no", "report_to": "none", "disable_tqdm": True})
+    dropped = len(load_data("data/preference", kind="preference")) - len(trainer.train_dataset)
+    assert dropped > 0
+    record = json.loads((out / "rlhf_kit_stage.json").read_text())
+    assert record["metrics"]["dropped_rows/data/preference/train.jsonl"] == dropped
+    assert f"data/preference/train.jsonl: {dropped} of" in caplog.text and "dropped by the trainer" in caplog.text
 
 
 # ---- item 10: messages that name the file, line and byte, the missing path, the expected shape
