@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, check_keys, load_yaml, looks_like_path, parse_config
+from .data import check_sources, load_data, row_char_limit
 from .runs import read_stage
 from .stages import DATA_KIND, recipe_arguments
 
@@ -145,8 +146,6 @@ def check_pipeline(config: PipelineConfig) -> None:
             raise ConfigError(f"Pipeline stage '{stage}' ({config.stages[stage]}): {error}") from None
         produced.add(config.stage_dir(stage).resolve())
     if config.evaluation:
-        from .data import check_sources
-
         settings = {**EVALUATION_DEFAULTS, **config.evaluation}
         try:
             check_sources(settings["prompts"], "prompt", settings["split"])
@@ -168,8 +167,6 @@ def _check_models(values: dict[str, Any], produced: set[Path]) -> None:
 
 
 def _check_data(values: dict[str, Any], kind: str, produced: set[Path]) -> None:
-    from .data import check_sources, row_char_limit
-
     test_split = values.get("dataset_test_split", "test")
     # The length the stage cuts rows at, as its recipe reads it: max_length, or for PPO max_prompt_length.
     max_length = None if values.get("packing") else values.get("max_length", values.get("max_prompt_length"))
@@ -220,7 +217,6 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
     import json
 
     from . import task
-    from .data import load_data
     from .evaluation import evaluate_policy, format_table, load_policy, win_rate
 
     settings = {**EVALUATION_DEFAULTS, **config.evaluation}
