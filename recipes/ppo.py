@@ -19,6 +19,7 @@ from rlhf_kit.model import load_model, load_tokenizer, lora_config, prepare_toke
 from rlhf_kit.rewards import RewardModel, gate, tokenizer_compatibility
 from rlhf_kit.rollout import import_reward_func
 from rlhf_kit.hub import publish_stage, take_over_push
+from rlhf_kit.lengths import count_over_length, length_metrics
 from rlhf_kit.runs import format_summary, resume_checkpoint, start_and_final_evaluation, write_stage
 from rlhf_kit.trainers.ppo import PPOTrainer
 
@@ -47,6 +48,9 @@ def main(argv=None, overrides=None, callbacks=None):
     tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
                                trust_remote_code=args.trust_remote_code)
     prepare_tokenizer(tokenizer)  # the SFT tokenizer already has its template and pad token: this changes nothing
+    dropped = length_metrics(count_over_length(data_args.dataset_name, "prompt", data_args.dataset_train_split,
+                                               tokenizer, args.max_prompt_length), args.max_prompt_length,
+                             action="dropped")
     reward_model, reward_report = None, {}
     if args.reward_model_path:
         reward_report = gate(args.reward_model_path, tokenizer, min_accuracy=args.min_reward_accuracy,
@@ -74,7 +78,7 @@ def main(argv=None, overrides=None, callbacks=None):
     trainer.save_model(args.output_dir)
 
     # Held-out prompts: the SFT policy's scores (the step-0 evaluation, with eval_on_start) against the final ones.
-    metrics = {"train_loss": train_result.training_loss, "parallelism": parallelism(trainer)}
+    metrics = {"train_loss": train_result.training_loss, "parallelism": parallelism(trainer), **dropped}
     if eval_data is not None:
         start, final = start_and_final_evaluation(trainer, "eval_reward")
         metrics.update({f"{k}_at_start": v for k, v in start.items() if k.startswith("eval_")})

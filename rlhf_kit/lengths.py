@@ -1,9 +1,10 @@
 """Rows the trainer will cut or drop for length, counted per source file before training and recorded.
 
 TRL's SFTTrainer and DPOTrainer truncate sequences longer than `max_length` tokens and its RewardTrainer drops pairs
-longer than it, all without a word. `count_over_length` tokenizes each training file's rows as those trainers render
-them (a conversation through the chat template; plain text with EOS appended, prompt + completion concatenated) and
-counts the rows over `max_length`; `length_metrics` turns the counts into stage-record metrics and warns.
+longer than it, all without a word; PPO drops prompts longer than `max_prompt_length`. `count_over_length` tokenizes
+each training file's rows as those trainers render them (a conversation through the chat template, a prompt with the
+generation prompt; plain text with EOS appended, prompt + completion concatenated) and counts the rows over the
+limit; `length_metrics` turns the counts into stage-record metrics and warns.
 
     counts = count_over_length(data_args.dataset_name, "sft", "train", tokenizer, args.max_length)
     metrics.update(length_metrics(counts, args.max_length, action="truncated"))
@@ -25,8 +26,8 @@ _BATCH = 1000
 
 def count_over_length(sources, kind: str, split: str, tokenizer: PreTrainedTokenizerBase,
                       max_length: int | None) -> dict[str, tuple[int, int]]:
-    """{file: (rows, rows over max_length)} for every file of `sources` ("sft" or "preference" data); a preference
-    row counts when either of its sequences is over. Empty when max_length is None (nothing is cut)."""
+    """{file: (rows, rows over max_length)} for every file of `sources` ("sft", "preference" or "prompt" data); a
+    preference row counts when either of its sequences is over. Empty when max_length is None (nothing is cut)."""
     if max_length is None:
         return {}
     counts = {}
@@ -34,7 +35,8 @@ def count_over_length(sources, kind: str, split: str, tokenizer: PreTrainedToken
         over = 0
         for start in range(0, len(dataset), _BATCH):
             rows = dataset[start : start + _BATCH]
-            lengths = [_lengths(tokenizer, sequences) for sequences in _sequences(rows, kind, tokenizer.eos_token)]
+            lengths = [_lengths(tokenizer, sequences, prompt=kind == "prompt")
+                       for sequences in _sequences(rows, kind, tokenizer.eos_token)]
             over += sum(max(pair) > max_length for pair in zip(*lengths))
         counts[name] = (len(dataset), over)
     return counts
@@ -48,6 +50,8 @@ def _sequences(batch: dict[str, list], kind: str, eos: str) -> list[list]:
 
     if kind == "preference":
         return [_with_eos(joined("chosen"), eos), _with_eos(joined("rejected"), eos)]
+    if kind == "prompt":
+        return [batch["prompt"]]
     if "messages" in batch:
         return [batch["messages"]]
     if "completion" in batch:
@@ -60,9 +64,10 @@ def _with_eos(texts: list, eos: str) -> list:
     return [t + eos if isinstance(t, str) and not t.endswith(eos) else t for t in texts]
 
 
-def _lengths(tokenizer: PreTrainedTokenizerBase, sequences: list) -> list[int]:
+def _lengths(tokenizer: PreTrainedTokenizerBase, sequences: list, prompt: bool) -> list[int]:
     if sequences and isinstance(sequences[0], list):
-        ids = tokenizer.apply_chat_template(sequences, tokenize=True, return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(sequences, tokenize=True, return_dict=True,
+                                            add_generation_prompt=prompt)["input_ids"]
     else:
         ids = tokenizer(text=sequences)["input_ids"]
     return [len(i) for i in ids]

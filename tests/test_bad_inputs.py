@@ -170,6 +170,33 @@ def test_reward_drop_count_matches_the_pairs_the_trainer_drops(tiny_sft, tmp_pat
     assert f"data/preference/train.jsonl: {dropped} of" in caplog.text and "dropped by the trainer" in caplog.text
 
 
+def test_ppo_drop_count_matches_the_prompts_the_trainer_drops(tiny_sft, tmp_path, monkeypatch, single_thread):
+    import contextlib
+    import io
+
+    from rlhf_kit.data import load_data
+    from rlhf_kit.lengths import count_over_length
+    from rlhf_kit.model import load_tokenizer
+
+    monkeypatch.chdir(REPO)
+    tokenizer = load_tokenizer(tiny_sft)
+    lengths = [len(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)
+                   ["input_ids"]) for p in load_data("data/prompts", kind="prompt")["prompt"]]
+    limit = sorted(lengths)[len(lengths) * 3 // 4]  # about a quarter of the prompts are longer
+    assert count_over_length("data/prompts", "prompt", "train", tokenizer, limit)["data/prompts/train.jsonl"][1] > 0
+    out = tmp_path / "ppo"
+    with contextlib.redirect_stdout(io.StringIO()), pytest.warns(UserWarning, match="prompts longer than"):
+        trainer = load_recipe("ppo")(["--config", "recipes/configs/ppo/tiny.yaml"], overrides={
+            "model_name_or_path": tiny_sft, "reward_model_path": None, "reward_funcs": ["rlhf_kit.task:gold"],
+            "output_dir": str(out), "max_steps": 1, "max_prompt_length": limit, "per_device_train_batch_size": 4,
+            "num_mini_batches": 1, "num_ppo_epochs": 1, "eval_on_start": False, "eval_strategy": "no",
+            "save_strategy": "no"})
+    dropped = len(lengths) - len(trainer.train_dataset)
+    assert dropped > 0
+    record = json.loads((out / "rlhf_kit_stage.json").read_text())
+    assert record["metrics"]["dropped_rows/data/prompts/train.jsonl"] == dropped
+
+
 # ---- item 10: messages that name the file, line and byte, the missing path, the expected shape
 
 def _latin1_jsonl(tmp_path):
