@@ -13,18 +13,18 @@ order as they are done; a rerun with the same settings resumes after the last co
 import torch
 from transformers import set_seed
 
-from rlhf_kit.best_of_n import BestOfNArguments, write_best_of_n
+from rlhf_kit.best_of_n import write_best_of_n
 from rlhf_kit.config import parse_config, save_config, to_dict
-from rlhf_kit.data import DataArguments, load_data
+from rlhf_kit.stages import recipe_arguments
+from rlhf_kit.data import load_data
 from rlhf_kit.evaluation import Policy
-from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, prepare_tokenizer, stop_token_ids
-from rlhf_kit.rewards import RewardSources, load_reward_functions
+from rlhf_kit.model import load_model, load_tokenizer, prepare_tokenizer, stop_token_ids
+from rlhf_kit.rewards import load_reward_functions
 from rlhf_kit.runs import format_summary, write_stage
 
 
 def main(argv=None, overrides=None, callbacks=None):
-    data_args, model_args, args, sources = parse_config(DataArguments, ModelArguments, BestOfNArguments,
-                                                        RewardSources, args=argv, overrides=overrides)
+    data_args, model_args, args, sources = parse_config(*recipe_arguments("best_of_n"), args=argv, overrides=overrides)
     set_seed(args.seed)
 
     # Data first: a bad row must fail before any model loads.

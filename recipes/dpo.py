@@ -16,11 +16,13 @@ from trl import DPOTrainer
 
 from rlhf_kit.checkpoints import disk_full_explained
 from rlhf_kit.config import parse_config, save_config, to_dict
-from rlhf_kit.data import DataArguments, load_data
+from rlhf_kit.stages import recipe_arguments
+from rlhf_kit.data import load_data, row_char_limit
 from rlhf_kit.distributed import apply_global_batch_size, parallelism, shard_on_cpu
-from rlhf_kit.dpo import DPOArguments, check_dpo_setup
+from rlhf_kit.dpo import check_dpo_setup
 from rlhf_kit.hub import publish_stage, take_over_push
-from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer
+from rlhf_kit.model import load_model, load_tokenizer, lora_config, prepare_tokenizer
+from rlhf_kit.lengths import count_over_length, length_metrics
 from rlhf_kit.runs import (
     format_summary,
     resume_checkpoint,
@@ -31,16 +33,16 @@ from rlhf_kit.runs import (
 
 
 def main(argv=None, overrides=None, callbacks=None):
-    data_args, model_args, args = parse_config(DataArguments, ModelArguments, DPOArguments,
-                                               args=argv, overrides=overrides)
+    data_args, model_args, args = parse_config(*recipe_arguments("dpo"), args=argv, overrides=overrides)
     push = take_over_push(args)  # fails now, not after training, without a repo id or token
     apply_global_batch_size(args)  # gradient accumulation for this launch's process count
     set_seed(args.seed)
 
     # Data first: a bad row or a contradictory setting must fail before minutes of model loading.
     train_data = load_data(data_args.dataset_name, kind="preference", split=data_args.dataset_train_split,
-                           seed=args.seed)
-    eval_data = load_data(data_args.eval_source, kind="preference", split=data_args.dataset_test_split, seed=args.seed)
+                           seed=args.seed, max_chars=row_char_limit(args.max_length))
+    eval_data = load_data(data_args.eval_source, kind="preference", split=data_args.dataset_test_split, seed=args.seed,
+                          max_chars=row_char_limit(args.max_length))
     check_dpo_setup(model_args, args, has_eval_data=eval_data is not None)
     resume = resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
 
@@ -48,6 +50,8 @@ def main(argv=None, overrides=None, callbacks=None):
                                trust_remote_code=args.trust_remote_code)
     new_chat_template = tokenizer.chat_template is None  # DPO straight from a base model: it gets ChatML here
     prepare_tokenizer(tokenizer)
+    truncated = length_metrics(count_over_length(data_args.dataset_name, "preference", data_args.dataset_train_split,
+                                                 tokenizer, args.max_length), args.max_length, action="truncated")
     model = load_model(model_args, tokenizer, trust_remote_code=args.trust_remote_code)
     peft_config = lora_config(model_args, tokenizer, tied_embeddings=model.config.tie_word_embeddings,
                               new_chat_template=new_chat_template)
@@ -67,7 +71,7 @@ def main(argv=None, overrides=None, callbacks=None):
         trainer.save_model(args.output_dir)
     # Held-out pairs at the start (with eval_on_start: loss log 2, no pair ranked yet) and at the end.
     train_loss = whole_run_train_loss(trainer.state, train_result.training_loss, resume)  # before a resume too
-    metrics = {"train_loss": train_loss, "parallelism": parallelism(trainer)}
+    metrics = {"train_loss": train_loss, "parallelism": parallelism(trainer), **truncated}
     if eval_data is not None:
         start, final = start_and_final_evaluation(trainer, "eval_loss")
         kept = ("eval_loss", "eval_rewards/")

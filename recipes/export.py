@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 
 from rlhf_kit.config import parse_config
-from rlhf_kit.export import ExportArguments, export
+from rlhf_kit.stages import recipe_arguments
+from rlhf_kit.export import export
 from rlhf_kit.hub import push_folder, require_token
 
 
 def main(argv=None, overrides=None):
-    (args,) = parse_config(ExportArguments, args=argv, overrides=overrides)
+    (args,) = parse_config(*recipe_arguments("export"), args=argv, overrides=overrides)
     # A push that cannot happen fails now, not after minutes of merging and quantizing.
     if args.push_to_hub and not args.dry_run:
         require_token()

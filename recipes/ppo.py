@@ -12,26 +12,30 @@ card and the stage record. An interrupted run resumes from its last checkpoint w
 from transformers import set_seed
 
 from rlhf_kit.config import parse_config, save_config, to_dict
-from rlhf_kit.data import DataArguments, load_data
+from rlhf_kit.stages import recipe_arguments
+from rlhf_kit.data import load_data, row_char_limit
 from rlhf_kit.distributed import apply_global_batch_size, parallelism
-from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer
+from rlhf_kit.model import load_model, load_tokenizer, lora_config, prepare_tokenizer
 from rlhf_kit.rewards import RewardModel, gate, tokenizer_compatibility
 from rlhf_kit.rollout import import_reward_func
 from rlhf_kit.hub import publish_stage, take_over_push
+from rlhf_kit.lengths import count_over_length, length_metrics
 from rlhf_kit.runs import format_summary, resume_checkpoint, start_and_final_evaluation, write_stage
 from rlhf_kit.trainers.ppo import PPOTrainer
-from rlhf_kit.trainers.ppo_config import PPOConfig
 
 
 def main(argv=None, overrides=None, callbacks=None):
-    data_args, model_args, args = parse_config(DataArguments, ModelArguments, PPOConfig, args=argv, overrides=overrides)
+    data_args, model_args, args = parse_config(*recipe_arguments("ppo"), args=argv, overrides=overrides)
     apply_global_batch_size(args, mini_batches=args.num_mini_batches)  # global batch = prompts per update
     push = take_over_push(args)  # fails now, not after training, without a repo id or token
     set_seed(args.seed)
 
     # Data, reward functions and the reward-model gate first: each can fail in a second, before any model loads.
-    train_data = load_data(data_args.dataset_name, kind="prompt", split=data_args.dataset_train_split, seed=args.seed)
-    eval_data = load_data(data_args.eval_source, kind="prompt", split=data_args.dataset_test_split, seed=args.seed)
+    limit = row_char_limit(args.max_prompt_length)  # longer prompts are dropped (with a warning) by the trainer
+    train_data = load_data(data_args.dataset_name, kind="prompt", split=data_args.dataset_train_split, seed=args.seed,
+                           max_chars=limit)
+    eval_data = load_data(data_args.eval_source, kind="prompt", split=data_args.dataset_test_split, seed=args.seed,
+                          max_chars=limit)
     reward_funcs = [import_reward_func(name) for name in args.reward_funcs]
     eval_reward_funcs = [import_reward_func(name) for name in args.eval_reward_funcs]
     if not args.reward_model_path and not reward_funcs:
@@ -44,6 +48,9 @@ def main(argv=None, overrides=None, callbacks=None):
     tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
                                trust_remote_code=args.trust_remote_code)
     prepare_tokenizer(tokenizer)  # the SFT tokenizer already has its template and pad token: this changes nothing
+    dropped = length_metrics(count_over_length(data_args.dataset_name, "prompt", data_args.dataset_train_split,
+                                               tokenizer, args.max_prompt_length), args.max_prompt_length,
+                             action="dropped")
     reward_model, reward_report = None, {}
     if args.reward_model_path:
         reward_report = gate(args.reward_model_path, tokenizer, min_accuracy=args.min_reward_accuracy,
@@ -71,7 +78,7 @@ def main(argv=None, overrides=None, callbacks=None):
     trainer.save_model(args.output_dir)
 
     # Held-out prompts: the SFT policy's scores (the step-0 evaluation, with eval_on_start) against the final ones.
-    metrics = {"train_loss": train_result.training_loss, "parallelism": parallelism(trainer)}
+    metrics = {"train_loss": train_result.training_loss, "parallelism": parallelism(trainer), **dropped}
     if eval_data is not None:
         start, final = start_and_final_evaluation(trainer, "eval_reward")
         metrics.update({f"{k}_at_start": v for k, v in start.items() if k.startswith("eval_")})

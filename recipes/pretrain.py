@@ -7,26 +7,21 @@ corpus into `block_size` blocks and saves an ordinary Hugging Face model directo
 continues pretraining that model instead (same packing, its own tokenizer).
 """
 
-from transformers import (
-    AutoModelForCausalLM,
-    DataCollatorForLanguageModeling,
-    LlamaForCausalLM,
-    Trainer,
-    TrainingArguments,
-    set_seed,
-)
+
+from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, LlamaForCausalLM, Trainer, set_seed
 
 from rlhf_kit.checkpoints import disk_full_explained
 from rlhf_kit.config import parse_config, save_config, to_dict
+from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data import load_data
 from rlhf_kit.model import load_tokenizer
-from rlhf_kit.pretraining import PretrainArguments, pack_blocks, tiny_llama_config, train_tokenizer
+from rlhf_kit.pretraining import pack_blocks, tiny_llama_config, train_tokenizer
 from rlhf_kit.hub import publish_stage, take_over_push
 from rlhf_kit.runs import format_summary, resume_checkpoint, whole_run_train_loss, write_stage
 
 
 def main(argv=None, overrides=None):
-    args, training_args = parse_config(PretrainArguments, TrainingArguments, args=argv, overrides=overrides)
+    args, training_args = parse_config(*recipe_arguments("pretrain"), args=argv, overrides=overrides)
     push = take_over_push(training_args)  # fails now, not after training, without a repo id or token
     set_seed(training_args.seed)
     out = training_args.output_dir

@@ -14,11 +14,11 @@ from trl import RewardTrainer
 
 from rlhf_kit.checkpoints import disk_full_explained
 from rlhf_kit.config import parse_config, save_config, to_dict
-from rlhf_kit.data import DataArguments, detect_dataset_format, load_data
+from rlhf_kit.stages import recipe_arguments
+from rlhf_kit.data import detect_dataset_format, load_data, row_char_limit
 from rlhf_kit.distributed import apply_global_batch_size
-from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, prepare_tokenizer
+from rlhf_kit.model import load_model, load_tokenizer, prepare_tokenizer
 from rlhf_kit.reward_modeling import (
-    RewardArguments,
     check_reward_setup,
     evaluate_reward_model,
     fit_normalization,
@@ -29,20 +29,21 @@ from rlhf_kit.reward_modeling import (
 )
 from rlhf_kit.rewards import RewardModel, write_reward_files
 from rlhf_kit.hub import publish_stage, take_over_push
+from rlhf_kit.lengths import count_over_length, length_metrics
 from rlhf_kit.runs import format_summary, resume_checkpoint, whole_run_train_loss, write_stage
 
 
 def main(argv=None, overrides=None, callbacks=None):
-    data_args, model_args, args = parse_config(DataArguments, ModelArguments, RewardArguments,
-                                               args=argv, overrides=overrides)
+    data_args, model_args, args = parse_config(*recipe_arguments("reward"), args=argv, overrides=overrides)
     apply_global_batch_size(args)  # gradient accumulation for this launch's process count
     push = take_over_push(args)  # fails now, not after training, without a repo id or token
     set_seed(args.seed)
 
     # Data first: a bad row or a contradictory setting must fail before minutes of model loading.
     train_data = load_data(data_args.dataset_name, kind="preference", split=data_args.dataset_train_split,
-                           seed=args.seed)
-    eval_data = load_data(data_args.eval_source, kind="preference", split=data_args.dataset_test_split, seed=args.seed)
+                           seed=args.seed, max_chars=row_char_limit(args.max_length))
+    eval_data = load_data(data_args.eval_source, kind="preference", split=data_args.dataset_test_split, seed=args.seed,
+                          max_chars=row_char_limit(args.max_length))
     # The normalization reference: reference_dataset, else the held-out split, else the training data.
     reference_source = args.reference_dataset or (data_args.eval_source if eval_data is not None
                                                   else data_args.dataset_name)
@@ -60,6 +61,9 @@ def main(argv=None, overrides=None, callbacks=None):
     tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
                                trust_remote_code=args.trust_remote_code)
     added = prepare_tokenizer(tokenizer)
+    # TRL's RewardTrainer drops training pairs longer than max_length; counted here, with the rendering it uses.
+    dropped = length_metrics(count_over_length(data_args.dataset_name, "preference", data_args.dataset_train_split,
+                                               tokenizer, args.max_length), args.max_length, action="dropped")
     model = load_model(model_args, tokenizer, sequence_classification=True, trust_remote_code=args.trust_remote_code)
     base_model = model.config.name_or_path  # the SFT adapter's merged directory, or the base itself
 
@@ -88,7 +92,7 @@ def main(argv=None, overrides=None, callbacks=None):
         report = evaluate_reward_model(reward_model, eval_data, buckets=args.calibration_buckets, batch_size=batch_size)
 
     train_loss = whole_run_train_loss(trainer.state, train_result.training_loss, resume)  # before a resume too
-    metrics = {"train_loss": train_loss, **normalization}
+    metrics = {"train_loss": train_loss, **normalization, **dropped}
     if report is not None:
         metrics.update(eval_accuracy=report["accuracy"], eval_mean_margin=report["mean_margin"],
                        eval_calibration_error=report["calibration_error"])

@@ -19,18 +19,18 @@ from trl import RLOOTrainer
 
 from rlhf_kit.checkpoints import disk_full_explained
 from rlhf_kit.config import parse_config, save_config, to_dict
-from rlhf_kit.data import DataArguments, load_data
+from rlhf_kit.stages import recipe_arguments
+from rlhf_kit.data import load_data
 from rlhf_kit.distributed import parallelism, shard_on_cpu
-from rlhf_kit.grpo import RLOOArguments, apply_sampling_global_batch, check_sampling_setup, reward_metrics
+from rlhf_kit.grpo import apply_sampling_global_batch, check_sampling_setup, reward_metrics
 from rlhf_kit.hub import publish_stage, take_over_push
-from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer, stop_token_ids
-from rlhf_kit.rewards import RewardSources, load_reward_functions
+from rlhf_kit.model import load_model, load_tokenizer, lora_config, prepare_tokenizer, stop_token_ids
+from rlhf_kit.rewards import load_reward_functions
 from rlhf_kit.runs import format_summary, resume_checkpoint, whole_run_train_loss, write_stage
 
 
 def main(argv=None, overrides=None, callbacks=None):
-    data_args, model_args, args, sources = parse_config(DataArguments, ModelArguments, RLOOArguments, RewardSources,
-                                                        args=argv, overrides=overrides)
+    data_args, model_args, args, sources = parse_config(*recipe_arguments("rloo"), args=argv, overrides=overrides)
     push = take_over_push(args)  # fails now, not after training, without a repo id or token
     apply_sampling_global_batch(args)  # gradient accumulation for this launch's process count
     set_seed(args.seed)

@@ -13,25 +13,30 @@ from trl import SFTTrainer
 from rlhf_kit.chat_template import RENDERED, assistant_mask_source, tokenize_for_assistant_loss
 from rlhf_kit.checkpoints import disk_full_explained
 from rlhf_kit.config import parse_config, save_config, to_dict
-from rlhf_kit.data import DataArguments, detect_dataset_format, load_data
+from rlhf_kit.stages import recipe_arguments
+from rlhf_kit.data import detect_dataset_format, load_data, row_char_limit
 from rlhf_kit.distributed import apply_global_batch_size
-from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config, prepare_tokenizer
+from rlhf_kit.model import load_model, load_tokenizer, lora_config, prepare_tokenizer
 from rlhf_kit.hub import publish_stage, take_over_push
+from rlhf_kit.lengths import count_over_length, length_metrics
 from rlhf_kit.runs import format_summary, resume_checkpoint, whole_run_train_loss, write_stage
-from rlhf_kit.sft import SFTArguments, check_compatible, resolve_loss_masking
+from rlhf_kit.sft import check_compatible, resolve_loss_masking
 
 
 def main(argv=None, overrides=None, callbacks=None):
-    data_args, model_args, args = parse_config(DataArguments, ModelArguments, SFTArguments, args=argv, overrides=overrides)
+    data_args, model_args, args = parse_config(*recipe_arguments("sft"), args=argv, overrides=overrides)
     apply_global_batch_size(args)  # gradient accumulation for this launch's process count
     push = take_over_push(args)  # fails now, not after training, without a repo id or token
     set_seed(args.seed)
 
     # Data first: a bad row or a contradictory setting must fail before minutes of model loading.
-    train_data = load_data(data_args.dataset_name, kind="sft", split=data_args.dataset_train_split, seed=args.seed)
+    max_length = None if args.packing else args.max_length  # packing cuts nothing: it fills blocks
+    train_data = load_data(data_args.dataset_name, kind="sft", split=data_args.dataset_train_split, seed=args.seed,
+                           max_chars=row_char_limit(max_length))
     eval_data = None
     if args.eval_strategy != "no":
-        eval_data = load_data(data_args.eval_source, kind="sft", split=data_args.dataset_test_split, seed=args.seed)
+        eval_data = load_data(data_args.eval_source, kind="sft", split=data_args.dataset_test_split, seed=args.seed,
+                              max_chars=row_char_limit(max_length))
     resolve_loss_masking(args, detect_dataset_format(train_data, "sft"), data_args.dataset_name)
     check_compatible(model_args, args, has_eval_data=eval_data is not None)
     resume = resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
@@ -40,6 +45,8 @@ def main(argv=None, overrides=None, callbacks=None):
                                trust_remote_code=args.trust_remote_code)
     new_chat_template = tokenizer.chat_template is None
     prepare_tokenizer(tokenizer)
+    truncated = length_metrics(count_over_length(data_args.dataset_name, "sft", data_args.dataset_train_split,
+                                                 tokenizer, max_length), max_length, action="truncated")
     # Assistant-only loss with a template TRL cannot mask (Llama 3.1, Mistral, a plain ChatML): the kit tokenizes
     # the conversations and hands TRL each row's assistant mask. Checked before the model loads.
     own_masks = bool(args.assistant_only_loss) and assistant_mask_source(tokenizer) == RENDERED
@@ -66,7 +73,7 @@ def main(argv=None, overrides=None, callbacks=None):
         train_result = trainer.train(resume_from_checkpoint=resume)
         trainer.save_model(args.output_dir)
     train_loss = whole_run_train_loss(trainer.state, train_result.training_loss, resume)  # before a resume too
-    metrics = {"train_loss": train_loss}
+    metrics = {"train_loss": train_loss, **truncated}
     if eval_data is not None:
         metrics.update(trainer.evaluate())
 

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 
 
 def _pipeline(ns: argparse.Namespace) -> int:
+    from .config import ConfigError
     from .pipeline import PipelineConfig, StageStopped, run_pipeline
 
-    config = PipelineConfig.from_yaml(ns.config)
-    if ns.output_dir:
-        config.output_dir = ns.output_dir
     try:
+        config = PipelineConfig.from_yaml(ns.config)
+        if ns.output_dir:
+            config.output_dir = ns.output_dir
         run_pipeline(config, force=ns.force, log=lambda line: print(line, flush=True))
+    except ConfigError as e:  # a user error, checked before anything trains: the message says it all
+        print(f"rlhf-kit pipeline: {e}", file=sys.stderr)
+        return 2
     except StageStopped as stop:
         print(f"rlhf-kit pipeline: {stop}", file=sys.stderr)
         return 128 + stop.signum  # the shell's convention for "ended by this signal"
@@ -45,7 +48,7 @@ def _train(ns: argparse.Namespace) -> int:
         profile = args.pop(at + 1)
         args.pop(at)
     try:
-        return run_stage(launch_command(ns.stage, ns.config, profile) + args, dict(os.environ))
+        return run_stage(launch_command(ns.stage, profile) + ["--config", ns.config, *args], dict(os.environ))
     except StageStopped as stop:
         print(f"rlhf-kit train: {stop}", file=sys.stderr)
         return 128 + stop.signum
@@ -104,11 +107,11 @@ def _chat(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _run_recipe(recipe: str, argv: list[str], first_key: str, keys: Callable[[], tuple], prog: str) -> int:
+def _run_recipe(recipe: str, argv: list[str], first_key: str, prog: str) -> int:
     """Run `recipes/<recipe>.py` itself, so the subcommand and `python recipes/<recipe>.py` cannot drift apart.
 
-    A leading positional argument is the value of `first_key`; -h/--help lists the keys of the dataclasses `keys()`
-    returns (imported only then: they pull in torch).
+    A leading positional argument is the value of `first_key`; -h/--help lists the keys of the recipe's config
+    dataclasses (imported only then: they pull in torch).
     """
     import runpy
 
@@ -117,7 +120,9 @@ def _run_recipe(recipe: str, argv: list[str], first_key: str, keys: Callable[[],
     if argv[:1] in (["-h"], ["--help"]):
         from transformers import HfArgumentParser
 
-        print(HfArgumentParser(keys(), prog=prog).format_help())
+        from .stages import recipe_arguments
+
+        print(HfArgumentParser(recipe_arguments(recipe), prog=prog).format_help())
         return 0
     if argv and not argv[0].startswith("-"):
         argv = [first_key, *argv]
@@ -126,23 +131,11 @@ def _run_recipe(recipe: str, argv: list[str], first_key: str, keys: Callable[[],
 
 
 def _export(ns: argparse.Namespace) -> int:
-    def keys():
-        from .export import ExportArguments
-
-        return (ExportArguments,)
-
-    return _run_recipe("export", list(ns.args), "--model_path", keys, "rlhf-kit export [MODEL_PATH] [--config YAML]")
+    return _run_recipe("export", list(ns.args), "--model_path", "rlhf-kit export [MODEL_PATH] [--config YAML]")
 
 
 def _best_of_n(ns: argparse.Namespace) -> int:
-    def keys():
-        from .best_of_n import BestOfNArguments
-        from .data import DataArguments
-        from .rewards import RewardSources
-
-        return DataArguments, BestOfNArguments, RewardSources
-
-    return _run_recipe("best_of_n", list(ns.args), "--model_name_or_path", keys,
+    return _run_recipe("best_of_n", list(ns.args), "--model_name_or_path",
                        "rlhf-kit best-of-n [MODEL] [--config YAML] [--key value ...]")
 
 

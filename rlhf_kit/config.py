@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,8 +43,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist.")
-    with path.open() as f:
-        loaded = yaml.safe_load(f)
+    try:
+        with path.open(encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"Config file {path} is not valid YAML: {error}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -74,6 +79,12 @@ def _split_config_flag(args: list[str]) -> tuple[str | None, list[str]]:
     return config_path, rest
 
 
+def looks_like_path(value: str) -> bool:
+    """True for a value that can only be a local path, never a Hub id (`name` or `namespace/name`)."""
+    return (value.startswith((".", "/", "~", "\\")) or value.count("/") > 1 or "\\" in value
+            or (os.sep != "/" and os.sep in value))
+
+
 class _Parser(HfArgumentParser):
     def error(self, message):  # argparse would print usage and exit; a library raises.
         raise ConfigError(f"Invalid command-line value: {message}")
@@ -83,7 +94,8 @@ def parse_config(*dataclass_types: type, args: Sequence[str] | None = None, over
     """Build one instance of each dataclass from `--config file.yaml` and `--key value` overrides.
 
     `overrides` (a dict) sits between the YAML file and the command line; the pipeline uses it to hand one stage's
-    output to the next. Returns the instances in the order of `dataclass_types`.
+    output to the next. Every numeric value is checked against BOUNDS, and the precision flags against each other,
+    before any dataclass is built. Returns the instances in the order of `dataclass_types`.
     """
     args = list(sys.argv[1:] if args is None else args)
     config_path, cli = _split_config_flag(args)
@@ -98,8 +110,7 @@ def parse_config(*dataclass_types: type, args: Sequence[str] | None = None, over
     # allow_abbrev=False: argparse would otherwise accept `--learn` for `--learning_rate` without a word.
     parser = _Parser(dataclass_types, allow_abbrev=False)
     parser.set_defaults(**values)
-    parsed = parser.parse_args_into_dataclasses(args=cli, return_remaining_strings=True)
-    *instances, remaining = parsed
+    namespace, remaining = parser.parse_known_args(args=_attach_negative_numbers(cli))
     unknown = [a for a in remaining if a.startswith("--")]
     if unknown:
         name = unknown[0][2:].split("=", 1)[0]
@@ -108,7 +119,118 @@ def parse_config(*dataclass_types: type, args: Sequence[str] | None = None, over
         )
     if remaining:
         raise ConfigError(f"Unexpected command-line values {remaining}: every value must follow a --key.")
-    return tuple(instances)
+    parsed = vars(namespace)
+    check_bounds(parsed)
+    check_precision(parsed)
+    # Built only now: the dataclasses' own checks (TrainingArguments' among them) would report a bad number less
+    # clearly, or not at all.
+    return tuple(t(**{k: v for k, v in parsed.items() if k in field_names(t)}) for t in dataclass_types)
+
+
+def _attach_negative_numbers(args: list[str]) -> list[str]:
+    # argparse (Python 3.11) reads "-1e-3" as an option, since its negative-number pattern has no exponent, and
+    # fails with "expected one argument"; "--key=-1e-3" is unambiguous. The value then meets check_bounds.
+    out: list[str] = []
+    for arg in args:
+        if arg.startswith("-") and _is_number(arg) and out and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """The values a numeric setting accepts: a finite number in [low, high] (open ends where said), or a special one."""
+
+    expected: str  # the accepted values in words, for the error message
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    special: tuple = ()  # accepted outside the range, e.g. max_steps -1 ("train for num_train_epochs")
+
+    def accepts(self, value: float) -> bool:
+        if value in self.special:
+            return True
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return math.isfinite(value) and above and below
+
+
+_COUNT = Bound("an integer >= 1", low=1)
+_COUNT_OR_ZERO = Bound("an integer >= 0", low=0)
+_POSITIVE = Bound("a number > 0", low=0, low_open=True)
+_NON_NEGATIVE = Bound("a number >= 0", low=0)
+_FRACTION = Bound("a number in [0, 1]", low=0, high=1)
+# transformers reads a value below 1 as a fraction of the total training steps; 0 would never save/log/evaluate.
+_STEPS = Bound("an integer >= 1, or a fraction in (0, 1) of the total training steps", low=0, low_open=True)
+_SEED = Bound("an integer in [0, 2**32 - 1] (numpy's seed range)", low=0, high=2**32 - 1)
+
+# The range of every numeric setting, by key, whichever dataclass declares it (a key means the same in all of them:
+# TrainingArguments and TRL's configs, ModelArguments, PPOConfig, the kit's own arguments). `None` always passes:
+# it means "unset" wherever a key allows it.
+BOUNDS: dict[str, Bound] = {
+    # training loop (transformers' TrainingArguments)
+    "learning_rate": _POSITIVE, "num_train_epochs": _POSITIVE,
+    "max_steps": Bound("an integer >= 1, or -1 to train for num_train_epochs", low=1, special=(-1,)),
+    "per_device_train_batch_size": _COUNT, "per_device_eval_batch_size": _COUNT, "gradient_accumulation_steps": _COUNT,
+    "global_batch_size": _COUNT, "eval_accumulation_steps": _COUNT,
+    "save_steps": _STEPS, "eval_steps": _STEPS, "logging_steps": _STEPS, "save_total_limit": _COUNT,
+    "warmup_steps": Bound("a number >= 0: steps, or below 1 a fraction of the total training steps", low=0),
+    "weight_decay": _NON_NEGATIVE, "max_grad_norm": Bound("a number >= 0 (0 turns clipping off)", low=0),
+    "adam_beta1": Bound("a number in [0, 1)", low=0, high=1, high_open=True),
+    "adam_beta2": Bound("a number in [0, 1)", low=0, high=1, high_open=True),
+    "adam_epsilon": _POSITIVE, "seed": _SEED, "data_seed": _SEED,
+    "dataloader_num_workers": _COUNT_OR_ZERO, "dataset_num_proc": _COUNT,
+    # lengths, in tokens
+    "max_length": _COUNT, "max_prompt_length": _COUNT, "max_completion_length": _COUNT, "response_length": _COUNT,
+    "max_new_tokens": _COUNT, "block_size": _COUNT,
+    # LoRA (TRL's ModelConfig)
+    "lora_r": _COUNT, "lora_alpha": _POSITIVE,
+    "lora_dropout": Bound("a number in [0, 1)", low=0, high=1, high_open=True),
+    # sampling, rewards and RL losses
+    "temperature": _POSITIVE, "top_p": Bound("a number in (0, 1]", low=0, high=1, low_open=True),
+    "beta": _NON_NEGATIVE, "epsilon": _POSITIVE, "kl_coef": _NON_NEGATIVE, "kl_target": _POSITIVE,
+    "kl_horizon": _POSITIVE, "cliprange": _POSITIVE, "cliprange_value": _POSITIVE, "vf_coef": _NON_NEGATIVE,
+    "gamma": _FRACTION, "lam": _FRACTION, "min_reward_accuracy": _FRACTION, "missing_eos_penalty": _NON_NEGATIVE,
+    "health_check_tolerance": _POSITIVE, "num_ppo_epochs": _COUNT, "num_mini_batches": _COUNT,
+    "total_episodes": _COUNT, "reward_batch_size": _COUNT, "rollout_forward_batch_size": _COUNT,
+    "log_completions": _COUNT_OR_ZERO, "n": _COUNT, "batch_size": _COUNT, "num_prompts": _COUNT,
+    "reference_pairs": _COUNT, "calibration_buckets": _COUNT,
+    # a model built from scratch (pretraining)
+    "vocab_size": _COUNT, "hidden_size": _COUNT, "intermediate_size": _COUNT, "num_hidden_layers": _COUNT,
+    "num_attention_heads": _COUNT, "num_key_value_heads": _COUNT, "max_position_embeddings": _COUNT,
+}
+
+
+def check_bounds(values: dict[str, Any]) -> None:
+    """Refuse, by key, a numeric setting outside its BOUNDS (values of other types are the dataclasses' to check)."""
+    for key, value in values.items():
+        bound = BOUNDS.get(key)
+        if bound is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not bound.accepts(value):
+            raise ConfigError(f"Config key '{key}' is {value}, out of range: expected {bound.expected}.")
+
+
+def check_precision(values: dict[str, Any]) -> None:
+    """Mixed-precision training (bf16 / fp16) and the dtype the weights load in must be the same half precision."""
+    dtype = values.get("dtype")
+    if values.get("bf16") and dtype == "float16":
+        raise ConfigError("bf16: true with dtype: float16 mixes two half precisions; use dtype: bfloat16 "
+                          "(or fp16: true with dtype: float16).")
+    if values.get("fp16") and dtype == "bfloat16":
+        raise ConfigError("fp16: true with dtype: bfloat16 mixes two half precisions; use bf16: true "
+                          "(or dtype: float16).")
 
 
 def to_dict(*instances: Any) -> dict[str, Any]:

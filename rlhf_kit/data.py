@@ -25,6 +25,7 @@ Accepted formats (TRL's), by kind:
 import csv
 import difflib
 import glob
+import itertools
 import json
 import math
 import os
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field, fields
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .config import looks_like_path
 
 FORMATS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
@@ -304,6 +307,38 @@ def _preference(row: dict, fmt: str) -> None:
             raise RowError("margin", f"expected a finite number, got {_describe(margin)}")
 
 
+# A token of a real tokenizer rarely spans more than ~16 characters; 64 per token of max_length is far more than a
+# row that the trainer keeps (or truncates only a little) can hold.
+CHARS_PER_TOKEN = 64
+
+
+def row_char_limit(max_length: int | None) -> int | None:
+    """The most characters of text a row may hold for a stage that cuts sequences at `max_length` tokens."""
+    return None if max_length is None else CHARS_PER_TOKEN * max_length
+
+
+def _check_size(row: dict, max_chars: int) -> None:
+    # Checked before tokenizing: a 10 MB row takes the tokenizer tens of seconds and gigabytes, only to be cut
+    # to max_length tokens or dropped by the trainer.
+    sizes = {name: _chars(row[name]) for name in _TEXT_COLUMNS if name in row}
+    total = sum(sizes.values())
+    if total > max_chars:
+        biggest = max(sizes, key=sizes.get)
+        raise RowError(biggest, f"the row holds {total:,} characters of text ({sizes[biggest]:,} in '{biggest}'), "
+                       f"more than {max_chars:,} ({CHARS_PER_TOKEN} per token of max_length), far beyond what the "
+                       "trainer can use: shorten or split the row, remove it, or raise max_length")
+
+
+def _chars(value) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_chars(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_chars(v) for v in value.values())
+    return 0
+
+
 def _get(row: dict, field: str):
     if field not in row:
         raise RowError(field, f"missing: this row has no '{field}' key (other rows have it)")
@@ -431,19 +466,38 @@ def _extension(path: str) -> str | None:
     return next((ext for ext in EXTENSIONS if path.lower().endswith(ext)), None)
 
 
-def _load_file(path: str, kind: str) -> tuple[datasets.Dataset, str]:
+def _load_file(path: str, kind: str, max_chars: int | None = None) -> tuple[datasets.Dataset, str]:
     """Load, detect and validate one file; return the dataset and its format."""
+    try:
+        return _read_file(path, kind, max_chars)
+    except UnicodeDecodeError:
+        raise _encoding_error(path) from None
+
+
+def _encoding_error(path: str) -> DataError:
+    """Where a text file stops being UTF-8: Python's own error gives only a position in an 8 KB read buffer."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return DataError(f"{path}: line {n}: byte 0x{line[error.start]:02x} at column {error.start + 1} is "
+                                 "not UTF-8; save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+    return DataError(f"{path}: not UTF-8 text; save the file as UTF-8")
+
+
+def _read_file(path: str, kind: str, max_chars: int | None) -> tuple[datasets.Dataset, str]:
     ext = _extension(path)
     if ext is None:
         raise _source_error(path, f"unknown file type; accepted extensions: {', '.join(EXTENSIONS)}", [], kind)
     if ext in (".jsonl", ".json"):
-        return _load_json(path, kind)
+        return _load_json(path, kind, max_chars)
     if ext == ".csv":
-        return _load_csv(path, kind)
+        return _load_csv(path, kind, max_chars)
     schema = pq.read_schema(path) if os.path.getsize(path) else None
     if schema is None or pq.read_metadata(path).num_rows == 0:  # the builder fails on these without saying why
         raise _source_error(path, "empty file: no rows", schema.names if schema else [], kind)
-    return _check_dataset(_build("parquet", path), path, kind)
+    return _check_dataset(_build("parquet", path), path, kind, max_chars)
 
 
 # A local file is read by its packaged builder directly: `datasets.load_dataset("json", ...)` also sends a download
@@ -491,7 +545,7 @@ def _json_lines(f, path: str):
                                 "one JSON object per line (or a .json file holding a list of objects)") from None
 
 
-def _load_json(path: str, kind: str) -> tuple[datasets.Dataset, str]:
+def _load_json(path: str, kind: str, max_chars: int | None) -> tuple[datasets.Dataset, str]:
     # Validate the rows as written, before Arrow sees them: Arrow would turn a missing key into null and
     # datasets 5.x JSON-encodes a column whose type varies between rows, hiding the bad row.
     columns, first, count = {}, None, 0
@@ -502,7 +556,7 @@ def _load_json(path: str, kind: str) -> tuple[datasets.Dataset, str]:
     if count == 0:
         raise _source_error(path, "empty file: no rows", [], kind)
     fmt = detect_format(list(columns), first, kind, path)
-    _validate_rows(_json_records(path), fmt, path)
+    _validate_rows(_json_records(path), fmt, path, max_chars)
     dataset = _build("json", path)
     if len(dataset) != count:
         raise DataError(f"{path}: datasets read {len(dataset)} rows but the file holds {count}; "
@@ -510,7 +564,7 @@ def _load_json(path: str, kind: str) -> tuple[datasets.Dataset, str]:
     return _drop_conflicting_columns(dataset, fmt, path), fmt
 
 
-def _load_csv(path: str, kind: str) -> tuple[datasets.Dataset, str]:
+def _load_csv(path: str, kind: str, max_chars: int | None) -> tuple[datasets.Dataset, str]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header, first = next(reader, None), next(reader, None)
@@ -526,7 +580,7 @@ def _load_csv(path: str, kind: str) -> tuple[datasets.Dataset, str]:
     rows = dataset.to_list()
     parsed = _parse_json_columns(rows, path)
     fmt = detect_format(header, rows[0], kind, path)
-    _validate_rows(enumerate(rows, 1), fmt, path)
+    _validate_rows(enumerate(rows, 1), fmt, path, max_chars)
     if parsed:
         dataset = datasets.Dataset.from_list(rows)
     return _drop_conflicting_columns(dataset, fmt, path), fmt
@@ -561,11 +615,12 @@ def _looks_like_conversation(value) -> bool:
     return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
 
 
-def _check_dataset(dataset: datasets.Dataset, source: str, kind: str) -> tuple[datasets.Dataset, str]:
+def _check_dataset(dataset: datasets.Dataset, source: str, kind: str,
+                   max_chars: int | None = None) -> tuple[datasets.Dataset, str]:
     if len(dataset) == 0:
         raise _source_error(source, "no rows", dataset.column_names, kind)
     fmt = detect_format(dataset.column_names, dataset[0], kind, source)
-    _validate_rows(enumerate(_rows(dataset), 1), fmt, source)
+    _validate_rows(enumerate(_rows(dataset), 1), fmt, source, max_chars)
     return _drop_conflicting_columns(dataset, fmt, source), fmt
 
 
@@ -576,9 +631,11 @@ def _rows(dataset: datasets.Dataset):
             yield dict(zip(names, values))
 
 
-def _validate_rows(numbered_rows, fmt: str, source: str) -> None:
+def _validate_rows(numbered_rows, fmt: str, source: str, max_chars: int | None = None) -> None:
     for n, row in numbered_rows:
         try:
+            if max_chars is not None:
+                _check_size(row, max_chars)
             validate_row(row, fmt)
         except RowError as error:
             raise DataError(f"{source}: row {n}: {error}") from None
@@ -608,8 +665,7 @@ def _is_glob(path: str) -> bool:
 def _is_local(path: str) -> bool:
     """Existing paths and globs are local; so is anything that looks like a path. The rest is a Hub name."""
     expanded = os.path.expanduser(path)
-    return (os.path.exists(expanded) or _is_glob(path) or _extension(path) is not None
-            or path.startswith((".", "/", "~", "\\")) or path.count("/") > 1 or "\\" in path)
+    return os.path.exists(expanded) or _is_glob(path) or _extension(path) is not None or looks_like_path(path)
 
 
 def _local_files(source: DataSource, split: str, kind: str) -> list[str]:
@@ -649,26 +705,31 @@ def _split_files(directory: str, split: str) -> list[str]:
     return files
 
 
-def _load_source(source: DataSource, split: str, kind: str) -> list[tuple[str, datasets.Dataset, str]] | None:
+def _load_source(source: DataSource, split: str, kind: str,
+                 max_chars: int | None = None) -> list[tuple[str, datasets.Dataset, str]] | None:
     """(name, dataset, format) for each file of the source; None if a non-train split does not exist."""
     # load_data(split="train") takes each source's own split (e.g. a Hub "train_sft"); other splits are literal
     wanted = source.split if split == "train" else split
     if not _is_local(source.path):
-        loaded = _load_hub(source, wanted, kind, optional=split != "train")
+        loaded = _load_hub(source, wanted, kind, optional=split != "train", max_chars=max_chars)
         return None if loaded is None else [loaded]
     files = _local_files(source, wanted, kind)
     if not files:
         if split != "train":
             return None
-        present = sorted(os.listdir(os.path.expanduser(source.path)))
-        raise _source_error(source.path, f"no file for split '{wanted}' in the directory: expected {wanted}.jsonl, "
-                            f"{wanted}.json, {wanted}.csv, {wanted}.parquet, shards {wanted}-*.<ext> or a {wanted}/ "
-                            f"subdirectory; the directory holds {', '.join(present) or 'nothing'}", [], kind,
-                            files=True)
-    return [(path, *_load_file(path, kind)) for path in files]
+        raise _no_split_file(source, wanted, kind)
+    return [(path, *_load_file(path, kind, max_chars)) for path in files]
 
 
-def _load_hub(source: DataSource, split: str, kind: str, optional: bool) -> tuple[str, datasets.Dataset, str] | None:
+def _no_split_file(source: DataSource, split: str, kind: str) -> DataError:
+    present = sorted(os.listdir(os.path.expanduser(source.path)))
+    return _source_error(source.path, f"no file for split '{split}' in the directory: expected {split}.jsonl, "
+                         f"{split}.json, {split}.csv, {split}.parquet, shards {split}-*.<ext> or a {split}/ "
+                         f"subdirectory; the directory holds {', '.join(present) or 'nothing'}", [], kind, files=True)
+
+
+def _load_hub(source: DataSource, split: str, kind: str, optional: bool,
+              max_chars: int | None = None) -> tuple[str, datasets.Dataset, str] | None:
     label = f"{source.path}[{split}]"
     try:
         dataset = datasets.load_dataset(source.path, source.name, split=split)
@@ -678,7 +739,7 @@ def _load_hub(source: DataSource, split: str, kind: str, optional: bool) -> tupl
         raise _hub_error(source, label, error, kind) from error
     except Exception as error:  # offline, not found, gated: datasets raises many types
         raise _hub_error(source, label, error, kind) from error
-    return (label, *_check_dataset(dataset, label, kind))
+    return (label, *_check_dataset(dataset, label, kind, max_chars))
 
 
 def _hub_error(source: DataSource, label: str, error: Exception, kind: str) -> DataError:
@@ -687,18 +748,67 @@ def _hub_error(source: DataSource, label: str, error: Exception, kind: str) -> D
                          [], kind, files=True)
 
 
+# ---------------------------------------------------------------------------------------------- checking ahead
+
+
+def check_sources(sources, kind: str, split: str = "train", rows: int = 100, max_chars: int | None = None) -> None:
+    """Check, without loading them, that the local files of `sources` exist and that their first `rows` rows are
+    valid `kind` data: the pipeline runs this on every stage's data before the first stage trains. Hub datasets are
+    left to the stage (no network before training starts); a non-train split that is missing is no error."""
+    _check_kind(kind)
+    for source in parse_sources(sources):
+        if not _is_local(source.path):
+            continue
+        wanted = source.split if split == "train" else split
+        files = _local_files(source, wanted, kind)
+        if not files and split == "train":
+            raise _no_split_file(source, wanted, kind)
+        for path in files:
+            _check_head(path, kind, rows, max_chars)
+
+
+def _check_head(path: str, kind: str, rows: int, max_chars: int | None) -> None:
+    if _extension(path) is None:
+        raise _source_error(path, f"unknown file type; accepted extensions: {', '.join(EXTENSIONS)}", [], kind)
+    try:
+        head = _head(path, rows)
+    except UnicodeDecodeError:
+        raise _encoding_error(path) from None
+    if not head:
+        raise _source_error(path, "empty file: no rows", [], kind)
+    columns = list(dict.fromkeys(key for _, row in head for key in row))
+    _validate_rows(head, detect_format(columns, head[0][1], kind, path), path, max_chars)
+
+
+def _head(path: str, rows: int) -> list[tuple[int, dict]]:
+    """The first `rows` (row number, row) of a file, read as `load_data` reads it."""
+    ext = _extension(path)
+    if ext in (".jsonl", ".json"):
+        return list(itertools.islice(_json_records(path), rows))
+    if ext == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            records = [{k: (v if v != "" else None) for k, v in row.items()}
+                       for row in itertools.islice(csv.DictReader(f), rows)]
+        _parse_json_columns(records, path)
+        return list(enumerate(records, 1))
+    batch = next(pq.ParquetFile(path).iter_batches(batch_size=rows), None) if os.path.getsize(path) else None
+    return list(enumerate(batch.to_pylist(), 1)) if batch is not None else []
+
+
 # ---------------------------------------------------------------------------------------------- mixing
 
 
-def load_data(sources, kind: str, split: str = "train", seed: int = 0) -> datasets.Dataset | None:
+def load_data(sources, kind: str, split: str = "train", seed: int = 0,
+              max_chars: int | None = None) -> datasets.Dataset | None:
     """Load, validate and mix `sources` (anything parse_sources reads) as `kind` data ("text", "sft",
     "preference", "prompt"). With split "train" each source's own split is used; another split is taken
     as named, and sources without it are skipped (None if none has it). Several sources are mixed by
-    weight: the largest mixture in which no source repeats a row, shuffled with `seed`."""
+    weight: the largest mixture in which no source repeats a row, shuffled with `seed`. A row with more
+    than `max_chars` characters of text (see `row_char_limit`) is refused, naming its file and row."""
     _check_kind(kind)
     loaded = []
     for source in parse_sources(sources):
-        files = _load_source(source, split, kind)
+        files = _load_source(source, split, kind, max_chars)
         if files is not None:
             loaded.append((source, files))
     if not loaded:
@@ -712,6 +822,13 @@ def load_data(sources, kind: str, split: str = "train", seed: int = 0) -> datase
     if len(parts) == 1:
         return parts[0][1]
     return _mix(parts, seed)
+
+
+def load_files(sources, kind: str, split: str = "train", max_chars: int | None = None) -> list[tuple]:
+    """Each file of `sources` loaded and validated on its own, as (name, dataset, format): what load_data mixes.
+    Sources without a non-train `split` are left out."""
+    _check_kind(kind)
+    return [file for source in parse_sources(sources) for file in _load_source(source, split, kind, max_chars) or []]
 
 
 def _mix(parts: list[tuple[DataSource, datasets.Dataset]], seed: int) -> datasets.Dataset:

@@ -35,7 +35,3 @@ def check_dpo_setup(model_args: ModelArguments, args: DPOArguments, has_eval_dat
     if model_args.use_peft and args.sync_ref_model:
         raise ValueError("sync_ref_model (TR-DPO) moves the reference towards the policy, but with LoRA the reference "
                          "is the base with the adapter disabled; set use_peft: false or sync_ref_model: false.")
-    if args.bf16 and model_args.dtype == "float16":
-        raise ValueError("bf16: true with dtype: float16 mixes two half precisions; use dtype: bfloat16.")
-    if args.fp16 and model_args.dtype == "bfloat16":
-        raise ValueError("fp16: true with dtype: bfloat16 mixes two half precisions; use bf16: true.")

@@ -67,8 +67,6 @@ def check_sampling_setup(model_args: ModelArguments, args: GRPOArguments | RLOOA
     if model_args.use_peft and getattr(args, "sync_ref_model", False):
         raise ValueError("sync_ref_model moves the reference towards the policy, but with LoRA the reference is the "
                          "base with the adapter disabled; set use_peft: false or sync_ref_model: false.")
-    if args.bf16 and model_args.dtype == "float16":
-        raise ValueError("bf16: true with dtype: float16 mixes two half precisions; use dtype: bfloat16.")
 
 
 def reward_metrics(trainer) -> dict[str, Any]:

@@ -29,6 +29,8 @@ from transformers import (
 )
 from trl import ModelConfig
 
+from .config import looks_like_path
+
 logger = logging.getLogger(__name__)
 
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|pad|>"
@@ -73,9 +75,23 @@ class ModelArguments(ModelConfig):
             )
 
 
+def check_model_source(name_or_path: str, key: str = "model_name_or_path") -> None:
+    """Refuse a local model path that does not exist: transformers would report it as an invalid Hub repo id."""
+    if looks_like_path(name_or_path) and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(f"{key}: {name_or_path} does not exist (working directory {os.getcwd()}); give a "
+                                "model directory (a stage's output_dir) or a Hub id <namespace>/<name>.")
+
+
 def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    return tokenizer
+    check_model_source(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        if Path(name_or_path).exists():
+            raise
+        # `outputs/sft` is both a relative path and a Hub id: say that neither was found.
+        raise OSError(f"{name_or_path} is not a local directory (working directory {os.getcwd()}) and could not be "
+                      f"loaded from the Hub either: {error}") from error
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> list[str]:
@@ -221,6 +237,7 @@ def load_model(
     if args.model_name_or_path is None:
         raise ValueError("model_name_or_path is not set: give a local model directory or a Hub model id.")
     args = dataclasses.replace(args, model_name_or_path=available_base(args.model_name_or_path, trust_remote_code))
+    check_model_source(args.model_name_or_path)
     if is_adapter_dir(args.model_name_or_path):
         # The previous stage saved a LoRA adapter: this stage starts from base + adapter, merged.
         path = merged_model_dir(args.model_name_or_path, trust_remote_code=trust_remote_code)

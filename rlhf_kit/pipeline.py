@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import SECRET_ENV, ConfigError, check_keys, is_secret, load_yaml
+from .config import SECRET_ENV, ConfigError, check_keys, is_secret, load_yaml, looks_like_path, parse_config
+from .data import check_sources, load_data, row_char_limit
 from .runs import IN_PIPELINE, read_stage
+from .stages import DATA_KIND, recipe_arguments
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 STAGE_ORDER = ("pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo", "best_of_n", "rft")
@@ -70,6 +72,7 @@ class PipelineConfig:
     evaluation: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        self._check_shapes()
         unknown = [s for s in self.stages if s not in STAGE_ORDER]
         if unknown:
             raise ConfigError(f"Unknown pipeline stage(s) {unknown}; stages are {list(STAGE_ORDER)}.")
@@ -82,6 +85,19 @@ class PipelineConfig:
         for stage in self.overrides:
             if stage not in self.stages:
                 raise ConfigError(f"overrides for stage '{stage}', which the pipeline does not run.")
+
+    def _check_shapes(self) -> None:
+        # YAML gives a list for `stages: [sft, ppo]`, which would fail later with an AttributeError.
+        if not isinstance(self.stages, dict) or not all(isinstance(v, str) for v in self.stages.values()):
+            raise ConfigError(f"stages must be a mapping of stage name to its recipe config file, got "
+                              f"{self.stages!r}; for example:\n  stages:\n    sft: recipes/configs/sft/tiny.yaml\n"
+                              "    ppo: recipes/configs/ppo/tiny.yaml")
+        if not isinstance(self.overrides, dict) or not all(isinstance(v, dict) for v in self.overrides.values()):
+            raise ConfigError(f"overrides must be a mapping of stage name to a mapping of keys to values, got "
+                              f"{self.overrides!r}; for example:\n  overrides:\n    ppo:\n      learning_rate: 1.0e-4")
+        if not isinstance(self.evaluation, dict):
+            raise ConfigError(f"evaluation must be a mapping of setting to value, got {self.evaluation!r}; for "
+                              "example:\n  evaluation:\n    num_prompts: 100")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PipelineConfig:
@@ -103,22 +119,83 @@ def stage_command(config: PipelineConfig, stage: str) -> list[str]:
     """The `accelerate launch` command line that runs one stage with its inputs wired to earlier outputs.
 
     Secret overrides (a hub_token) are not on it: `stage_secrets` hands them over in the environment."""
+    return launch_command(stage, config.accelerate_config) + stage_arguments(config, stage)
+
+
+def stage_arguments(config: PipelineConfig, stage: str) -> list[str]:
+    """The recipe's own arguments for one stage: its YAML, output_dir, wired inputs and overrides (secrets aside)."""
     args: dict[str, Any] = {"output_dir": str(config.stage_dir(stage))}
     for key, source in WIRING[stage].items():
         if source in config.stages:
             args[key] = str(config.stage_dir(source))
     args.update({k: v for k, v in config.overrides.get(stage, {}).items() if k not in SECRET_ENV})
-    cmd = launch_command(stage, config.stages[stage], config.accelerate_config)
+    argv = ["--config", config.stages[stage]]
     for key, value in args.items():
-        cmd += [f"--{key}", *(map(str, value) if isinstance(value, (list, tuple)) else [str(value)])]
-    return cmd
+        argv += [f"--{key}", *(map(str, value) if isinstance(value, (list, tuple)) else [str(value)])]
+    return argv
 
 
-def launch_command(stage: str, stage_config: str, accelerate_config: str) -> list[str]:
-    """`accelerate launch --config_file <profile> recipes/<recipe>.py --config <stage_config>`, the way every stage
-    runs (the pipeline's and `rlhf-kit train`'s); `--key value` overrides go after it."""
+# Keys that name a model a stage loads; each must exist, be a Hub id, or be an earlier stage's output.
+MODEL_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "reward_model_path", "critic_model_path", "base_model")
+
+
+def check_pipeline(config: PipelineConfig) -> None:
+    """Check every stage before the first one runs, so a typo in the last stage's config cannot wait for hours of
+    training to surface: its config with the pipeline's overrides, parsed exactly as its recipe parses it (unknown
+    keys, numeric bounds, the dataclasses' own checks); the first rows of each local data file; and that each model
+    path exists or is the output of an earlier stage. Loads no model and touches no network."""
+    if not Path(config.accelerate_config).is_file():
+        raise ConfigError(f"accelerate_config {config.accelerate_config} does not exist; give an accelerate config "
+                          "file (accelerate_config.yaml at the repository root is the CPU default).")
+    produced: set[Path] = set()
+    for stage in config.ordered_stages():
+        recipe = RECIPE_OF.get(stage, stage)
+        try:
+            instances = parse_config(*recipe_arguments(recipe), args=stage_arguments(config, stage))
+            values = {key: value for instance in instances for key, value in vars(instance).items()}
+            _check_models(values, produced)
+            _check_data(values, DATA_KIND[recipe], produced)
+        except (ValueError, OSError) as error:  # ConfigError, DataError, the dataclasses' checks, missing files
+            raise ConfigError(f"Pipeline stage '{stage}' ({config.stages[stage]}): {error}") from None
+        produced.add(config.stage_dir(stage).resolve())
+    if config.evaluation:
+        settings = {**EVALUATION_DEFAULTS, **config.evaluation}
+        try:
+            check_sources(settings["prompts"], "prompt", settings["split"])
+        except ValueError as error:
+            raise ConfigError(f"evaluation prompts: {error}") from None
+
+
+def _is_produced(value: str, produced: set[Path]) -> bool:
+    return Path(value).expanduser().resolve() in produced
+
+
+def _check_models(values: dict[str, Any], produced: set[Path]) -> None:
+    for key in MODEL_KEYS:
+        value = values.get(key)
+        if isinstance(value, str) and not _is_produced(value, produced):
+            if looks_like_path(value) and not Path(value).expanduser().exists():
+                raise FileNotFoundError(f"{key}: {value} does not exist (working directory {Path.cwd()}), and no "
+                                        "earlier stage of the pipeline writes it.")
+
+
+def _check_data(values: dict[str, Any], kind: str, produced: set[Path]) -> None:
+    test_split = values.get("dataset_test_split", "test")
+    # The length the stage cuts rows at, as its recipe reads it: max_length, or for PPO max_prompt_length.
+    max_length = None if values.get("packing") else values.get("max_length", values.get("max_prompt_length"))
+    max_chars = row_char_limit(max_length)
+    for key, split in (("dataset_name", "train"), ("dataset_name", test_split), ("eval_dataset_name", test_split),
+                       ("reference_dataset", test_split)):
+        value = values.get(key)
+        if value is not None and not (isinstance(value, str) and _is_produced(value, produced)):
+            check_sources(value, kind, split, max_chars=max_chars)
+
+
+def launch_command(stage: str, accelerate_config: str) -> list[str]:
+    """`accelerate launch --config_file <profile> recipes/<recipe>.py`, the way every stage runs (the pipeline's and
+    `rlhf-kit train`'s); the recipe's own arguments (`--config`, `--key value`) go after it."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
-            str(RECIPES / f"{RECIPE_OF.get(stage, stage)}.py"), "--config", stage_config]
+            str(RECIPES / f"{RECIPE_OF.get(stage, stage)}.py")]
 
 
 def stage_secrets(config: PipelineConfig, stage: str) -> dict[str, str]:
@@ -200,10 +277,11 @@ def run_pipeline(
     log: Callable[[str], None] = lambda _: None,
     run: Callable[[list[str], dict[str, str]], int] = run_stage,
 ) -> dict[str, str]:
-    """Run every configured stage in order; returns {stage: "ran" | "skipped"}. With `force`, every stage's previous
-    output is removed first and every stage trains from scratch.
+    """Run every configured stage in order, once `check_pipeline` passed; returns {stage: "ran" | "skipped"}. With
+    `force`, every stage's previous output is removed first (after the check) and every stage trains from scratch.
 
     `run(cmd, env)` runs one stage's command with the given environment and returns its exit code."""
+    check_pipeline(config)
     if force:
         _clear_outputs(config, log)
     status: dict[str, str] = {}
@@ -238,7 +316,6 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
     stage ran, at its n); write report.json, report.md and the PPO training plot."""
     import json
 
-    from .data import load_data
     from .evaluation import evaluate_policy, format_table, load_policy, load_task, win_rate
 
     settings = {**EVALUATION_DEFAULTS, **config.evaluation}

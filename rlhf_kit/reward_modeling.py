@@ -65,10 +65,6 @@ def check_reward_setup(model_args: ModelArguments, args: RewardArguments, has_ev
         raise ValueError("QLoRA keeps the LoRA and score-head weights in bfloat16 (TRL, after the QLoRA paper), "
                          "which float32 activations cannot enter: set bf16: true (and use_cpu: true on a machine "
                          "without a GPU), or dtype: bfloat16.")
-    if args.bf16 and model_args.dtype == "float16":
-        raise ValueError("bf16: true with dtype: float16 mixes two half precisions; use dtype: bfloat16.")
-    if args.fp16 and model_args.dtype == "bfloat16":
-        raise ValueError("fp16: true with dtype: bfloat16 mixes two half precisions; use bf16: true.")
 
 
 def reward_lora_config(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase,

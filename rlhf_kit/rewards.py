@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -109,7 +110,9 @@ class RewardModel:
         """
         path = str(path)
         if not Path(path).is_dir():
-            raise FileNotFoundError(f"{path} is not a directory; pass a reward stage output_dir")
+            what = "is not a directory" if Path(path).exists() else "does not exist"
+            raise FileNotFoundError(f"reward model {path} {what} (working directory {os.getcwd()}); pass a reward "
+                                    "stage output_dir")
         meta = read_reward_file(path)
         saved_head = _saved_head(path)
         if not saved_head:
@@ -335,6 +338,9 @@ def gate(reward_dir: str, policy_tokenizer: PreTrainedTokenizerBase, *, min_accu
     `allow_weak_reward_model` the problems become one warning. The returned report gains a "gate" entry:
     {"passed", "overridden", "tokenizer": "shared" | "re-render", "problems"}.
     """
+    if not Path(reward_dir).is_dir():
+        raise FileNotFoundError(f"reward_model_path: {reward_dir} does not exist (working directory {os.getcwd()}); "
+                                "give a reward stage output_dir")
     problems = []
     report = read_eval_report(reward_dir)
     if report is None:

@@ -69,7 +69,3 @@ def check_compatible(model_args: ModelArguments, args: SFTArguments, has_eval_da
             f"eval_strategy is '{args.eval_strategy}' but no evaluation split was found; set eval_dataset_name / "
             "dataset_test_split, or eval_strategy: 'no'."
         )
-    if args.bf16 and model_args.dtype == "float16":
-        raise ValueError("bf16: true with dtype: float16 mixes two half precisions; use dtype: bfloat16.")
-    if args.fp16 and model_args.dtype == "bfloat16":
-        raise ValueError("fp16: true with dtype: bfloat16 mixes two half precisions; use bf16: true.")

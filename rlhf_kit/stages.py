@@ -1,0 +1,42 @@
+"""What each recipe parses its config into, and what kind of data it reads: one table for the recipe, the CLI's help
+and the pipeline's check of every stage before the first one runs.
+
+    data_args, model_args, args = parse_config(*recipe_arguments("sft"), args=argv)
+
+The dataclasses are named as "module:Class" and imported on demand: a recipe should not import the trainers' configs
+of every other stage.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+_DATA, _MODEL, _REWARDS = "rlhf_kit.data:DataArguments", "rlhf_kit.model:ModelArguments", "rlhf_kit.rewards:RewardSources"
+
+# The config dataclasses of each recipe (recipes/<name>.py), in the order parse_config returns them.
+RECIPE_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("rlhf_kit.pretraining:PretrainArguments", "transformers:TrainingArguments"),
+    "sft": (_DATA, _MODEL, "rlhf_kit.sft:SFTArguments"),
+    "reward": (_DATA, _MODEL, "rlhf_kit.reward_modeling:RewardArguments"),
+    "ppo": (_DATA, _MODEL, "rlhf_kit.trainers.ppo_config:PPOConfig"),
+    "grpo": (_DATA, _MODEL, "rlhf_kit.grpo:GRPOArguments", _REWARDS),
+    "rloo": (_DATA, _MODEL, "rlhf_kit.grpo:RLOOArguments", _REWARDS),
+    "dpo": (_DATA, _MODEL, "rlhf_kit.dpo:DPOArguments"),
+    "best_of_n": (_DATA, _MODEL, "rlhf_kit.best_of_n:BestOfNArguments", _REWARDS),
+    "export": ("rlhf_kit.export:ExportArguments",),
+}
+
+# The kind of data (rlhf_kit.data.FORMATS) each recipe trains on; export reads none.
+DATA_KIND: dict[str, str] = {"pretrain": "text", "sft": "sft", "reward": "preference", "ppo": "prompt",
+                             "grpo": "prompt", "rloo": "prompt", "dpo": "preference", "best_of_n": "prompt"}
+
+
+def recipe_arguments(recipe: str) -> tuple[type, ...]:
+    """The config dataclasses of `recipe`, imported."""
+    if recipe not in RECIPE_ARGUMENTS:
+        raise KeyError(f"unknown recipe {recipe!r}; recipes are {sorted(RECIPE_ARGUMENTS)}")
+    classes = []
+    for name in RECIPE_ARGUMENTS[recipe]:
+        module, _, attribute = name.partition(":")
+        classes.append(getattr(import_module(module), attribute))
+    return tuple(classes)
