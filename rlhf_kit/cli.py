@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .stages import TRAINING
+
 
 def _pipeline(ns: argparse.Namespace) -> int:
     from .config import ConfigError
@@ -26,10 +28,6 @@ def _pipeline(ns: argparse.Namespace) -> int:
 
         report(config, log=print)
     return 0
-
-
-# The stages `rlhf-kit train` runs: each one recipe (best-of-N has its own command).
-TRAIN_STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "rloo")
 
 
 def _train(ns: argparse.Namespace) -> int:
@@ -186,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Runs `accelerate launch --config_file accelerate_config.yaml recipes/<stage>.py "
                                    "--config CONFIG --key value ...`; `--accelerate_config PROFILE` picks another "
                                    "profile (accelerate_configs/).")
-    p.add_argument("stage", choices=TRAIN_STAGES)
+    p.add_argument("stage", choices=TRAINING)
     p.add_argument("config", help="the stage's YAML, e.g. recipes/configs/sft/tiny.yaml")
     p.add_argument("args", nargs=argparse.REMAINDER, help="--key value overrides of any config key")
     p.set_defaults(func=_train)

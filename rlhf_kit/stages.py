@@ -26,6 +26,9 @@ RECIPE_ARGUMENTS: dict[str, tuple[str, ...]] = {
     "export": ("rlhf_kit.export:ExportArguments",),
 }
 
+# The recipes that train a model: what `rlhf-kit train STAGE` runs (best-of-N writes a dataset, export converts).
+TRAINING = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "rloo")
+
 # The kind of data (rlhf_kit.data.FORMATS) each recipe trains on; export reads none.
 DATA_KIND: dict[str, str] = {"pretrain": "text", "sft": "sft", "reward": "preference", "ppo": "prompt",
                              "grpo": "prompt", "rloo": "prompt", "dpo": "preference", "best_of_n": "prompt"}
