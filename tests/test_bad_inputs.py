@@ -201,7 +201,7 @@ def test_ppo_drop_count_matches_the_prompts_the_trainer_drops(tiny_sft, tmp_path
     out = tmp_path / "ppo"
     with contextlib.redirect_stdout(io.StringIO()), pytest.warns(UserWarning, match="prompts longer than"):
         trainer = load_recipe("ppo")(["--config", "recipes/configs/ppo/tiny.yaml"], overrides={
-            "model_name_or_path": tiny_sft, "reward_model_path": None, "reward_funcs": ["rlhf_kit.task:gold"],
+            "model_name_or_path": tiny_sft, "reward_model_path": None, "reward_funcs": ["rlhf_kit.tasks.review:gold"],
             "output_dir": str(out), "max_steps": 1, "max_prompt_length": limit, "per_device_train_batch_size": 4,
             "num_mini_batches": 1, "num_ppo_epochs": 1, "eval_on_start": False, "eval_strategy": "no",
             "save_strategy": "no"})
@@ -737,3 +737,28 @@ def test_read_only_sft_adapter_feeds_the_reward_stage(tiny_base, tmp_path, monke
     base = json.loads((tmp_path / "reward" / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert Path(base).is_relative_to(cache) and Path(base).is_dir()
     assert merged_source(base) == sft.resolve()
+
+
+class _RunsCode:
+    """Pickled, it calls os.mkdir(path) when loaded: what a crafted checkpoint file could do with any code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_a_crafted_ppo_checkpoint_cannot_run_code_on_resume(tiny_sft, tiny_reward, tmp_path):
+    """Item 12: PPO's resume reads its RNG state (and optimizer, scheduler) with weights_only=True, so a pickle that
+    runs code is refused instead of run."""
+    settings = {"model_name_or_path": tiny_sft, "reward_model_path": tiny_reward, "save_steps": 2,
+                "per_device_train_batch_size": 8, "eval_on_start": False, "eval_strategy": "no",
+                "response_length": 8, "disable_tqdm": True, "report_to": "none", "output_dir": str(tmp_path / "ppo")}
+    ppo = load_recipe("ppo")
+    ppo(["--config", str(REPO / "recipes/configs/ppo/tiny.yaml")], overrides={**settings, "max_steps": 2})
+    marker = tmp_path / "code-ran"
+    torch.save({"torch": _RunsCode(marker)}, tmp_path / "ppo/checkpoint-2/rng_state_0.pth")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        ppo(["--config", str(REPO / "recipes/configs/ppo/tiny.yaml")], overrides={**settings, "max_steps": 4})
+    assert not marker.exists()
