@@ -14,7 +14,6 @@ stage record. An interrupted run resumes from its last checkpoint when started a
 from transformers import set_seed
 from trl import DPOTrainer
 
-from rlhf_kit.checkpoints import disk_full_explained
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data import load_data, row_char_limit
@@ -27,7 +26,7 @@ from rlhf_kit.runs import (
     format_summary,
     resume_checkpoint,
     start_and_final_evaluation,
-    whole_run_train_loss,
+    train_and_save,
     write_stage,
 )
 
@@ -66,11 +65,8 @@ def main(argv=None, overrides=None, callbacks=None):
         callbacks=callbacks,
     )
     shard_on_cpu(trainer)  # an FSDP launch on CPUs shards as it would on GPUs
-    with disk_full_explained(trainer):  # a full disk names the checkpoint and the space it needs
-        train_result = trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model(args.output_dir)
+    train_loss = train_and_save(trainer, resume, args.output_dir)  # the whole run's loss, a resume's start included
     # Held-out pairs at the start (with eval_on_start: loss log 2, no pair ranked yet) and at the end.
-    train_loss = whole_run_train_loss(trainer.state, train_result.training_loss, resume)  # before a resume too
     metrics = {"train_loss": train_loss, "parallelism": parallelism(trainer), **truncated}
     if eval_data is not None:
         start, final = start_and_final_evaluation(trainer, "eval_loss")

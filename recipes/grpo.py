@@ -15,7 +15,6 @@ stage record. An interrupted run resumes from its last checkpoint when started a
 from transformers import set_seed
 from trl import GRPOTrainer
 
-from rlhf_kit.checkpoints import disk_full_explained
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data import load_data
@@ -24,7 +23,7 @@ from rlhf_kit.grpo import apply_sampling_global_batch, check_sampling_setup, rew
 from rlhf_kit.hub import publish_stage, take_over_push
 from rlhf_kit.model import load_model, load_tokenizer, lora_config, prepare_tokenizer, stop_token_ids
 from rlhf_kit.rewards import load_reward_functions
-from rlhf_kit.runs import format_summary, resume_checkpoint, whole_run_train_loss, write_stage
+from rlhf_kit.runs import format_summary, resume_checkpoint, train_and_save, write_stage
 
 
 def main(argv=None, overrides=None, callbacks=None):
@@ -65,12 +64,9 @@ def main(argv=None, overrides=None, callbacks=None):
     )
     args.reward_weights = configured
     shard_on_cpu(trainer)  # an FSDP launch on CPUs shards as it would on GPUs
-    with disk_full_explained(trainer):  # a full disk names the checkpoint and the space it needs
-        train_result = trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model(args.output_dir)
+    train_loss = train_and_save(trainer, resume, args.output_dir)  # the whole run's loss, a resume's start included
 
     # Mean reward of the first and last updates; held-out prompts at the start (eval_on_start) and at the end.
-    train_loss = whole_run_train_loss(trainer.state, train_result.training_loss, resume)  # before a resume too
     metrics = {"train_loss": train_loss, "parallelism": parallelism(trainer),
                **reward_metrics(trainer)}
     trainer.save_state()  # trainer_state.json: the log history, periodic evaluations included

@@ -10,14 +10,13 @@ continues pretraining that model instead (same packing, its own tokenizer).
 
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, LlamaForCausalLM, Trainer, set_seed
 
-from rlhf_kit.checkpoints import disk_full_explained
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data import load_data
 from rlhf_kit.model import load_tokenizer
 from rlhf_kit.pretraining import pack_blocks, tiny_llama_config, train_tokenizer
 from rlhf_kit.hub import publish_stage, take_over_push
-from rlhf_kit.runs import format_summary, resume_checkpoint, whole_run_train_loss, write_stage
+from rlhf_kit.runs import format_summary, resume_checkpoint, train_and_save, write_stage
 
 
 def main(argv=None, overrides=None):
@@ -47,10 +46,7 @@ def main(argv=None, overrides=None):
         eval_dataset=pack_blocks(eval_data, tokenizer, args.block_size) if eval_data is not None else None,
         processing_class=tokenizer,
     )
-    with disk_full_explained(trainer):  # a full disk names the checkpoint and the space it needs
-        train_result = trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model(out)
-    train_loss = whole_run_train_loss(trainer.state, train_result.training_loss, resume)  # before a resume too
+    train_loss = train_and_save(trainer, resume, out)  # the whole run's loss, a resume's start included
     metrics = {"train_loss": train_loss, "parameters": model.num_parameters()}
     if eval_data is not None:
         metrics.update(trainer.evaluate())

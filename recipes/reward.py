@@ -12,7 +12,6 @@ the resolved config and the stage record. An interrupted run resumes from its la
 from transformers import set_seed
 from trl import RewardTrainer
 
-from rlhf_kit.checkpoints import disk_full_explained
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data import detect_dataset_format, load_data, row_char_limit
@@ -30,7 +29,7 @@ from rlhf_kit.reward_modeling import (
 from rlhf_kit.rewards import RewardModel, write_reward_files
 from rlhf_kit.hub import publish_stage, take_over_push
 from rlhf_kit.lengths import count_over_length, length_metrics
-from rlhf_kit.runs import format_summary, resume_checkpoint, whole_run_train_loss, write_stage
+from rlhf_kit.runs import format_summary, resume_checkpoint, train_and_save, write_stage
 
 
 def main(argv=None, overrides=None, callbacks=None):
@@ -76,9 +75,7 @@ def main(argv=None, overrides=None, callbacks=None):
         peft_config=reward_lora_config(model_args, tokenizer, added),
         callbacks=callbacks,
     )
-    with disk_full_explained(trainer):  # a full disk names the checkpoint and the space it needs
-        train_result = trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model(args.output_dir)
+    train_loss = train_and_save(trainer, resume, args.output_dir)  # the whole run's loss, a resume's start included
 
     # Normalize and evaluate with the scoring code PPO uses. Every process scores (a sharded model needs all
     # of them in each forward); only the main one writes.
@@ -91,7 +88,6 @@ def main(argv=None, overrides=None, callbacks=None):
     if eval_data is not None:
         report = evaluate_reward_model(reward_model, eval_data, buckets=args.calibration_buckets, batch_size=batch_size)
 
-    train_loss = whole_run_train_loss(trainer.state, train_result.training_loss, resume)  # before a resume too
     metrics = {"train_loss": train_loss, **normalization, **dropped}
     if report is not None:
         metrics.update(eval_accuracy=report["accuracy"], eval_mean_margin=report["mean_margin"],

@@ -11,7 +11,6 @@ from transformers import set_seed
 from trl import SFTTrainer
 
 from rlhf_kit.chat_template import RENDERED, assistant_mask_source, tokenize_for_assistant_loss
-from rlhf_kit.checkpoints import disk_full_explained
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data import detect_dataset_format, load_data, row_char_limit
@@ -19,7 +18,7 @@ from rlhf_kit.distributed import apply_global_batch_size
 from rlhf_kit.model import load_model, load_tokenizer, lora_config, prepare_tokenizer
 from rlhf_kit.hub import publish_stage, take_over_push
 from rlhf_kit.lengths import count_over_length, length_metrics
-from rlhf_kit.runs import format_summary, resume_checkpoint, whole_run_train_loss, write_stage
+from rlhf_kit.runs import format_summary, resume_checkpoint, train_and_save, write_stage
 from rlhf_kit.sft import check_compatible, resolve_loss_masking
 
 
@@ -69,10 +68,7 @@ def main(argv=None, overrides=None, callbacks=None):
         callbacks=callbacks,
     )
     args.assistant_only_loss = args.assistant_only_loss or own_masks  # the saved config says what was trained
-    with disk_full_explained(trainer):  # a full disk names the checkpoint and the space it needs
-        train_result = trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model(args.output_dir)
-    train_loss = whole_run_train_loss(trainer.state, train_result.training_loss, resume)  # before a resume too
+    train_loss = train_and_save(trainer, resume, args.output_dir)  # the whole run's loss, a resume's start included
     metrics = {"train_loss": train_loss, **truncated}
     if eval_data is not None:
         metrics.update(trainer.evaluate())

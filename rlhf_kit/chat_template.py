@@ -2,10 +2,11 @@
 
 TRL finds them through `{% generation %}` markers in the template, and swaps in a marked copy of the templates it
 knows (Qwen 2.5/3, Gemma, Llama 3.0, Phi, ...). Many real templates have neither: Llama 3.1-3.3, Mistral, a plain
-ChatML. For templates without markers the kit renders the conversation turn by turn. The text an assistant turn adds after the prompt
-that asks for it (`add_generation_prompt=True`) is the assistant's content and its end-of-turn token; the tokens that
-start inside that span are trained, every other token is masked. Whitespace the template writes after the
-end-of-turn token (ChatML's newline) is the template's, not the model's to learn.
+ChatML. For every template without markers the kit renders the conversation turn by turn (TRL's copy is used only
+for templates that rewrite past turns). The text an assistant turn adds after the prompt that asks for it
+(`add_generation_prompt=True`) is the assistant's content and its end-of-turn token; the tokens that start inside
+that span are trained, every other token is masked. Whitespace the template writes after the end-of-turn token
+(ChatML's newline) is the template's, not the model's to learn.
 
 The renderer checks what it relies on, per conversation: each turn's rendering must be a prefix of the next one's.
 A template that rewrites earlier turns (one that drops the reasoning of past answers, say) fails with an error that

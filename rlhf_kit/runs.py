@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import TRAINER_STATE, checkpoint_problem, last_valid_checkpoint
+from .checkpoints import TRAINER_STATE, checkpoint_problem, disk_full_explained, last_valid_checkpoint
 
 STAGE_FILE = "rlhf_kit_stage.json"
 # Set by `rlhf-kit pipeline` for the stages it runs: it runs the next one itself, so their summaries do not suggest it.
@@ -76,6 +76,16 @@ def whole_run_train_loss(state, training_loss: float, resumed_from: str | None) 
     if steps + resumed_steps <= 0:
         return training_loss
     return (total + training_loss * resumed_steps) / (steps + resumed_steps)
+
+
+def train_and_save(trainer, resume: str | None, output_dir: str) -> float:
+    """Train a transformers/TRL Trainer (from the checkpoint `resume`, or from the start), save the final model to
+    `output_dir`, and return the mean training loss of the whole run (`whole_run_train_loss`). A full disk during
+    training or the save is reported with the directory being written and the space it needs."""
+    with disk_full_explained(trainer):
+        result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(output_dir)
+    return whole_run_train_loss(trainer.state, result.training_loss, resume)
 
 
 def library_versions() -> dict[str, str]:
