@@ -17,6 +17,7 @@ from rlhf_kit.best_of_n import write_best_of_n
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data import load_data
+from rlhf_kit.distributed import end_processes
 from rlhf_kit.evaluation import Policy
 from rlhf_kit.model import load_model, load_tokenizer, prepare_tokenizer, stop_token_ids
 from rlhf_kit.rewards import load_reward_functions
@@ -61,3 +62,4 @@ def main(argv=None, overrides=None, callbacks=None):
 
 if __name__ == "__main__":
     main()
+    end_processes()  # every process done before any leaves; a live gloo group can abort the exit

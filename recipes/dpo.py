@@ -17,7 +17,7 @@ from trl import DPOTrainer
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data import load_data, row_char_limit
-from rlhf_kit.distributed import apply_global_batch_size, parallelism, shard_on_cpu
+from rlhf_kit.distributed import apply_global_batch_size, end_processes, parallelism, shard_on_cpu
 from rlhf_kit.dpo import check_dpo_setup
 from rlhf_kit.hub import publish_stage, take_over_push
 from rlhf_kit.model import load_model, load_tokenizer, lora_config, prepare_tokenizer
@@ -86,3 +86,4 @@ def main(argv=None, overrides=None, callbacks=None):
 
 if __name__ == "__main__":
     main()
+    end_processes()  # every process done before any leaves; a live gloo group can abort the exit

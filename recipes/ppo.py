@@ -14,7 +14,7 @@ from transformers import set_seed
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data import load_data, row_char_limit
-from rlhf_kit.distributed import apply_global_batch_size, parallelism
+from rlhf_kit.distributed import apply_global_batch_size, end_processes, parallelism
 from rlhf_kit.model import load_model, load_tokenizer, lora_config, prepare_tokenizer
 from rlhf_kit.rewards import RewardModel, gate, tokenizer_compatibility
 from rlhf_kit.rollout import import_reward_func
@@ -109,3 +109,4 @@ def load_full_critic(args, tokenizer, trust_remote_code):
 
 if __name__ == "__main__":
     main()
+    end_processes()  # every process done before any leaves; a live gloo group can abort the exit

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, 
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data import load_data
+from rlhf_kit.distributed import end_processes
 from rlhf_kit.model import load_tokenizer
 from rlhf_kit.pretraining import pack_blocks, tiny_llama_config, train_tokenizer
 from rlhf_kit.hub import publish_stage, take_over_push
@@ -62,3 +63,4 @@ def main(argv=None, overrides=None):
 
 if __name__ == "__main__":
     main()
+    end_processes()  # every process done before any leaves; a live gloo group can abort the exit

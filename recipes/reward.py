@@ -15,7 +15,7 @@ from trl import RewardTrainer
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data import detect_dataset_format, load_data, row_char_limit
-from rlhf_kit.distributed import apply_global_batch_size
+from rlhf_kit.distributed import apply_global_batch_size, end_processes
 from rlhf_kit.model import load_model, load_tokenizer, prepare_tokenizer
 from rlhf_kit.reward_modeling import (
     check_reward_setup,
@@ -109,3 +109,4 @@ def main(argv=None, overrides=None, callbacks=None):
 
 if __name__ == "__main__":
     main()
+    end_processes()  # every process done before any leaves; a live gloo group can abort the exit

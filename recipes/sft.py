@@ -14,7 +14,7 @@ from rlhf_kit.chat_template import RENDERED, assistant_mask_source, tokenize_for
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data import detect_dataset_format, load_data, row_char_limit
-from rlhf_kit.distributed import apply_global_batch_size
+from rlhf_kit.distributed import apply_global_batch_size, end_processes
 from rlhf_kit.model import load_model, load_tokenizer, lora_config, prepare_tokenizer
 from rlhf_kit.hub import publish_stage, take_over_push
 from rlhf_kit.lengths import count_over_length, length_metrics
@@ -84,3 +84,4 @@ def main(argv=None, overrides=None, callbacks=None):
 
 if __name__ == "__main__":
     main()
+    end_processes()  # every process done before any leaves; a live gloo group can abort the exit

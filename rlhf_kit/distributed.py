@@ -134,3 +134,18 @@ def parallelism(trainer) -> str:
     else:
         engine = "ddp" if processes > 1 else "single"
     return f"{engine} x {processes}"
+
+
+def end_processes() -> None:
+    """Wait for every process, then tear the process group down: the last line of a launched recipe.
+
+    A process that exits with its gloo group still alive can abort in the interpreter's finalization ("terminate
+    called without an active exception", SIGABRT; pytorch/pytorch#190489): gloo's worker threads still hold work
+    whose tensors reach back into Python. Seen on CI as one rank of a finished FSDP2 run dying while the other still
+    saved. The barrier first, so no process leaves while another still needs it. Does nothing in a single process.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
