@@ -169,11 +169,11 @@ def lora():
 
 
 def build_rlhf_kit(spec, clock, output_dir):
-    from rlhf_kit.data import load_data
+    from rlhf_kit.data.loading import load_data
     from rlhf_kit.model import ModelArguments, load_model, load_tokenizer
     from rlhf_kit.rewards import RewardModel
-    from rlhf_kit.trainers.ppo import PPOTrainer
-    from rlhf_kit.trainers.ppo_config import PPOConfig
+    from rlhf_kit.training.ppo.trainer import PPOTrainer
+    from rlhf_kit.training.ppo.config import PPOConfig
 
     tokenizer = load_tokenizer(spec["policy"])
     model = load_model(ModelArguments(model_name_or_path=spec["policy"]), tokenizer)

@@ -13,12 +13,12 @@ order as they are done; a rerun with the same settings resumes after the last co
 import torch
 from transformers import set_seed
 
-from rlhf_kit.best_of_n import write_best_of_n
+from rlhf_kit.inference.best_of_n import write_best_of_n
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.stages import recipe_arguments
-from rlhf_kit.data import load_data
-from rlhf_kit.distributed import end_processes
-from rlhf_kit.evaluation import Policy
+from rlhf_kit.data.loading import load_data
+from rlhf_kit.training.distributed import end_processes
+from rlhf_kit.inference.evaluation import Policy
 from rlhf_kit.model import load_model, load_tokenizer, prepare_tokenizer, stop_token_ids
 from rlhf_kit.rewards import load_reward_functions
 from rlhf_kit.runs import format_summary, write_stage

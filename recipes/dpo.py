@@ -16,12 +16,12 @@ from trl import DPOTrainer
 
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.stages import recipe_arguments
-from rlhf_kit.data import load_data, row_char_limit
-from rlhf_kit.distributed import apply_global_batch_size, end_processes, parallelism, shard_on_cpu
-from rlhf_kit.dpo import check_dpo_setup
-from rlhf_kit.hub import publish_stage, take_over_push
+from rlhf_kit.data.loading import load_data, row_char_limit
+from rlhf_kit.training.distributed import apply_global_batch_size, end_processes, parallelism, shard_on_cpu
+from rlhf_kit.training.dpo import check_dpo_setup
+from rlhf_kit.publish.hub import publish_stage, take_over_push
 from rlhf_kit.model import load_model, load_tokenizer, lora_config, prepare_tokenizer
-from rlhf_kit.lengths import count_over_length, length_metrics
+from rlhf_kit.data.lengths import count_over_length, length_metrics
 from rlhf_kit.runs import (
     format_summary,
     resume_checkpoint,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from rlhf_kit.config import parse_config
 from rlhf_kit.stages import recipe_arguments
-from rlhf_kit.export import export
-from rlhf_kit.hub import push_folder, require_token
+from rlhf_kit.publish.export import export
+from rlhf_kit.publish.hub import push_folder, require_token
 
 
 def main(argv=None, overrides=None):

@@ -17,10 +17,10 @@ from trl import GRPOTrainer
 
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.stages import recipe_arguments
-from rlhf_kit.data import load_data
-from rlhf_kit.distributed import end_processes, parallelism, shard_on_cpu
-from rlhf_kit.grpo import apply_sampling_global_batch, check_sampling_setup, reward_metrics
-from rlhf_kit.hub import publish_stage, take_over_push
+from rlhf_kit.data.loading import load_data
+from rlhf_kit.training.distributed import end_processes, parallelism, shard_on_cpu
+from rlhf_kit.training.grpo import apply_sampling_global_batch, check_sampling_setup, reward_metrics
+from rlhf_kit.publish.hub import publish_stage, take_over_push
 from rlhf_kit.model import load_model, load_tokenizer, lora_config, prepare_tokenizer, stop_token_ids
 from rlhf_kit.rewards import load_reward_functions
 from rlhf_kit.runs import format_summary, resume_checkpoint, train_and_save, write_stage

@@ -12,11 +12,11 @@ from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, 
 
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.stages import recipe_arguments
-from rlhf_kit.data import load_data
-from rlhf_kit.distributed import end_processes
+from rlhf_kit.data.loading import load_data
+from rlhf_kit.training.distributed import end_processes
 from rlhf_kit.model import load_tokenizer
-from rlhf_kit.pretraining import pack_blocks, tiny_llama_config, train_tokenizer
-from rlhf_kit.hub import publish_stage, take_over_push
+from rlhf_kit.training.pretraining import pack_blocks, tiny_llama_config, train_tokenizer
+from rlhf_kit.publish.hub import publish_stage, take_over_push
 from rlhf_kit.runs import format_summary, resume_checkpoint, train_and_save, write_stage
 
 

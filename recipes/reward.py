@@ -14,10 +14,10 @@ from trl import RewardTrainer
 
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.stages import recipe_arguments
-from rlhf_kit.data import detect_dataset_format, load_data, row_char_limit
-from rlhf_kit.distributed import apply_global_batch_size, end_processes
+from rlhf_kit.data.loading import detect_dataset_format, load_data, row_char_limit
+from rlhf_kit.training.distributed import apply_global_batch_size, end_processes
 from rlhf_kit.model import load_model, load_tokenizer, prepare_tokenizer
-from rlhf_kit.reward_modeling import (
+from rlhf_kit.training.reward_model import (
     check_reward_setup,
     evaluate_reward_model,
     fit_normalization,
@@ -27,8 +27,8 @@ from rlhf_kit.reward_modeling import (
     reward_metadata,
 )
 from rlhf_kit.rewards import RewardModel, write_reward_files
-from rlhf_kit.hub import publish_stage, take_over_push
-from rlhf_kit.lengths import count_over_length, length_metrics
+from rlhf_kit.publish.hub import publish_stage, take_over_push
+from rlhf_kit.data.lengths import count_over_length, length_metrics
 from rlhf_kit.runs import format_summary, resume_checkpoint, train_and_save, write_stage
 
 

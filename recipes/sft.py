@@ -10,16 +10,16 @@ resumes from its last checkpoint when started again with the same output_dir.
 from transformers import set_seed
 from trl import SFTTrainer
 
-from rlhf_kit.chat_template import RENDERED, assistant_mask_source, tokenize_for_assistant_loss
+from rlhf_kit.data.chat_template import RENDERED, assistant_mask_source, tokenize_for_assistant_loss
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.stages import recipe_arguments
-from rlhf_kit.data import detect_dataset_format, load_data, row_char_limit
-from rlhf_kit.distributed import apply_global_batch_size, end_processes
+from rlhf_kit.data.loading import detect_dataset_format, load_data, row_char_limit
+from rlhf_kit.training.distributed import apply_global_batch_size, end_processes
 from rlhf_kit.model import load_model, load_tokenizer, lora_config, prepare_tokenizer
-from rlhf_kit.hub import publish_stage, take_over_push
-from rlhf_kit.lengths import count_over_length, length_metrics
+from rlhf_kit.publish.hub import publish_stage, take_over_push
+from rlhf_kit.data.lengths import count_over_length, length_metrics
 from rlhf_kit.runs import format_summary, resume_checkpoint, train_and_save, write_stage
-from rlhf_kit.sft import check_compatible, resolve_loss_masking
+from rlhf_kit.training.sft import check_compatible, resolve_loss_masking
 
 
 def main(argv=None, overrides=None, callbacks=None):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .stages import TRAINING
+from rlhf_kit.stages import TRAINING
 
 
 def _pipeline(ns: argparse.Namespace) -> int:
-    from .config import ConfigError
-    from .pipeline import PipelineConfig, StageStopped, run_pipeline
+    from rlhf_kit.config import ConfigError
+    from rlhf_kit.pipeline import PipelineConfig, StageStopped, run_pipeline
 
     try:
         config = PipelineConfig.from_yaml(ns.config)
@@ -24,7 +24,7 @@ def _pipeline(ns: argparse.Namespace) -> int:
         print(f"rlhf-kit pipeline: {stop}", file=sys.stderr)
         return 128 + stop.signum  # the shell's convention for "ended by this signal"
     if config.evaluation and not ns.no_eval:
-        from .pipeline import report
+        from rlhf_kit.pipeline import report
 
         report(config, log=print)
     return 0
@@ -35,7 +35,7 @@ def _train(ns: argparse.Namespace) -> int:
     one `--accelerate_config` names), stopped with this command as the pipeline's stages are."""
     import os
 
-    from .pipeline import RECIPES, StageStopped, launch_command, run_stage
+    from rlhf_kit.pipeline import RECIPES, StageStopped, launch_command, run_stage
 
     args, profile = list(ns.args), str(RECIPES.parent / "accelerate_config.yaml")
     if "--accelerate_config" in args:
@@ -55,22 +55,22 @@ def _train(ns: argparse.Namespace) -> int:
 def _eval(ns: argparse.Namespace) -> int:
     import json
 
-    from .data import load_data
-    from .evaluation import evaluate_policy, format_table, load_policy, load_task, win_rate
+    from rlhf_kit.data.loading import load_data
+    from rlhf_kit.inference.evaluation import evaluate_policy, format_table, load_policy, load_task, win_rate
 
     task = load_task(ns.task)  # a typo fails before any model loads
     judges = {}
     if task is not None:
         judges["gold_win_rate"] = task.gold_score
     if ns.judge:
-        from .rollout import import_reward_func
+        from rlhf_kit.rewards import import_reward_func
 
         judge_func = import_reward_func(ns.judge)
         judges["judge_win_rate"] = lambda p, r: float(judge_func(prompts=[p], completions=[r])[0])
     prompts = load_data(ns.prompts, kind="prompt", split=ns.split)["prompt"][: ns.num_prompts]
     reward_model = None
     if ns.reward_model:
-        from .rewards import RewardModel
+        from rlhf_kit.rewards import RewardModel
 
         reward_model = RewardModel.from_pretrained(ns.reward_model)
         judges["rm_win_rate"] = lambda p, r: reward_model.score_texts_for([p], [r]).item()
@@ -91,7 +91,7 @@ def _eval(ns: argparse.Namespace) -> int:
 
 
 def _chat(ns: argparse.Namespace) -> int:
-    from .chat import chat
+    from rlhf_kit.inference.chat import chat
 
     def lines():
         while True:
@@ -113,12 +113,12 @@ def _run_recipe(recipe: str, argv: list[str], first_key: str, prog: str) -> int:
     """
     import runpy
 
-    from .pipeline import RECIPES
+    from rlhf_kit.pipeline import RECIPES
 
     if argv[:1] in (["-h"], ["--help"]):
         from transformers import HfArgumentParser
 
-        from .stages import recipe_arguments
+        from rlhf_kit.stages import recipe_arguments
 
         print(HfArgumentParser(recipe_arguments(recipe), prog=prog).format_help())
         return 0
@@ -139,8 +139,8 @@ def _best_of_n(ns: argparse.Namespace) -> int:
 
 def _plan(ns: argparse.Namespace) -> int:
     # No model, tokenizer or data is loaded: the estimate is arithmetic on the config and the model's shape.
-    from .config import ConfigError, load_yaml
-    from .plan import Sharding, estimate, format_plan, stage_of, visible_gpus
+    from rlhf_kit.config import ConfigError, load_yaml
+    from rlhf_kit.plan import Sharding, estimate, format_plan, stage_of, visible_gpus
 
     try:
         config = load_yaml(ns.config)
@@ -157,7 +157,7 @@ def _plan(ns: argparse.Namespace) -> int:
 
 
 def _push(ns: argparse.Namespace) -> int:
-    from .hub import push
+    from rlhf_kit.publish.hub import push
 
     result = push(ns.path, ns.repo_id, formats=ns.formats, gguf_types=ns.gguf_types, base_model_id=ns.base_model_id,
                   private=not ns.public, revision=ns.revision, commit_message=ns.commit_message, dry_run=ns.dry_run)

@@ -29,7 +29,7 @@ from transformers import (
 )
 from trl import ModelConfig
 
-from .config import looks_like_path
+from rlhf_kit.config import looks_like_path
 
 logger = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import SECRET_ENV, ConfigError, check_keys, is_secret, load_yaml, looks_like_path, parse_config
-from .data import check_sources, load_data, row_char_limit
-from .runs import IN_PIPELINE, read_stage
-from .stages import DATA_KIND, recipe_arguments
+from rlhf_kit.config import SECRET_ENV, ConfigError, check_keys, is_secret, load_yaml, looks_like_path, parse_config
+from rlhf_kit.data.loading import check_sources, load_data, row_char_limit
+from rlhf_kit.runs import IN_PIPELINE, read_stage
+from rlhf_kit.stages import DATA_KIND, recipe_arguments
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 STAGE_ORDER = ("pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo", "best_of_n", "rft")
@@ -316,7 +316,7 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
     stage ran, at its n); write report.json, report.md and the PPO training plot."""
     import json
 
-    from .evaluation import evaluate_policy, format_table, load_policy, load_task, win_rate
+    from rlhf_kit.inference.evaluation import evaluate_policy, format_table, load_policy, load_task, win_rate
 
     settings = {**EVALUATION_DEFAULTS, **config.evaluation}
     task = load_task(settings["task"])
@@ -324,7 +324,7 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
     prompts = prompts_data["prompt"][: settings["num_prompts"]]
     reward_model = None
     if "reward" in config.stages:
-        from .rewards import RewardModel
+        from rlhf_kit.rewards import RewardModel
 
         reward_model = RewardModel.from_pretrained(str(config.stage_dir("reward")))
     rows = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "grpo": "grpo", "rloo": "rloo", "dpo": "dpo", "rft": "rft"}
@@ -336,7 +336,7 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
                                seed=settings["seed"])
                for policy in policies.values()]
     if "best_of_n" in config.stages and reference is not None and reward_model is not None:
-        from .best_of_n import evaluate_best_of_n
+        from rlhf_kit.inference.best_of_n import evaluate_best_of_n
 
         stage = (read_stage(config.stage_dir("best_of_n")) or {}).get("config", {})
         results.append(evaluate_best_of_n(reference, prompts, n=stage.get("n", 4), reward_model=reward_model,
@@ -375,7 +375,7 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
 def _reward_eval(config: PipelineConfig) -> dict[str, Any] | None:
     if "reward" not in config.stages:
         return None
-    from .rewards import read_eval_report
+    from rlhf_kit.rewards import read_eval_report
 
     return read_eval_report(config.stage_dir("reward"))
 

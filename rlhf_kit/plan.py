@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, load_yaml
+from rlhf_kit.config import ConfigError, load_yaml
 
 GIB = 1024**3
 # What max_memory_allocated does not see: the CUDA context and kernels (~0.5-1 GiB) and allocator fragmentation.

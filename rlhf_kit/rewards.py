@@ -17,20 +17,22 @@ GRPO, RLOO and best-of-N take their rewards as TRL-style functions, `fn(prompts,
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .model import IM_END, ModelArguments, is_adapter_dir, load_model
+from rlhf_kit.model import IM_END, ModelArguments, is_adapter_dir, load_model
 
 REWARD_FILE = "rlhf_kit_reward.json"
 EVAL_FILE = "reward_eval.json"
@@ -40,6 +42,8 @@ QUANTIZATION_KEYS = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "use
                       "bnb_4bit_quant_storage")
 
 Sample = str | list[dict[str, str]]
+# A TRL-style reward function: fn(prompts=..., completions=..., **dataset_columns) -> one number per completion.
+RewardFunc = Callable[..., list[float]]
 
 
 class RewardGateError(ValueError):
@@ -249,7 +253,7 @@ def _base_model(path: str, meta: dict[str, Any]) -> str:
     recorded = meta.get("base_model")
     if recorded and Path(recorded).is_dir():
         return recorded
-    from .model import adapter_base
+    from rlhf_kit.model import adapter_base
 
     return adapter_base(path)
 
@@ -453,7 +457,6 @@ def load_reward_functions(sources: RewardSources, policy_tokenizer: PreTrainedTo
     tokens, `rlhf_kit.model.stop_token_ids(tokenizer, policy)`, needed for the missing-stop penalty. Cheap checks
     (imports, weights, the gate) run before the reward model loads.
     """
-    from .rollout import import_reward_func
 
     funcs = [import_reward_func(name) for name in sources.reward_funcs]
     measured = [import_reward_func(name) for name in sources.eval_reward_funcs]
@@ -480,3 +483,37 @@ def load_reward_functions(sources: RewardSources, policy_tokenizer: PreTrainedTo
         funcs.append(MissingStopPenalty(stop_ids, sources.missing_eos_penalty))
         weights.append(1.0)
     return funcs + measured, weights + [0.0] * len(measured), report
+
+
+def import_reward_func(spec: str) -> RewardFunc:
+    """A reward function from a 'module:function' import string."""
+    module_name, sep, name = spec.partition(":")
+    if not sep or not module_name or not name:
+        raise ValueError(f"reward function {spec!r} must be an import string 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"reward function {spec!r}: cannot import module {module_name!r} ({error}); is it installed "
+                         "or on PYTHONPATH?") from error
+    func = getattr(module, name, None)
+    if not callable(func):
+        raise ValueError(f"reward function {spec!r}: module {module_name!r} has no callable {name!r}")
+    return func
+
+
+def as_completions(prompts: Sequence, texts: Sequence[str]) -> list:
+    """Completions in the prompts' format (TRL's convention): strings for text prompts, an assistant message list for
+    conversational ones."""
+    return [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
+
+
+def call_reward_func(func: RewardFunc, prompts: list, completions: list, columns: dict[str, list]) -> Tensor:
+    """Run one reward function on a batch and check what it returns: (B,) float32."""
+    name = getattr(func, "__name__", repr(func))
+    values = func(prompts=prompts, completions=completions, **columns)
+    if len(values) != len(prompts):
+        raise ValueError(f"reward function {name} returned {len(values)} values for {len(prompts)} completions")
+    try:
+        return torch.tensor([float(v) for v in values], dtype=torch.float32)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"reward function {name} must return a list of numbers, got {list(values)[:3]}...") from error

@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import TRAINER_STATE, checkpoint_problem, disk_full_explained, last_valid_checkpoint
+from rlhf_kit.checkpoints import TRAINER_STATE, checkpoint_problem, disk_full_explained, last_valid_checkpoint
 
 STAGE_FILE = "rlhf_kit_stage.json"
 # Set by `rlhf-kit pipeline` for the stages it runs: it runs the next one itself, so their summaries do not suggest it.

@@ -11,25 +11,25 @@ from __future__ import annotations
 
 from importlib import import_module
 
-_DATA, _MODEL, _REWARDS = "rlhf_kit.data:DataArguments", "rlhf_kit.model:ModelArguments", "rlhf_kit.rewards:RewardSources"
+_DATA, _MODEL, _REWARDS = "rlhf_kit.data.loading:DataArguments", "rlhf_kit.model:ModelArguments", "rlhf_kit.rewards:RewardSources"
 
 # The config dataclasses of each recipe (recipes/<name>.py), in the order parse_config returns them.
 RECIPE_ARGUMENTS: dict[str, tuple[str, ...]] = {
-    "pretrain": ("rlhf_kit.pretraining:PretrainArguments", "transformers:TrainingArguments"),
-    "sft": (_DATA, _MODEL, "rlhf_kit.sft:SFTArguments"),
-    "reward": (_DATA, _MODEL, "rlhf_kit.reward_modeling:RewardArguments"),
-    "ppo": (_DATA, _MODEL, "rlhf_kit.trainers.ppo_config:PPOConfig"),
-    "grpo": (_DATA, _MODEL, "rlhf_kit.grpo:GRPOArguments", _REWARDS),
-    "rloo": (_DATA, _MODEL, "rlhf_kit.grpo:RLOOArguments", _REWARDS),
-    "dpo": (_DATA, _MODEL, "rlhf_kit.dpo:DPOArguments"),
-    "best_of_n": (_DATA, _MODEL, "rlhf_kit.best_of_n:BestOfNArguments", _REWARDS),
-    "export": ("rlhf_kit.export:ExportArguments",),
+    "pretrain": ("rlhf_kit.training.pretraining:PretrainArguments", "transformers:TrainingArguments"),
+    "sft": (_DATA, _MODEL, "rlhf_kit.training.sft:SFTArguments"),
+    "reward": (_DATA, _MODEL, "rlhf_kit.training.reward_model:RewardArguments"),
+    "ppo": (_DATA, _MODEL, "rlhf_kit.training.ppo.config:PPOConfig"),
+    "grpo": (_DATA, _MODEL, "rlhf_kit.training.grpo:GRPOArguments", _REWARDS),
+    "rloo": (_DATA, _MODEL, "rlhf_kit.training.grpo:RLOOArguments", _REWARDS),
+    "dpo": (_DATA, _MODEL, "rlhf_kit.training.dpo:DPOArguments"),
+    "best_of_n": (_DATA, _MODEL, "rlhf_kit.inference.best_of_n:BestOfNArguments", _REWARDS),
+    "export": ("rlhf_kit.publish.export:ExportArguments",),
 }
 
 # The recipes that train a model: what `rlhf-kit train STAGE` runs (best-of-N writes a dataset, export converts).
 TRAINING = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "rloo")
 
-# The kind of data (rlhf_kit.data.FORMATS) each recipe trains on; export reads none.
+# The kind of data (rlhf_kit.data.loading.FORMATS) each recipe trains on; export reads none.
 DATA_KIND: dict[str, str] = {"pretrain": "text", "sft": "sft", "reward": "preference", "ppo": "prompt",
                              "grpo": "prompt", "rloo": "prompt", "dpo": "preference", "best_of_n": "prompt"}
 

@@ -13,11 +13,11 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from rlhf_kit.data import load_data
-from rlhf_kit.distributed import apply_global_batch_size
+from rlhf_kit.data.loading import load_data
+from rlhf_kit.training.distributed import apply_global_batch_size
 from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config
-from rlhf_kit.trainers.ppo import PPOTrainer
-from rlhf_kit.trainers.ppo_config import PPOConfig
+from rlhf_kit.training.ppo.trainer import PPOTrainer
+from rlhf_kit.training.ppo.config import PPOConfig
 
 GLOBAL_BATCH = 8
 

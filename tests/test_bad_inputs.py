@@ -109,7 +109,7 @@ def _sft_rows_with_a_huge_one(tmp_path, huge_row, chars):
 
 
 def test_oversized_row_is_refused_before_tokenizing_naming_file_row_and_fix(tmp_path, monkeypatch):
-    from rlhf_kit.data import DataError, check_sources, load_data, row_char_limit
+    from rlhf_kit.data.loading import DataError, check_sources, load_data, row_char_limit
 
     monkeypatch.chdir(REPO)
     path = _sft_rows_with_a_huge_one(tmp_path, huge_row=5, chars=1_000_000)
@@ -136,8 +136,8 @@ def test_sft_truncation_count_matches_what_the_trainer_tokenizes(tiny_sft, tmp_p
 
     from trl import SFTConfig, SFTTrainer
 
-    from rlhf_kit.data import load_data
-    from rlhf_kit.lengths import count_over_length
+    from rlhf_kit.data.loading import load_data
+    from rlhf_kit.data.lengths import count_over_length
     from rlhf_kit.model import load_tokenizer
 
     monkeypatch.chdir(REPO)
@@ -169,11 +169,11 @@ def test_reward_drop_count_matches_the_pairs_the_trainer_drops(tiny_sft, tmp_pat
     import contextlib
     import io
 
-    from rlhf_kit.data import load_data
+    from rlhf_kit.data.loading import load_data
 
     monkeypatch.chdir(REPO)
     out = tmp_path / "reward"
-    with contextlib.redirect_stdout(io.StringIO()), caplog.at_level("WARNING", logger="rlhf_kit.lengths"):
+    with contextlib.redirect_stdout(io.StringIO()), caplog.at_level("WARNING", logger="rlhf_kit.data.lengths"):
         trainer = load_recipe("reward")(["--config", "recipes/configs/reward/tiny.yaml"], overrides={
             "model_name_or_path": tiny_sft, "output_dir": str(out), "max_steps": 1, "max_length": 40,
             "eval_strategy": "no", "save_strategy": "no", "report_to": "none", "disable_tqdm": True})
@@ -188,8 +188,8 @@ def test_ppo_drop_count_matches_the_prompts_the_trainer_drops(tiny_sft, tmp_path
     import contextlib
     import io
 
-    from rlhf_kit.data import load_data
-    from rlhf_kit.lengths import count_over_length
+    from rlhf_kit.data.loading import load_data
+    from rlhf_kit.data.lengths import count_over_length
     from rlhf_kit.model import load_tokenizer
 
     monkeypatch.chdir(REPO)
@@ -221,7 +221,7 @@ def _latin1_jsonl(tmp_path):
 
 
 def test_non_utf8_data_names_file_line_and_byte(tmp_path):
-    from rlhf_kit.data import DataError, check_sources, load_data
+    from rlhf_kit.data.loading import DataError, check_sources, load_data
 
     path = _latin1_jsonl(tmp_path)
     for read in (lambda: load_data(str(path), kind="text"), lambda: check_sources(str(path), kind="text")):

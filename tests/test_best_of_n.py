@@ -6,10 +6,10 @@ import json
 import pytest
 from conftest import REPO, load_recipe
 
-from rlhf_kit.best_of_n import best_of_n, evaluate_best_of_n, kl_bound
+from rlhf_kit.inference.best_of_n import best_of_n, evaluate_best_of_n, kl_bound
 from rlhf_kit.cli import main as cli
-from rlhf_kit.data import detect_dataset_format, load_data
-from rlhf_kit.evaluation import load_policy
+from rlhf_kit.data.loading import detect_dataset_format, load_data
+from rlhf_kit.inference.evaluation import load_policy
 from rlhf_kit.rewards import RewardSources, load_reward_functions
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -75,9 +75,9 @@ def test_cli_runs_the_recipe(tiny_sft, tiny_reward, tmp_path):
 
 
 def test_shipped_configs_parse():
-    from rlhf_kit.best_of_n import BestOfNArguments
+    from rlhf_kit.inference.best_of_n import BestOfNArguments
     from rlhf_kit.config import parse_config
-    from rlhf_kit.data import DataArguments
+    from rlhf_kit.data.loading import DataArguments
     from rlhf_kit.model import ModelArguments
 
     for path in sorted((REPO / "recipes/configs/best_of_n").glob("*.yaml")):

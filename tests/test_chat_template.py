@@ -13,7 +13,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import load_recipe
-from rlhf_kit.chat_template import (RENDERED, TRL_TEMPLATE, TemplateError, assistant_mask_source,
+from rlhf_kit.data.chat_template import (RENDERED, TRL_TEMPLATE, TemplateError, assistant_mask_source,
                                     tokenize_for_assistant_loss)
 from rlhf_kit.model import prepare_tokenizer
 

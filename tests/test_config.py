@@ -6,8 +6,8 @@ from transformers import TrainingArguments
 
 from rlhf_kit.config import ConfigError, parse_config, save_config
 from rlhf_kit.model import ModelArguments
-from rlhf_kit.pretraining import PretrainArguments
-from rlhf_kit.sft import SFTArguments, resolve_loss_masking
+from rlhf_kit.training.pretraining import PretrainArguments
+from rlhf_kit.training.sft import SFTArguments, resolve_loss_masking
 
 
 def write_yaml(tmp_path, data):
@@ -113,8 +113,8 @@ def test_saved_config_has_no_tokens(tmp_path):
 
 def test_every_shipped_recipe_config_parses(repo):
     """Every YAML we ship must parse with its recipe's dataclasses (recipes rot when nothing parses them)."""
-    from rlhf_kit.data import DataArguments
-    from rlhf_kit.reward_modeling import RewardArguments
+    from rlhf_kit.data.loading import DataArguments
+    from rlhf_kit.training.reward_model import RewardArguments
 
     stage_types = {
         "pretrain": (PretrainArguments, TrainingArguments),

@@ -1,13 +1,12 @@
-"""rlhf_kit.data: every format and file type loads, every bad row is named precisely, mixing keeps its weights."""
+"""rlhf_kit.data.loading: every format and file type loads, every bad row is named precisely, mixing keeps its weights."""
 
 import json
-import warnings
 from collections import Counter
 
 import datasets
 import pytest
 
-from rlhf_kit.data import (
+from rlhf_kit.data.loading import (
     FORMATS,
     DataError,
     DataSource,
@@ -403,7 +402,7 @@ def test_empty_parquet_is_a_source_error(tmp_path):
 
 
 def test_data_arguments_and_detect_dataset_format(tmp_path):
-    from rlhf_kit.data import DataArguments, detect_dataset_format
+    from rlhf_kit.data.loading import DataArguments, detect_dataset_format
 
     args = DataArguments(dataset_name="a.jsonl:0.5,b.jsonl:0.5")
     assert args.eval_source == "a.jsonl:0.5,b.jsonl:0.5"

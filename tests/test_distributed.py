@@ -16,11 +16,11 @@ from ppo_update_worker import update_once
 from safetensors.torch import load_file
 
 from rlhf_kit.config import ConfigError, parse_config
-from rlhf_kit.data import DataArguments
-from rlhf_kit.distributed import accumulation_steps, apply_global_batch_size, end_processes
+from rlhf_kit.data.loading import DataArguments
+from rlhf_kit.training.distributed import accumulation_steps, apply_global_batch_size, end_processes
 from rlhf_kit.model import ModelArguments
-from rlhf_kit.sft import SFTArguments
-from rlhf_kit.trainers.ppo_config import PPOConfig
+from rlhf_kit.training.sft import SFTArguments
+from rlhf_kit.training.ppo.config import PPOConfig
 
 PROFILES = [REPO / "accelerate_config.yaml", *sorted((REPO / "accelerate_configs").glob("*.yaml"))]
 # Values for the placeholders of the multi-node launch line.

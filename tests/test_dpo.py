@@ -10,8 +10,8 @@ from conftest import REPO, load_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_kit.config import parse_config
-from rlhf_kit.data import DataArguments
-from rlhf_kit.dpo import DPOArguments
+from rlhf_kit.data.loading import DataArguments
+from rlhf_kit.training.dpo import DPOArguments
 from rlhf_kit.model import ModelArguments
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -23,10 +23,10 @@ from transformers import (
 
 from rlhf_kit import cli
 from rlhf_kit.config import ConfigError, parse_config
-from rlhf_kit.export import ExportArguments, ExportError, _llama3_rope_factors, export
-from rlhf_kit.hub import PushError, push, take_over_push, upload_plan
+from rlhf_kit.publish.export import ExportArguments, ExportError, _llama3_rope_factors
+from rlhf_kit.publish.hub import PushError, push, take_over_push, upload_plan
 from rlhf_kit.model import merged_model_dir
-from rlhf_kit.model_card import render_card
+from rlhf_kit.publish.model_card import render_card
 from rlhf_kit.rewards import REWARD_FILE, RewardModel
 from rlhf_kit.runs import read_stage, write_stage
 

@@ -10,8 +10,8 @@ from transformers import AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 
 from rlhf_kit.config import ConfigError, parse_config
-from rlhf_kit.data import DataArguments, load_data
-from rlhf_kit.grpo import GRPOArguments, RLOOArguments, apply_sampling_global_batch
+from rlhf_kit.data.loading import DataArguments, load_data
+from rlhf_kit.training.grpo import GRPOArguments, RLOOArguments, apply_sampling_global_batch
 from rlhf_kit.model import ModelArguments, load_tokenizer, stop_token_ids
 from rlhf_kit.rewards import MissingStopPenalty, RewardSources, load_reward_functions
 

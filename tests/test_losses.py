@@ -1,4 +1,4 @@
-"""Tests of rlhf_kit.losses: each function against a hand computation or a naive Python loop.
+"""Tests of rlhf_kit.training.ppo.losses: each function against a hand computation or a naive Python loop.
 
 Expected values marked "by hand" are derived in the test's docstring, so a failure can be checked on
 paper without trusting either implementation.
@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from rlhf_kit.losses import (
+from rlhf_kit.training.ppo.losses import (
     AdaptiveKLController,
     FixedKLController,
     entropy_from_logits,

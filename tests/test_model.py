@@ -22,9 +22,9 @@ from transformers import (
 )
 from trl.chat_template_utils import is_chat_template_stop_token_trained
 
-from rlhf_kit.chat import chat
-from rlhf_kit.data import load_data
-from rlhf_kit.evaluation import generate, load_policy
+from rlhf_kit.inference.chat import chat
+from rlhf_kit.data.loading import load_data
+from rlhf_kit.inference.evaluation import generate, load_policy
 
 from rlhf_kit.model import IM_END, IM_START, PAD, ModelArguments, is_fresh_merge, load_model, load_tokenizer, \
     lora_config, merge_key, merged_cache_path, merged_model_dir, prepare_tokenizer, stop_token_ids

@@ -16,14 +16,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GenerationConfig, TrainerCallback
 
 from rlhf_kit.config import parse_config
-from rlhf_kit.data import DataArguments, load_data
+from rlhf_kit.data.loading import DataArguments, load_data
 from rlhf_kit.model import ModelArguments, is_adapter_dir, is_fresh_merge, load_model, load_tokenizer, lora_config, \
     merge_key, merged_cache_path, stop_token_ids
 from rlhf_kit.rewards import RewardModel
-from rlhf_kit.rollout import Rollout, left_pad, truncate_at_stop
-from rlhf_kit.trainers.ppo import PPOHealthError, PPOTrainer
-from rlhf_kit.trainers.ppo_config import PPOConfig
-from rlhf_kit.trainers.ppo_model import CRITIC, POLICY
+from rlhf_kit.training.ppo.rollout import Rollout, left_pad, truncate_at_stop
+from rlhf_kit.training.ppo.trainer import PPOHealthError, PPOTrainer
+from rlhf_kit.training.ppo.config import PPOConfig
+from rlhf_kit.training.ppo.model import CRITIC, POLICY
 
 PROMPTS = load_data(REPO / "data/prompts", kind="prompt")
 HELD_OUT = load_data(REPO / "data/prompts", kind="prompt", split="test")

@@ -7,8 +7,8 @@ import transformers
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from rlhf_kit.rollout import left_pad
-from rlhf_kit.trainers.ppo_model import CRITIC, POLICY, PolicyAndCritic, build_policy_and_critic
+from rlhf_kit.training.ppo.rollout import left_pad
+from rlhf_kit.training.ppo.model import CRITIC, POLICY, PolicyAndCritic, build_policy_and_critic
 
 SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
          "num_key_value_heads": 1, "vocab_size": 128, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}

@@ -6,7 +6,7 @@ import torch
 from conftest import load_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf_kit.pretraining import pack_blocks, train_tokenizer
+from rlhf_kit.training.pretraining import pack_blocks, train_tokenizer
 
 
 def test_pack_blocks_keeps_every_token():

@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
 from rlhf_kit.config import parse_config
-from rlhf_kit.data import DataArguments, load_data
+from rlhf_kit.data.loading import DataArguments, load_data
 from rlhf_kit.model import ModelArguments
-from rlhf_kit.reward_modeling import (
+from rlhf_kit.training.reward_model import (
     RewardArguments,
     fit_normalization,
     pair_samples,
@@ -233,7 +233,7 @@ def test_gate_checks_tokenizer_compatibility_and_a_missing_report(trained, tmp_p
         gate(out, other_template)
 
     # Another vocabulary entirely: PPO re-renders text for the RM, which has its own chat template.
-    from rlhf_kit.pretraining import train_tokenizer
+    from rlhf_kit.training.pretraining import train_tokenizer
 
     other_vocab = train_tokenizer(["The tea is great. Review the tea."] * 10, vocab_size=300)
     assert gate(out, other_vocab)["gate"]["tokenizer"] == "re-render"

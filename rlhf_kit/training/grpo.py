@@ -13,10 +13,10 @@ from typing import Any
 
 from trl import GRPOConfig, RLOOConfig
 
-from .distributed import GLOBAL_BATCH_HELP, apply_global_batch_size
-from .model import ModelArguments
-from .runs import start_and_final_evaluation
-from .sft import default_bf16
+from rlhf_kit.training.distributed import GLOBAL_BATCH_HELP, apply_global_batch_size
+from rlhf_kit.model import ModelArguments
+from rlhf_kit.runs import start_and_final_evaluation
+from rlhf_kit.training.sft import default_bf16
 
 
 @dataclass

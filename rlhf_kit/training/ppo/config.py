@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from ..distributed import GLOBAL_BATCH_HELP
-from ..losses import KL_ESTIMATORS
+from rlhf_kit.training.distributed import GLOBAL_BATCH_HELP
+from rlhf_kit.training.ppo.losses import KL_ESTIMATORS
 
 CRITICS = ("lora", "full")
 

@@ -16,9 +16,9 @@ from peft import LoraConfig, TaskType
 from transformers import PreTrainedTokenizerBase
 from trl import RewardConfig
 
-from .distributed import GLOBAL_BATCH_HELP
-from .model import ModelArguments, lora_config
-from .rewards import DEFAULT_MIN_ACCURACY, QUANTIZATION_KEYS, RewardModel, Sample
+from rlhf_kit.training.distributed import GLOBAL_BATCH_HELP
+from rlhf_kit.model import ModelArguments, lora_config
+from rlhf_kit.rewards import DEFAULT_MIN_ACCURACY, QUANTIZATION_KEYS, RewardModel, Sample
 
 
 @dataclass

@@ -34,8 +34,8 @@ from peft.utils import load_peft_weights
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 
-from ..model import adapter_base, is_adapter_dir
-from ..rollout import position_ids
+from rlhf_kit.model import adapter_base, is_adapter_dir
+from rlhf_kit.training.ppo.rollout import position_ids
 
 POLICY, CRITIC = "default", "critic"
 # Config fields under which transformers models keep dropout probabilities.

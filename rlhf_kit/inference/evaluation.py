@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .model import ModelArguments, load_model, load_tokenizer, prepare_tokenizer, stop_token_ids
+from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, prepare_tokenizer, stop_token_ids
 
 
 @dataclass

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 
-from .config import ConfigError
+from rlhf_kit.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def push(path: str | Path, repo_id: str, *, formats: list[str] | None = None, gg
          commit_message: str | None = None, dry_run: bool = False) -> PushResult:
     """Push an export directory as it is, or a stage output after exporting `formats` of it to a temporary directory
     (default: the adapter of an adapter stage, the model of a full one)."""
-    from .export import EXPORT_CONFIG, ExportArguments, export, read_stage_output
+    from rlhf_kit.publish.export import EXPORT_CONFIG, ExportArguments, export, read_stage_output
 
     path = Path(path)
     check_repo_id(repo_id)
@@ -168,8 +168,8 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = True, revis
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .model_card import render_card
-    from .runs import STAGE_FILE
+    from rlhf_kit.publish.model_card import render_card
+    from rlhf_kit.runs import STAGE_FILE
 
     folder = Path(folder)
     check_repo_id(repo_id)
@@ -228,7 +228,7 @@ def _refuse_token_in(folder: Path, files: list[str], token: str, card: bytes | N
 
 def publish_stage(output_dir: str | Path, settings: PushSettings | None) -> None:
     """A finished stage's output gets its lineage model card; with `push_to_hub: true` it is pushed as well."""
-    from .model_card import write_card
+    from rlhf_kit.publish.model_card import write_card
 
     write_card(output_dir, repo_id=settings.repo_id if settings else None)
     if settings is not None:

@@ -52,9 +52,9 @@ from torch.distributed.tensor import DTensor
 from transformers import GenerationConfig, Trainer, TrainerControl, TrainerState
 from transformers.trainer_utils import TrainOutput
 
-from ..checkpoints import last_valid_checkpoint, staged_checkpoint, staging_dir, tensor_bytes
-from ..distributed import shard_on_cpu
-from ..losses import (
+from rlhf_kit.checkpoints import last_valid_checkpoint, staged_checkpoint, staging_dir, tensor_bytes
+from rlhf_kit.training.distributed import shard_on_cpu
+from rlhf_kit.training.ppo.losses import (
     AdaptiveKLController,
     FixedKLController,
     entropy_from_logits,
@@ -65,18 +65,11 @@ from ..losses import (
     policy_loss,
     value_loss,
 )
-from ..model import stop_token_ids
-from ..rollout import (
-    Rollout,
-    as_completions,
-    assemble_rewards,
-    call_reward_func,
-    import_reward_func,
-    left_pad,
-    truncate_at_stop,
-)
-from .ppo_config import PPOConfig
-from .ppo_model import CRITIC, POLICY, build_policy_and_critic, eval_mode
+from rlhf_kit.model import stop_token_ids
+from rlhf_kit.rewards import as_completions, call_reward_func, import_reward_func
+from rlhf_kit.training.ppo.rollout import Rollout, assemble_rewards, left_pad, truncate_at_stop
+from rlhf_kit.training.ppo.config import PPOConfig
+from rlhf_kit.training.ppo.model import CRITIC, POLICY, build_policy_and_critic, eval_mode
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from .model import merged_source
-from .rewards import REWARD_FILE
-from .runs import STAGE_FILE, library_versions, read_stage
+from rlhf_kit.model import merged_source
+from rlhf_kit.rewards import REWARD_FILE
+from rlhf_kit.runs import STAGE_FILE, library_versions, read_stage
 
 TITLES = {"base": "base model", "pretrain": "pretraining", "sft": "SFT", "reward": "reward model", "ppo": "PPO",
           "dpo": "DPO", "grpo": "GRPO", "rloo": "RLOO", "best_of_n": "best-of-N sampling"}
@@ -322,7 +322,7 @@ Or with transformers: `AutoModelForCausalLM.from_pretrained("{where}", gguf_file
 
 
 def _files_section(model_dir: Path) -> str:
-    from .hub import upload_plan
+    from rlhf_kit.publish.hub import upload_plan
 
     rows = [f"- `{f}` ({_size((model_dir / f).stat().st_size)})" for f in upload_plan(model_dir) if f != "README.md"]
     return "## Files\n\n" + "\n".join(rows)

@@ -13,7 +13,7 @@ import os
 
 from transformers import TrainerCallback
 
-from .config import ConfigError
+from rlhf_kit.config import ConfigError
 
 GLOBAL_BATCH_HELP = (
     "Sequences per optimizer step over all processes (PPO: prompts per update). When set, "

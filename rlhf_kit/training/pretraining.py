@@ -13,7 +13,7 @@ from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from .model import IM_END, IM_START, PAD
+from rlhf_kit.model import IM_END, IM_START, PAD
 
 EOS = "<|endoftext|>"
 SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]

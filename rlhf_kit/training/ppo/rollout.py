@@ -5,22 +5,19 @@ Left padding puts the last prompt token at column P-1 in every row, so the logit
 columns ``P-1 .. P+T-2`` of each row, for the whole batch at once. The response is right-padded: after the first
 stop token everything is ``pad_token_id`` and masked out.
 
-The functions here are pure (no model): token bookkeeping, reward functions, and the reward assembly step
+The functions here are pure (no model): token bookkeeping and the reward assembly step
 (`assemble_rewards`), so score placement and the missing-stop penalty can be tested on sequences built by hand.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
 
-from .losses import masked_whiten, missing_stop_penalty, token_rewards
-
-RewardFunc = Callable[..., list[float]]
+from rlhf_kit.training.ppo.losses import masked_whiten, missing_stop_penalty, token_rewards
 
 
 @dataclass
@@ -153,42 +150,3 @@ def assemble_rewards(
     if whiten:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
     return rewards, kl, penalized
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reward functions
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def import_reward_func(spec: str) -> RewardFunc:
-    """A reward function from a 'module:function' import string."""
-    module_name, sep, name = spec.partition(":")
-    if not sep or not module_name or not name:
-        raise ValueError(f"reward function {spec!r} must be an import string 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"reward function {spec!r}: cannot import module {module_name!r} ({error}); is it installed "
-                         "or on PYTHONPATH?") from error
-    func = getattr(module, name, None)
-    if not callable(func):
-        raise ValueError(f"reward function {spec!r}: module {module_name!r} has no callable {name!r}")
-    return func
-
-
-def as_completions(prompts: Sequence, texts: Sequence[str]) -> list:
-    """Completions in the prompts' format (TRL's convention): strings for text prompts, an assistant message list for
-    conversational ones."""
-    return [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
-
-
-def call_reward_func(func: RewardFunc, prompts: list, completions: list, columns: dict[str, list]) -> Tensor:
-    """Run one reward function on a batch and check what it returns: (B,) float32."""
-    name = getattr(func, "__name__", repr(func))
-    values = func(prompts=prompts, completions=completions, **columns)
-    if len(values) != len(prompts):
-        raise ValueError(f"reward function {name} returned {len(values)} values for {len(prompts)} completions")
-    try:
-        return torch.tensor([float(v) for v in values], dtype=torch.float32)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"reward function {name} must return a list of numbers, got {list(values)[:3]}...") from error

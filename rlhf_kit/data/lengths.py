@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from .data import load_files
+from rlhf_kit.data.loading import load_files
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import looks_like_path
+from rlhf_kit.config import looks_like_path
 
 FORMATS: dict[str, tuple[str, ...]] = {
     "text": ("text",),

@@ -1,9 +1,9 @@
 """Export a stage's output for use without rlhf-kit: the LoRA adapter, a merged model, GGUF files, a model card.
 
-    from rlhf_kit.export import ExportArguments, export
+    from rlhf_kit.publish.export import ExportArguments, export
     export(ExportArguments(model_path="outputs/tiny-sft", formats=["adapter", "merged", "gguf"]))
 
-The output directory is laid out as a Hub model repository, so `rlhf_kit.hub.push_folder` uploads it as it is:
+The output directory is laid out as a Hub model repository, so `rlhf_kit.publish.hub.push_folder` uploads it as it is:
 
     README.md                                 model card: Hub metadata, lineage, how to load and chat
     rlhf_kit_stage.json, rlhf_kit_config.yaml the stage record (the lineage) and training config, copied
@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from .config import ConfigError, save_config
-from .model import (IM_END, ModelArguments, adapter_base, is_adapter_dir, load_model, merged_model_dir,
+from rlhf_kit.config import ConfigError, save_config
+from rlhf_kit.model import (IM_END, ModelArguments, adapter_base, is_adapter_dir, load_model, merged_model_dir,
                     merged_source)
-from .rewards import REWARD_FILE, read_eval_report, read_reward_file, write_reward_files
-from .runs import STAGE_FILE, read_stage
+from rlhf_kit.rewards import REWARD_FILE, read_eval_report, read_reward_file, write_reward_files
+from rlhf_kit.runs import STAGE_FILE, read_stage
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class ExportArguments:
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("push_to_hub: true needs hub_model_id: <namespace>/<name>.")
         if self.hub_model_id:
-            from .hub import check_repo_id
+            from rlhf_kit.publish.hub import check_repo_id
 
             check_repo_id(self.hub_model_id)
 
@@ -662,7 +662,7 @@ def export(args: ExportArguments) -> dict[str, list[str]]:
     for file in (STAGE_FILE, TRAINING_CONFIG):
         if (source.path / file).is_file():
             shutil.copyfile(source.path / file, out / file)
-    from .model_card import write_card
+    from rlhf_kit.publish.model_card import write_card
 
     write_card(out)
     return written

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 import torch
 from trl import SFTConfig
 
-from .distributed import GLOBAL_BATCH_HELP
-from .model import ModelArguments
+from rlhf_kit.training.distributed import GLOBAL_BATCH_HELP
+from rlhf_kit.model import ModelArguments
 
-# Formats (as detected by rlhf_kit.data) that carry a separate completion or assistant turns.
+# Formats (as detected by rlhf_kit.data.loading) that carry a separate completion or assistant turns.
 CONVERSATION_FORMATS = {"messages"}
 COMPLETION_FORMATS = {"prompt_completion", "prompt_completion_conversational"}
 

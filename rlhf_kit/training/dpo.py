@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
-from .distributed import GLOBAL_BATCH_HELP
-from .model import ModelArguments
-from .sft import default_bf16
+from rlhf_kit.training.distributed import GLOBAL_BATCH_HELP
+from rlhf_kit.model import ModelArguments
+from rlhf_kit.training.sft import default_bf16
 
 
 @dataclass

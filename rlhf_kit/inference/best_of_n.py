@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .evaluation import Policy, generate
-from .rollout import as_completions, call_reward_func
+from rlhf_kit.inference.evaluation import Policy, generate
+from rlhf_kit.rewards import as_completions, call_reward_func
 
 DATA_FILE = "train.jsonl"
 
@@ -110,7 +110,7 @@ def best_of_n(policy: Policy, prompts: list, *, n: int, reward_funcs: list, weig
 
 
 def sft_row(prompt, response: str) -> dict[str, Any]:
-    """A dataset row in the SFT formats rlhf_kit.data reads: `messages` for a conversation, prompt/completion else."""
+    """A dataset row in the SFT formats rlhf_kit.data.loading reads: `messages` for a conversation, prompt/completion else."""
     if isinstance(prompt, str):
         return {"prompt": prompt, "completion": response}
     return {"messages": [*prompt, {"role": "assistant", "content": response}]}
@@ -179,9 +179,9 @@ def evaluate_best_of_n(policy: Policy, prompts: list, *, n: int, reward_model, m
     the columns `evaluation.evaluate_policy` gives a trained policy. Its KL to `policy` is the analytic bound
     `kl_bound(n)`; its reward-model score is that of the picked completions, so it is optimistic by construction:
     the gold score says what the picks are worth. `task` (`evaluation.load_task`) adds its own columns."""
-    from .evaluation import EvalResult
-    from .model import stop_token_ids
-    from .rewards import MissingStopPenalty, RewardModelFunction
+    from rlhf_kit.inference.evaluation import EvalResult
+    from rlhf_kit.model import stop_token_ids
+    from rlhf_kit.rewards import MissingStopPenalty, RewardModelFunction
 
     funcs = [RewardModelFunction(reward_model)]
     if missing_eos_penalty:

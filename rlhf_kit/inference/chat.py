@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterable
 import torch
 from transformers import TextStreamer
 
-from .evaluation import load_policy
-from .model import stop_token_ids
+from rlhf_kit.inference.evaluation import load_policy
+from rlhf_kit.model import stop_token_ids
 
 HELP = "Type a message. /reset starts a new conversation, /exit (or Ctrl-D) quits."
 
