@@ -52,7 +52,6 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 # GGUF type -> (ggml tensor type, llama.cpp file type). Only types the `gguf` package can quantize in numpy.
 GGUF_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
               "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0")}
-_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 class ExportError(ValueError):

@@ -4,6 +4,10 @@
     push("outputs/tiny-ppo", "me/tiny-ppo", formats=["merged", "gguf"])  # a stage output: exported first, then pushed
     push("outputs/tiny-ppo", "me/tiny-ppo", dry_run=True).files      # only list what would be uploaded
 
+The directory is read once (`runs.StageOutput`) and uploaded in one commit by `HfApi.upload_folder`, never the
+training state a stage directory holds (`runs.NOT_PUBLISHED`). Its README.md becomes the card rendered for the
+repository (load snippets name the Hub id), so after a push the directory matches what the repository holds.
+
 The token is the one huggingface_hub finds (HF_TOKEN, then the file `hf auth login` writes). It goes to the client
 in memory and is never printed, logged or written; a file that contains it is refused. HF_ENDPOINT is read at each
 call, so tests can point the real client at a local server.
