@@ -503,7 +503,10 @@ def test_push_leaves_training_state_home_at_any_depth(sft, tmp_path, hub):
     assert upload_plan(out) == sorted(published + kept) == sorted(StageOutput.read(out).files)
 
     result = push(out, "tester/junk")
-    assert sorted(hub.files("tester/junk")) == result.files == sorted(published + kept)
+    received = hub.files("tester/junk")
+    assert sorted(received) == result.files == sorted(published + kept)
+    # The folder's card became the one rendered for the repository, so the folder matches what was pushed.
+    assert received["README.md"] == (out / "README.md").read_bytes() and b'"tester/junk"' in received["README.md"]
 
 
 def test_stage_output_is_read_once_and_a_broken_file_is_named(sft, tmp_path):
