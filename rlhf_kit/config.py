@@ -20,6 +20,9 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+# The resolved config saved beside a stage's outputs (and copied into an export); runs.py lists it with the other
+# files of a stage directory.
+CONFIG_FILE = "rlhf_kit_config.yaml"
 
 class ConfigError(ValueError):
     """A config key or value that cannot be used; raised before anything heavy is loaded."""
@@ -265,7 +268,7 @@ def _json_safe(value: Any) -> bool:
         return False
 
 
-def save_config(output_dir: str | Path, *instances: Any, name: str = "rlhf_kit_config.yaml") -> Path:
+def save_config(output_dir: str | Path, *instances: Any, name: str = CONFIG_FILE) -> Path:
     """Write the resolved config next to the outputs, so a run can be reproduced from its own directory."""
     path = Path(output_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)

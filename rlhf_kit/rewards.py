@@ -33,9 +33,8 @@ from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhf_kit.model import IM_END, ModelArguments, is_adapter_dir, load_model
+from rlhf_kit.runs import EVAL_FILE, REWARD_FILE
 
-REWARD_FILE = "rlhf_kit_reward.json"
-EVAL_FILE = "reward_eval.json"
 HEAD = "score"  # the one-output linear layer of transformers' *ForSequenceClassification models
 DEFAULT_MIN_ACCURACY = 0.6
 QUANTIZATION_KEYS = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "use_bnb_nested_quant",

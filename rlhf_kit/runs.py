@@ -1,4 +1,5 @@
-"""A stage's output directory: automatic resume, the stage record (lineage) and the end-of-stage summary."""
+"""A stage's output directory: the files rlhf-kit keeps in it, automatic resume, the stage record (lineage), the
+end-of-stage summary, and `StageOutput`, the directory read once for export, model card and push."""
 
 from __future__ import annotations
 
@@ -6,13 +7,26 @@ import json
 import os
 import platform
 import warnings
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import yaml
+from huggingface_hub.utils import filter_repo_objects
+
 from rlhf_kit.checkpoints import TRAINER_STATE, checkpoint_problem, disk_full_explained, last_valid_checkpoint
 
-STAGE_FILE = "rlhf_kit_stage.json"
+# The files rlhf-kit writes into a stage's output directory and into an export of it, named here and nowhere else
+# but config.CONFIG_FILE, the resolved config, which config.py writes.
+STAGE_FILE = "rlhf_kit_stage.json"  # the stage record: what ran on what, its config and metrics, its parent's record
+EXPORT_FILE = "rlhf_kit_export.yaml"  # an export's settings; it also marks a directory as an export
+REWARD_FILE = "rlhf_kit_reward.json"  # a reward model's normalization and how to rebuild it
+EVAL_FILE = "reward_eval.json"  # a reward model's held-out report, which the reward gate reads
+CARD_FILE = "README.md"  # the model card, under the name the Hub shows
+# Training state and caches a stage directory may hold, never published: names of files or folders, at any depth.
+NOT_PUBLISHED = ("checkpoint-*", "runs", ".*", "__pycache__", "*.partial", "training_args.bin", "optimizer.pt",
+                 "scheduler.pt", "rng_state*", "*.lock")
 # Set by `rlhf-kit pipeline` for the stages it runs: it runs the next one itself, so their summaries do not suggest it.
 IN_PIPELINE = "RLHF_KIT_PIPELINE"
 # What a user runs after each stage, printed under its summary ({out}: the stage's output directory).
@@ -165,3 +179,88 @@ def format_summary(stage: str, output_dir: str, metrics: dict[str, Any]) -> str:
     if stage in NEXT_STEPS and not os.environ.get(IN_PIPELINE):
         lines += ["next:", *(f"  {step.format(out=output_dir)}" for step in NEXT_STEPS[stage])]
     return "\n".join(lines)
+
+
+def unpublished_patterns() -> list[str]:
+    """NOT_PUBLISHED as huggingface_hub's path patterns (`upload_folder(ignore_patterns=...)`, `filter_repo_objects`).
+
+    Those match a file's whole path relative to the folder, with `*` crossing "/", so each name becomes four
+    patterns: the name at the top, the name deeper down, and everything under a folder of that name at either place.
+    """
+    return [pattern for name in NOT_PUBLISHED for pattern in (name, f"{name}/*", f"*/{name}", f"*/{name}/*")]
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """A stage's output directory, or an export of one, read once: what rlhf-kit recorded in it and which of its
+    files may be published. Export, the model card and the push are handed this instead of opening the files again.
+
+        output = StageOutput.read("outputs/tiny-sft")
+        output.stage, output.adapter_dir, sorted(output.files)   # "sft", ".", ["adapter_config.json", ...]
+    """
+
+    path: Path
+    record: dict[str, Any] | None  # the stage record (STAGE_FILE); None when there is none or it is unreadable
+    export_settings: dict[str, Any]  # EXPORT_FILE; {} unless this is an export
+    reward_meta: dict[str, Any]  # REWARD_FILE; {} unless it holds a reward model
+    reward_report: dict[str, Any] | None  # EVAL_FILE
+    adapter_config: dict[str, Any] | None  # the LoRA adapter's PEFT config, at adapter_dir
+    files: dict[str, int]  # every file but NOT_PUBLISHED (repository paths, "/"-separated) -> its size in bytes
+
+    @classmethod
+    def read(cls, path: str | Path) -> StageOutput:
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} does not exist: pass the output_dir of a finished stage "
+                                    "(e.g. outputs/tiny-sft), or an export of one.")
+        found = {p.relative_to(path).as_posix(): p for p in sorted(path.rglob("*")) if p.is_file()}
+        files = {name: found[name].stat().st_size
+                 for name in filter_repo_objects(found, ignore_patterns=unpublished_patterns())}
+        adapter_dir = _adapter_dir(files)
+        return cls(path=path, record=read_stage(path), export_settings=_read(path / EXPORT_FILE) or {},
+                   reward_meta=_read(path / REWARD_FILE) or {}, reward_report=_read(path / EVAL_FILE),
+                   adapter_config=_read(path / adapter_dir / "adapter_config.json") if adapter_dir else None,
+                   files=files)
+
+    @property
+    def stage(self) -> str | None:
+        return (self.record or {}).get("stage")
+
+    @property
+    def is_export(self) -> bool:
+        return EXPORT_FILE in self.files
+
+    @property
+    def adapter_dir(self) -> str | None:
+        """Where the LoRA adapter is: "." (a stage output; an export without a merged model), "adapter" (an export
+        beside a merged model), or None."""
+        return _adapter_dir(self.files)
+
+    @property
+    def has_model(self) -> bool:
+        """A full (or merged) transformers model at the top."""
+        return "config.json" in self.files
+
+    @property
+    def reward(self) -> bool:
+        """A one-output sequence-classification reward model."""
+        return self.stage == "reward" or REWARD_FILE in self.files
+
+    @property
+    def gguf_files(self) -> list[str]:
+        return sorted(f for f in self.files if "/" not in f and f.endswith(".gguf"))
+
+
+def _adapter_dir(files: dict[str, int]) -> str | None:
+    return next((d for d in (".", "adapter") if (Path(d) / "adapter_config.json").as_posix() in files), None)
+
+
+def _read(file: Path) -> dict[str, Any] | None:
+    """A JSON or YAML file of a stage directory, None when absent; a broken one is an error naming it."""
+    if not file.is_file():
+        return None
+    try:
+        return (json.loads if file.suffix == ".json" else yaml.safe_load)(file.read_text())
+    except (ValueError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not readable {file.suffix.lstrip('.').upper()} ({e}); restore it, or run the "
+                         "stage (or the export) again to rewrite it.") from None

@@ -1,5 +1,6 @@
 """Export and publish: adapter, merged (also from QLoRA), GGUF round trip, lineage cards, push to a local Hub."""
 
+import ast
 import json
 import logging
 import re
@@ -28,7 +29,7 @@ from rlhf_kit.publish.hub import PushError, push, take_over_push, upload_plan
 from rlhf_kit.model import merged_model_dir
 from rlhf_kit.publish.model_card import render_card
 from rlhf_kit.rewards import REWARD_FILE, RewardModel
-from rlhf_kit.runs import read_stage, write_stage
+from rlhf_kit.runs import EXPORT_FILE, StageOutput, read_stage, write_stage
 
 FAST = {"max_steps": 12, "per_device_train_batch_size": 8, "logging_steps": 4, "eval_strategy": "no",
         "save_strategy": "no", "learning_rate": 3e-3, "warmup_steps": 0, "lr_scheduler_type": "constant",
@@ -483,3 +484,57 @@ def test_cli_export_runs_the_recipe_and_every_shipped_config_parses(sft, tmp_pat
     for path in sorted((REPO / "recipes/configs/export").glob("*.yaml")):
         (args,) = parse_config(ExportArguments, args=["--config", str(path)])
         assert args.model_path and args.formats, path
+
+
+def test_push_leaves_training_state_home_at_any_depth(sft, tmp_path, hub):
+    """What a push uploads is StageOutput.files: runs.NOT_PUBLISHED as huggingface_hub's own path patterns, the ones
+    upload_folder is given. A checkpoint, a log folder or a lock file nested in a folder stays home as it does at the
+    top; a file whose name only starts like one goes up."""
+    out = tmp_path / "export"
+    run_export(sft, out, formats=["adapter"])
+    published = upload_plan(out)
+    junk = ["checkpoint-2/model.safetensors", "adapter/checkpoint-1/optimizer.pt", "runs/events.out", "sub/runs/x",
+            ".cache/huggingface/x", "tokenizer.json.lock", "a/b/__pycache__/c.pyc", "rng_state_0.pth",
+            "deep/er/scheduler.pt", "model.partial", "deep/.hidden", "sub/training_args.bin"]
+    kept = ["runsheet.txt", "notes/checkpoints.md", "sub/optimizer.pt.txt"]
+    for name in junk + kept:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("x")
+    assert upload_plan(out) == sorted(published + kept) == sorted(StageOutput.read(out).files)
+
+    result = push(out, "tester/junk")
+    received = hub.files("tester/junk")
+    assert sorted(received) == result.files == sorted(published + kept)
+    # The folder's card became the one rendered for the repository, so the folder matches what was pushed.
+    assert received["README.md"] == (out / "README.md").read_bytes() and b'"tester/junk"' in received["README.md"]
+
+
+def test_stage_output_is_read_once_and_a_broken_file_is_named(sft, tmp_path):
+    out = tmp_path / "export"
+    run_export(sft, out, formats=["adapter"])
+    output = StageOutput.read(out)
+    assert (output.stage, output.is_export, output.adapter_dir, output.reward) == ("sft", True, ".", False)
+    assert output.export_settings["formats"] == ["adapter"] and output.adapter_config["task_type"] == "CAUSAL_LM"
+    assert render_card(output) == (out / "README.md").read_text()  # the card needs nothing but what was read
+    (out / EXPORT_FILE).write_text("formats: [adapter\n")
+    with pytest.raises(ValueError, match=f"{EXPORT_FILE} is not readable YAML"):
+        StageOutput.read(out)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        StageOutput.read(tmp_path / "missing")
+
+
+def test_publish_imports_flow_one_way():
+    """hub -> export -> model_card -> runs: each rlhf_kit import in rlhf_kit/publish is at the top of its module
+    (none hidden in a function to dodge a cycle) and none points back up the chain, so any of them can be imported
+    first, and a lower one loads without the ones above it."""
+    chain = ["hub", "export", "model_card"]
+    for i, name in enumerate(chain):
+        tree = ast.parse((REPO / "rlhf_kit" / "publish" / f"{name}.py").read_text())
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            targets = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
+                       [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for target in (t for t in targets if t.startswith("rlhf_kit")):
+                assert id(node) in top, f"publish/{name}.py:{node.lineno} imports {target} inside a function"
+                assert target.removeprefix("rlhf_kit.publish.") not in chain[:i + 1], (
+                    f"publish/{name}.py:{node.lineno} imports {target}, above it in {' -> '.join(chain)}")

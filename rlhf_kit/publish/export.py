@@ -3,7 +3,8 @@
     from rlhf_kit.publish.export import ExportArguments, export
     export(ExportArguments(model_path="outputs/tiny-sft", formats=["adapter", "merged", "gguf"]))
 
-The output directory is laid out as a Hub model repository, so `rlhf_kit.publish.hub.push_folder` uploads it as it is:
+The output directory is laid out as a Hub model repository, so `rlhf_kit.publish.hub.push_folder` uploads it as it is
+(the names of rlhf-kit's own files are in `rlhf_kit.runs`):
 
     README.md                                 model card: Hub metadata, lineage, how to load and chat
     rlhf_kit_stage.json, rlhf_kit_config.yaml the stage record (the lineage) and training config, copied
@@ -30,25 +31,27 @@ from typing import Any
 
 import numpy as np
 import torch
+from huggingface_hub import constants
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_kit.config import ConfigError, save_config
+from rlhf_kit.config import CONFIG_FILE, ConfigError, save_config
 from rlhf_kit.model import (IM_END, ModelArguments, adapter_base, is_adapter_dir, load_model, merged_model_dir,
                     merged_source)
-from rlhf_kit.rewards import REWARD_FILE, read_eval_report, read_reward_file, write_reward_files
-from rlhf_kit.runs import STAGE_FILE, read_stage
+from rlhf_kit.publish.model_card import write_card
+from rlhf_kit.rewards import write_reward_files
+from rlhf_kit.runs import EVAL_FILE, EXPORT_FILE, REWARD_FILE, STAGE_FILE, StageOutput
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("adapter", "merged", "gguf")
 KNOWN_STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "rloo")
-EXPORT_CONFIG = "rlhf_kit_export.yaml"
-TRAINING_CONFIG = "rlhf_kit_config.yaml"
+REPO_ID_HELP = ("a Hub repository id is <namespace>/<name>: letters, digits, '-', '_' and '.', at most 96 "
+                "characters each, not starting or ending with '-' or '.'")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # GGUF type -> (ggml tensor type, llama.cpp file type). Only types the `gguf` package can quantize in numpy.
 GGUF_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
               "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0")}
-_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 class ExportError(ValueError):
@@ -99,9 +102,15 @@ class ExportArguments:
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("push_to_hub: true needs hub_model_id: <namespace>/<name>.")
         if self.hub_model_id:
-            from rlhf_kit.publish.hub import check_repo_id
-
             check_repo_id(self.hub_model_id)
+
+
+def check_repo_id(repo_id: str) -> None:
+    """A malformed Hub id fails when the config is parsed, not after the export (hub.py's push checks with it too)."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ConfigError(f"hub_model_id '{repo_id}' is malformed: {REPO_ID_HELP}.") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -109,27 +118,33 @@ class ExportArguments:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class StageOutput:
-    """A finished stage's directory: its record, whether it holds an adapter, and the base that adapter applies to."""
+@dataclass(frozen=True)
+class ExportSource:
+    """A finished stage's output checked for export: the directory as read once, and the base its adapter applies to."""
 
-    path: Path
-    record: dict[str, Any]
-    adapter: bool
-    reward: bool  # a one-output sequence-classification reward model (with rlhf_kit_reward.json)
+    output: StageOutput
     base: str | None  # local directory or Hub id; None for a full model
 
     @property
+    def path(self) -> Path:
+        return self.output.path
+
+    @property
     def stage(self) -> str:
-        return self.record["stage"]
+        return self.output.stage
+
+    @property
+    def adapter(self) -> bool:
+        return self.output.adapter_dir == "."
+
+    @property
+    def reward(self) -> bool:  # a one-output sequence-classification reward model (with its REWARD_FILE)
+        return self.output.reward
 
 
-def read_stage_output(path: str | Path, base_model_path: str | None = None) -> StageOutput:
-    """Check that `path` is a finished stage's output and find the base its adapter applies to. Loads no weights."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} does not exist: pass the output_dir of a finished stage (outputs/tiny-sft).")
-    record = read_stage(path)
+def check_stage_output(output: StageOutput, base_model_path: str | None = None) -> ExportSource:
+    """Check that `output` is a finished stage's output and find the base its adapter applies to. Loads no weights."""
+    path, record = output.path, output.record
     if record is None:
         raise ExportError(f"{path} is not an rlhf-kit stage output (it has no {STAGE_FILE}). Pass a stage's "
                           "output_dir; a checkpoint-N directory is not one, export the finished stage instead.")
@@ -138,30 +153,30 @@ def read_stage_output(path: str | Path, base_model_path: str | None = None) -> S
                           f"{list(KNOWN_STAGES)}.")
     if not record.get("complete", False):
         raise ExportError(f"the {record['stage']} stage in {path} did not finish; run it again to the end first.")
-    adapter = is_adapter_dir(path)
-    if not adapter and not (path / "config.json").is_file():
+    adapter = output.adapter_dir == "."
+    if not adapter and not output.has_model:
         raise ExportError(f"{path} holds neither a LoRA adapter (adapter_config.json) nor a model (config.json).")
-    if not (path / "tokenizer_config.json").is_file():
+    if "tokenizer_config.json" not in output.files:
         raise ExportError(f"{path} has no tokenizer; every stage saves one with its output, was this one moved?")
-    reward = record["stage"] == "reward" or (path / REWARD_FILE).is_file()
     if adapter:
-        task = json.loads((path / "adapter_config.json").read_text()).get("task_type")
-        if (task == "SEQ_CLS") != reward:
+        task = output.adapter_config.get("task_type")
+        if (task == "SEQ_CLS") != output.reward:
             raise ExportError(f"{path}: the adapter's task_type is {task} but the stage is '{record['stage']}'; "
                               "the stage record and the adapter come from different runs.")
-    base = _resolve_base(path, base_model_path) if adapter else None
-    return StageOutput(path=path, record=record, adapter=adapter, reward=reward, base=base)
+    return ExportSource(output, base=_resolve_base(output, base_model_path) if adapter else None)
 
 
-def _resolve_base(path: Path, override: str | None) -> str:
+def _resolve_base(output: StageOutput, override: str | None) -> str:
     """The adapter's base: `override`, else the recorded one (checked for availability only when it is needed)."""
     if override:
         if not Path(override).is_dir() and _looks_local(override):
             raise FileNotFoundError(f"base_model_path {override} does not exist.")
         return override
-    recorded = adapter_base(path)
+    recorded = output.adapter_config.get("base_model_name_or_path")
+    if not recorded:
+        raise ExportError(f"{output.path}/adapter_config.json names no base_model_name_or_path; pass base_model_path.")
     # The reward stage records its base as an absolute path; adapter_config.json may hold a relative one.
-    absolute = read_reward_file(path).get("base_model")
+    absolute = output.reward_meta.get("base_model")
     return absolute if absolute and Path(absolute).is_dir() else recorded
 
 
@@ -180,7 +195,7 @@ def _merged_cache_parent(base: str) -> Path | None:
     return source if source is not None and not Path(base).is_dir() and is_adapter_dir(source) else None
 
 
-def _base_config(source: StageOutput):
+def _base_config(source: ExportSource):
     """The base's config, or an error saying what to do when it is neither local nor obtainable from the Hub."""
     base = source.base
     if (parent := _merged_cache_parent(base)) is not None:
@@ -188,8 +203,6 @@ def _base_config(source: StageOutput):
     try:
         return AutoConfig.from_pretrained(base)
     except OSError as err:
-        from huggingface_hub import constants
-
         where = ("HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache" if constants.is_offline_mode()
                  else "nor can it be downloaded from the Hub")
         raise BaseModelUnavailable(
@@ -198,14 +211,14 @@ def _base_config(source: StageOutput):
             + ("" if _looks_local(base) else f", or download it while online (`hf download {base}`)") + ".") from err
 
 
-def _local_base(source: StageOutput) -> str:
+def _local_base(source: ExportSource) -> str:
     if (parent := _merged_cache_parent(source.base)) is not None:
         return str(merged_model_dir(parent))
     _base_config(source)
     return source.base
 
 
-def check_adapter_fits(source: StageOutput, vocab_size: int) -> None:
+def check_adapter_fits(source: ExportSource, vocab_size: int) -> None:
     """Compare every tensor of the adapter with the base's shapes, on a weightless (meta) copy of the base.
 
     PEFT loads an adapter into the wrong model without a word when the layer names happen to match (a 1B adapter on
@@ -228,7 +241,7 @@ def check_adapter_fits(source: StageOutput, vocab_size: int) -> None:
     embeddings = [m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
     rows = {n for n, p in model.named_parameters() if any(p is e for e in embeddings)}
     problems = []
-    indices = json.loads((source.path / "adapter_config.json").read_text()).get("trainable_token_indices") or {}
+    indices = source.output.adapter_config.get("trainable_token_indices") or {}
     for layer, ids in (indices.items() if isinstance(indices, dict) else [("embeddings", indices)]):
         if ids and max(ids) >= vocab:
             problems.append(f"trainable_token_indices[{layer}] reaches id {max(ids)}, the base has {vocab} tokens")
@@ -275,7 +288,7 @@ def _misfit(name, shape, params, modules, vocab_rows, vocab) -> str | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def export_adapter(source: StageOutput, out: Path, tokenizer, base_model_id: str | None = None) -> Path:
+def export_adapter(source: ExportSource, out: Path, tokenizer, base_model_id: str | None = None) -> Path:
     """Copy the adapter as plain PEFT saves it (byte for byte: the weights are the trained ones) with its tokenizer."""
     if not source.adapter:
         raise ExportError(f"the {source.stage} stage in {source.path} trained the full model: there is no adapter to "
@@ -283,7 +296,7 @@ def export_adapter(source: StageOutput, out: Path, tokenizer, base_model_id: str
     if not (source.path / "adapter_model.safetensors").is_file():
         raise ExportError(f"{source.path} has no adapter_model.safetensors; re-save the adapter with safetensors.")
     out.mkdir(parents=True, exist_ok=True)
-    config = json.loads((source.path / "adapter_config.json").read_text())
+    config = dict(source.output.adapter_config)
     if base_model_id:
         config["base_model_name_or_path"] = base_model_id
     elif _looks_local(config["base_model_name_or_path"]):
@@ -293,8 +306,8 @@ def export_adapter(source: StageOutput, out: Path, tokenizer, base_model_id: str
     shutil.copyfile(source.path / "adapter_model.safetensors", out / "adapter_model.safetensors")
     tokenizer.save_pretrained(out)
     if source.reward:
-        for name in (REWARD_FILE, "reward_eval.json"):
-            if (source.path / name).is_file():
+        for name in (REWARD_FILE, EVAL_FILE):
+            if name in source.output.files:
                 shutil.copyfile(source.path / name, out / name)
     return out
 
@@ -318,7 +331,7 @@ def _quiet_head_load(active: bool):
         log.removeFilter(no_load_report)
 
 
-def load_merged(source: StageOutput, tokenizer, dtype: str = "auto", trust_remote_code: bool = False):
+def load_merged(source: ExportSource, tokenizer, dtype: str = "auto", trust_remote_code: bool = False):
     """The stage's model as one set of 16/32-bit weights: the base reloaded unquantized with the adapter folded in.
 
     `load_model` grows the embeddings for added chat tokens and writes pad and stop tokens into the config and
@@ -372,17 +385,17 @@ def _check_reward_head(model, path: Path) -> None:
             raise ExportError(f"the merged reward head score.{name} differs from the one saved in {path}.")
 
 
-def save_merged(model, tokenizer, source: StageOutput, out: Path, max_shard_size: str = "5GB") -> Path:
+def save_merged(model, tokenizer, source: ExportSource, out: Path, max_shard_size: str = "5GB") -> Path:
     """An ordinary transformers directory: sharded safetensors, tokenizer with chat template, generation config;
     a reward model also gets its normalization (rlhf_kit_reward.json) and held-out report."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out)
     if source.reward:
-        meta = {**read_reward_file(source.path), "adapter": False, "quantization": {},
+        meta = {**source.output.reward_meta, "adapter": False, "quantization": {},
                 "dtype": str(model.dtype).removeprefix("torch.")}
         meta.pop("base_model", None)
-        write_reward_files(out, meta, read_eval_report(source.path))
+        write_reward_files(out, meta, source.output.reward_report)
     return out
 
 
@@ -614,12 +627,14 @@ def layout(formats: list[str]) -> dict[str, str]:
     return {"merged": ".", "gguf": ".", "adapter": "adapter" if "merged" in formats else "."}
 
 
-def export(args: ExportArguments) -> dict[str, list[str]]:
+def export(args: ExportArguments, output: StageOutput | None = None) -> dict[str, list[str]]:
     """Write `args.formats` of the stage in `args.model_path` to `args.output_dir`, with the card and configs.
 
-    Returns {artifact: [files relative to output_dir]}. Every check that needs no weights runs first.
+    `output` is that stage output when the caller has read it already (a push does). Returns {artifact: [files
+    relative to output_dir]}. Every check that needs no weights runs first.
     """
-    source = read_stage_output(args.model_path, base_model_path=args.base_model_path)
+    output = output or StageOutput.read(args.model_path)
+    source = check_stage_output(output, base_model_path=args.base_model_path)
     if "adapter" in args.formats and not source.adapter:
         raise ExportError(f"the {source.stage} stage in {source.path} trained the full model: there is no adapter to "
                           "export. Use formats: [merged] (and gguf).")
@@ -636,7 +651,7 @@ def export(args: ExportArguments) -> dict[str, list[str]]:
             logger.warning("Exporting the adapter without checking it against its base: %s", err)
     out = _prepare_output_dir(Path(args.output_dir), source.path, args.overwrite)
     where, name = layout(args.formats), args.model_name or source.path.resolve().name
-    save_config(out, args, name=EXPORT_CONFIG)  # first: it marks the directory as an export (see overwrite)
+    save_config(out, args, name=EXPORT_FILE)  # first: it marks the directory as an export (see overwrite)
 
     before = _files(out)
     written: dict[str, list[str]] = {}
@@ -659,12 +674,10 @@ def export(args: ExportArguments) -> dict[str, list[str]]:
             if merged_dir != out:
                 shutil.rmtree(merged_dir, ignore_errors=True)
 
-    for file in (STAGE_FILE, TRAINING_CONFIG):
-        if (source.path / file).is_file():
+    for file in (STAGE_FILE, CONFIG_FILE):
+        if file in source.output.files:
             shutil.copyfile(source.path / file, out / file)
-    from rlhf_kit.publish.model_card import write_card
-
-    write_card(out)
+    write_card(StageOutput.read(out))
     return written
 
 
@@ -674,8 +687,8 @@ def _prepare_output_dir(out: Path, source: Path, overwrite: bool) -> Path:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ExportError(f"output_dir {out} is not empty; choose another one or set overwrite: true.")
-        if not (out / EXPORT_CONFIG).is_file():
-            raise ExportError(f"output_dir {out} is not empty and holds no earlier export ({EXPORT_CONFIG}); refusing "
+        if not (out / EXPORT_FILE).is_file():
+            raise ExportError(f"output_dir {out} is not empty and holds no earlier export ({EXPORT_FILE}); refusing "
                               "to delete it. Choose another output_dir.")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

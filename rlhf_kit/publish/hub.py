@@ -4,6 +4,10 @@
     push("outputs/tiny-ppo", "me/tiny-ppo", formats=["merged", "gguf"])  # a stage output: exported first, then pushed
     push("outputs/tiny-ppo", "me/tiny-ppo", dry_run=True).files      # only list what would be uploaded
 
+The directory is read once (`runs.StageOutput`) and uploaded in one commit by `HfApi.upload_folder`, never the
+training state a stage directory holds (`runs.NOT_PUBLISHED`). Its README.md becomes the card rendered for the
+repository (load snippets name the Hub id), so after a push the directory matches what the repository holds.
+
 The token is the one huggingface_hub finds (HF_TOKEN, then the file `hf auth login` writes). It goes to the client
 in memory and is never printed, logged or written; a file that contains it is refused. HF_ENDPOINT is read at each
 call, so tests can point the real client at a local server.
@@ -19,20 +23,20 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 from pathlib import Path
 
+from huggingface_hub import HfApi, constants, get_token
+from huggingface_hub.errors import HfHubHTTPError
+
 from rlhf_kit.config import ConfigError
+from rlhf_kit.publish.export import ExportArguments, check_repo_id, check_stage_output, export
+from rlhf_kit.publish.model_card import render_card, write_card
+from rlhf_kit.runs import CARD_FILE, StageOutput, unpublished_patterns
 
 logger = logging.getLogger(__name__)
 
-REPO_ID_HELP = ("a Hub repository id is <namespace>/<name>: letters, digits, '-', '_' and '.', at most 96 "
-                "characters each, not starting or ending with '-' or '.'")
 TOKEN_HELP = ("log in with `hf auth login`, or set HF_TOKEN to a token with write access; dry_run lists the files "
               "without a token")
-# Never uploaded: training state and caches that a stage directory may hold.
-_SKIP = ("checkpoint-*", "runs", ".*", "__pycache__", "*.partial", "training_args.bin", "optimizer.pt",
-         "scheduler.pt", "rng_state*", "*.lock")
 _TEXT = (".json", ".yaml", ".yml", ".md", ".txt", ".jinja", ".py", ".cfg", ".toml")
 
 
@@ -66,18 +70,7 @@ class PushSettings:
     revision: str | None = None
 
 
-def check_repo_id(repo_id: str) -> None:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        raise ConfigError(f"hub_model_id '{repo_id}' is malformed: {REPO_ID_HELP}.") from None
-
-
 def require_token() -> str:
-    from huggingface_hub import constants, get_token
-
     if constants.is_offline_mode():
         raise PushError("HF_HUB_OFFLINE is set, so nothing can be pushed: unset it (or use dry_run to list files).")
     token = get_token()
@@ -117,21 +110,14 @@ def _no_telemetry() -> None:
     """No usage pings: TRL's trainers send one per run (trl 1.16, `_BaseTrainer._send_telemetry`) unless telemetry or
     offline mode is set, so a run on local files would still reach the Hub. An explicit HF_HUB_DISABLE_TELEMETRY in
     the environment is left to decide."""
-    from huggingface_hub import constants
-
     if "HF_HUB_DISABLE_TELEMETRY" not in os.environ:
         constants.HF_HUB_DISABLE_TELEMETRY = True
 
 
 def upload_plan(folder: str | Path) -> list[str]:
-    """The files of `folder` to upload, as repository paths, sorted."""
-    folder = Path(folder)
-    files = []
-    for path in folder.rglob("*"):
-        rel = path.relative_to(folder)
-        if path.is_file() and not any(fnmatch(part, pattern) for part in rel.parts for pattern in _SKIP):
-            files.append(rel.as_posix())
-    return sorted(files)
+    """The files of `folder` to upload, as repository paths, sorted (a stage's training state is never among them:
+    runs.NOT_PUBLISHED)."""
+    return sorted(StageOutput.read(folder).files)
 
 
 def push(path: str | Path, repo_id: str, *, formats: list[str] | None = None, gguf_types: list[str] | None = None,
@@ -139,57 +125,64 @@ def push(path: str | Path, repo_id: str, *, formats: list[str] | None = None, gg
          commit_message: str | None = None, dry_run: bool = False) -> PushResult:
     """Push an export directory as it is, or a stage output after exporting `formats` of it to a temporary directory
     (default: the adapter of an adapter stage, the model of a full one)."""
-    from rlhf_kit.publish.export import EXPORT_CONFIG, ExportArguments, export, read_stage_output
+    return push_output(StageOutput.read(path), repo_id, formats=formats, gguf_types=gguf_types,
+                       base_model_id=base_model_id, private=private, revision=revision,
+                       commit_message=commit_message, dry_run=dry_run)
 
-    path = Path(path)
+
+def push_output(output: StageOutput, repo_id: str, *, formats: list[str] | None = None,
+                gguf_types: list[str] | None = None, base_model_id: str | None = None, private: bool = True,
+                revision: str | None = None, commit_message: str | None = None, dry_run: bool = False) -> PushResult:
+    """`push` of a directory already read."""
     check_repo_id(repo_id)
-    if (path / EXPORT_CONFIG).is_file():
+    if output.is_export:
         if formats or gguf_types or base_model_id:
-            raise ConfigError(f"{path} is already an export; formats / gguf_types / base_model_id apply to a stage "
-                              "output. Push the stage output, or export it again with those settings.")
-        return push_folder(path, repo_id, private=private, revision=revision, commit_message=commit_message,
-                           dry_run=dry_run)
-    source = read_stage_output(path)  # or the error that says what this directory is not
+            raise ConfigError(f"{output.path} is already an export; formats / gguf_types / base_model_id apply to a "
+                              "stage output. Push the stage output, or export it again with those settings.")
+        return _upload(output, repo_id, private=private, revision=revision, commit_message=commit_message,
+                       dry_run=dry_run)
+    source = check_stage_output(output)  # or the error that says what this directory is not
     if not dry_run:
         require_token()  # before minutes of merging
     formats = formats or (["adapter"] if source.adapter else ["merged"])
+    name = output.path.resolve().name
     with tempfile.TemporaryDirectory(prefix="rlhf-kit-push-") as tmp:
-        out = Path(tmp) / (path.resolve().name or "export")
-        export(ExportArguments(model_path=str(path), output_dir=str(out), formats=formats,
+        out = Path(tmp) / (name or "export")
+        export(ExportArguments(model_path=str(output.path), output_dir=str(out), formats=formats,
                                gguf_types=gguf_types or ["f16", "q8_0"], base_model_id=base_model_id,
-                               model_name=path.resolve().name, hub_model_id=repo_id))
-        return push_folder(out, repo_id, private=private, revision=revision, commit_message=commit_message,
-                           dry_run=dry_run)
+                               model_name=name, hub_model_id=repo_id), output)
+        return _upload(StageOutput.read(out), repo_id, private=private, revision=revision,
+                       commit_message=commit_message, dry_run=dry_run)
 
 
 def push_folder(folder: str | Path, repo_id: str, *, private: bool = True, revision: str | None = None,
                 commit_message: str | None = None, dry_run: bool = False) -> PushResult:
     """Upload every file of `folder` (see `upload_plan`) in one commit, creating the repository and the branch."""
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    from rlhf_kit.publish.model_card import render_card
-    from rlhf_kit.runs import STAGE_FILE
-
     folder = Path(folder)
-    check_repo_id(repo_id)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist: export a stage first (rlhf-kit export).")
-    files = upload_plan(folder)
-    # The card is rendered again for this repository, so its snippets load from the Hub id.
-    card = render_card(folder, repo_id=repo_id).encode() if (folder / STAGE_FILE).is_file() else None
-    if card is not None and "README.md" not in files:
-        files = sorted([*files, "README.md"])
-    if "README.md" not in files:
-        raise PushError(f"{folder} has no README.md model card; export it with `rlhf-kit export`, which writes one.")
-    sizes = {f: len(card) if f == "README.md" and card else (folder / f).stat().st_size for f in files}
+    return _upload(StageOutput.read(folder), repo_id, private=private, revision=revision,
+                   commit_message=commit_message, dry_run=dry_run)
+
+
+def _upload(output: StageOutput, repo_id: str, *, private: bool, revision: str | None, commit_message: str | None,
+            dry_run: bool) -> PushResult:
+    check_repo_id(repo_id)
+    # The card is rendered again for this repository, so its snippets load from the Hub id. It replaces the folder's
+    # README.md before the upload: the folder is then a copy of the repository.
+    card = render_card(output, repo_id=repo_id).encode() if output.record is not None else None
+    files = sorted({*output.files, CARD_FILE} if card is not None else output.files)
+    if CARD_FILE not in files:
+        raise PushError(f"{output.path} has no {CARD_FILE} model card; export it with `rlhf-kit export`, which "
+                        "writes one.")
+    sizes = {**output.files, **({CARD_FILE: len(card)} if card is not None else {})}
     result = PushResult(repo_id, revision or "main", private, files, sizes, dry_run=dry_run)
     if dry_run:
         return result
 
     token = require_token()
-    _refuse_token_in(folder, files, token, card)
-    api = HfApi(endpoint=(os.environ.get("HF_ENDPOINT") or _default_endpoint()).rstrip("/"), token=token)
+    _refuse_token_in(output, files, token, card)
+    api = HfApi(endpoint=(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/"), token=token)
     try:
         user = api.whoami()["name"]
     except HfHubHTTPError as err:
@@ -200,27 +193,25 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = True, revis
     result.url = str(api.create_repo(repo_id, private=private, exist_ok=True))
     if revision and revision != "main":
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=card if f == "README.md" and card else
-                                     str(folder / f)) for f in files]
-    info = api.create_commit(repo_id, operations, revision=revision,
-                             commit_message=commit_message or f"Upload {folder.resolve().name} with rlhf-kit")
+    card_file = output.path / CARD_FILE
+    if card is not None and (not card_file.is_file() or card_file.read_bytes() != card):
+        card_file.write_bytes(card)
+    # upload_folder lists the folder again and applies the same patterns (with huggingface_hub's filter_repo_objects,
+    # which StageOutput used for `files`), so what goes up is `files`.
+    info = api.upload_folder(repo_id=repo_id, folder_path=output.path, revision=revision,
+                             ignore_patterns=unpublished_patterns(),
+                             commit_message=commit_message or f"Upload {output.path.resolve().name} with rlhf-kit")
     result.commit_url = info.commit_url
     logger.info("pushed %d files to %s@%s", len(files), repo_id, result.revision)
     return result
 
 
-def _default_endpoint() -> str:
-    from huggingface_hub import constants
-
-    return constants.ENDPOINT
-
-
-def _refuse_token_in(folder: Path, files: list[str], token: str, card: bytes | None) -> None:
+def _refuse_token_in(output: StageOutput, files: list[str], token: str, card: bytes | None) -> None:
     """A config or card that somehow captured the token must not be published with it."""
     for name in files:
-        path = folder / name
-        text = card if name == "README.md" and card else None
-        if text is None and path.suffix in _TEXT and path.stat().st_size < 50_000_000:
+        path = output.path / name
+        text = card if name == CARD_FILE and card is not None else None
+        if text is None and path.suffix in _TEXT and output.files[name] < 50_000_000:
             text = path.read_bytes()
         if text is not None and token.encode() in text:
             raise PushError(f"{path} contains your Hugging Face token; remove it from that file before pushing.")
@@ -228,8 +219,7 @@ def _refuse_token_in(folder: Path, files: list[str], token: str, card: bytes | N
 
 def publish_stage(output_dir: str | Path, settings: PushSettings | None) -> None:
     """A finished stage's output gets its lineage model card; with `push_to_hub: true` it is pushed as well."""
-    from rlhf_kit.publish.model_card import write_card
-
-    write_card(output_dir, repo_id=settings.repo_id if settings else None)
+    output = StageOutput.read(output_dir)
+    write_card(output, repo_id=settings.repo_id if settings else None)
     if settings is not None:
-        push(output_dir, settings.repo_id, private=settings.private, revision=settings.revision)
+        push_output(output, settings.repo_id, private=settings.private, revision=settings.revision)

@@ -3,9 +3,10 @@
     write_card("outputs/tiny-ppo-export")                        # README.md beside the model
     render_card("outputs/tiny-ppo-export", repo_id="me/tiny-ppo") # the same card, with load snippets for the Hub
 
-Everything comes from the directory itself: rlhf_kit_stage.json (each stage's record, its parent's record nested
-inside), rlhf_kit_export.yaml (license, the base's Hub id, the name) and the artifacts present (adapter, merged
-model, GGUF files, reward normalization). So a card can be rendered again anywhere the directory is copied.
+Everything comes from the directory itself, read once (`runs.StageOutput`): the stage record (each stage's record,
+its parent's record nested inside), the export settings (license, the base's Hub id, the name) and the artifacts
+present (adapter, merged model, GGUF files, reward normalization). So a card can be rendered again anywhere the
+directory is copied.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Any
 
 import yaml
 
+from huggingface_hub import ModelCardData
+
+from rlhf_kit.config import CONFIG_FILE
 from rlhf_kit.model import merged_source
-from rlhf_kit.rewards import REWARD_FILE
-from rlhf_kit.runs import STAGE_FILE, library_versions, read_stage
+from rlhf_kit.runs import CARD_FILE, EXPORT_FILE, REWARD_FILE, STAGE_FILE, StageOutput, library_versions, read_stage
 
 TITLES = {"base": "base model", "pretrain": "pretraining", "sft": "SFT", "reward": "reward model", "ppo": "PPO",
           "dpo": "DPO", "grpo": "GRPO", "rloo": "RLOO", "best_of_n": "best-of-N sampling"}
@@ -65,55 +68,46 @@ def lineage(record: dict[str, Any]) -> list[dict[str, Any]]:
     return steps
 
 
-def render_card(model_dir: str | Path, repo_id: str | None = None) -> str:
-    """The README.md for the model in `model_dir` (an export or a stage output)."""
-    model_dir = Path(model_dir)
-    record = read_stage(model_dir)
-    if record is None:
-        raise ValueError(f"{model_dir} has no {STAGE_FILE}: a card is rendered from the stage records.")
-    options = _export_options(model_dir)
-    artifacts = _artifacts(model_dir)
-    steps = lineage(record)
-    name = options.get("model_name") or Path(str(options.get("model_path") or model_dir)).resolve().name
-    where = repo_id or str(model_dir)
+def render_card(output: StageOutput | str | Path, repo_id: str | None = None) -> str:
+    """The README.md for the model in `output` (an export or a stage output, as read or its path)."""
+    output = output if isinstance(output, StageOutput) else StageOutput.read(output)
+    if output.record is None:
+        raise ValueError(f"{output.path} has no {STAGE_FILE}: a card is rendered from the stage records.")
+    options = output.export_settings
+    artifacts = _artifacts(output)
+    steps = lineage(output.record)
+    name = options.get("model_name") or Path(str(options.get("model_path") or output.path)).resolve().name
+    where = repo_id or str(output.path)
     sections = [
         "---\n" + _metadata(steps, artifacts, options).strip() + "\n---",
         f"# {name}\n\n{_summary(steps, artifacts, options.get('license', 'other'))}",
         _lineage_table(steps),
-        _usage(model_dir, where, artifacts, steps, repo_id is not None),
-        _files_section(model_dir),
+        _usage(output, where, artifacts, steps, repo_id is not None),
+        _files_section(output),
         _stage_details(steps),
         _provenance(options),
     ]
     return "\n\n".join(s for s in sections if s).rstrip() + "\n"
 
 
-def write_card(model_dir: str | Path, repo_id: str | None = None) -> Path:
-    path = Path(model_dir) / "README.md"
-    path.write_text(render_card(model_dir, repo_id=repo_id))
+def write_card(output: StageOutput | str | Path, repo_id: str | None = None) -> Path:
+    output = output if isinstance(output, StageOutput) else StageOutput.read(output)
+    path = output.path / CARD_FILE
+    path.write_text(render_card(output, repo_id=repo_id))
     return path
 
 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _export_options(model_dir: Path) -> dict[str, Any]:
-    file = model_dir / "rlhf_kit_export.yaml"
-    if not file.is_file():
-        return {}
-    return yaml.safe_load(file.read_text()) or {}
-
-
-def _artifacts(model_dir: Path) -> dict[str, Any]:
-    found: dict[str, Any] = {"reward": (model_dir / REWARD_FILE).is_file()}
-    if (model_dir / "config.json").is_file():
+def _artifacts(output: StageOutput) -> dict[str, Any]:
+    found: dict[str, Any] = {"reward": REWARD_FILE in output.files}
+    if output.has_model:
         found["merged"] = "."
-    for sub in (".", "adapter"):
-        if (model_dir / sub / "adapter_config.json").is_file():
-            found["adapter"] = sub
-    ggufs = sorted(p.name for p in model_dir.glob("*.gguf"))
-    if ggufs:
-        found["gguf"] = ggufs
+    if output.adapter_dir:
+        found["adapter"] = output.adapter_dir
+    if output.gguf_files:
+        found["gguf"] = output.gguf_files
     return found
 
 
@@ -124,8 +118,6 @@ def _is_hub_id(name: Any) -> bool:
 
 
 def _metadata(steps, artifacts, options) -> str:
-    from huggingface_hub import ModelCardData
-
     root = steps[0]["output"] if steps[0]["stage"] == "base" else None
     base = options.get("base_model_id") or (root if _is_hub_id(root) else None)
     datasets = sorted({d for s in steps if s["record"] for d in _as_list(s["record"].get("data")) if _is_hub_id(d)})
@@ -205,12 +197,12 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _usage(model_dir: Path, where: str, artifacts, steps, on_hub: bool) -> str:
+def _usage(output: StageOutput, where: str, artifacts, steps, on_hub: bool) -> str:
     parts = ["## How to use"]
     if "merged" in artifacts:
-        parts.append(_reward_snippet(where, on_hub) if artifacts["reward"] else _chat_snippet(model_dir, where))
+        parts.append(_reward_snippet(where, on_hub) if artifacts["reward"] else _chat_snippet(output.path, where))
     if "adapter" in artifacts:
-        parts.append(_adapter_snippet(model_dir, where, artifacts, steps))
+        parts.append(_adapter_snippet(output.adapter_config, where, artifacts, steps))
     if "gguf" in artifacts:
         parts.append(_gguf_snippet(where, artifacts["gguf"], on_hub))
     return "\n\n".join(parts)
@@ -264,9 +256,8 @@ print((raw - norm["offset"]) / norm["scale"])
 With rlhf-kit, from a local copy: `RewardModel.from_pretrained(<directory>).score([conversation])`."""
 
 
-def _adapter_snippet(model_dir: Path, where: str, artifacts, steps) -> str:
+def _adapter_snippet(config: dict[str, Any], where: str, artifacts, steps) -> str:
     sub = artifacts["adapter"]
-    config = json.loads((model_dir / sub / "adapter_config.json").read_text())
     base = config.get("base_model_name_or_path")
     subfolder = f', subfolder="{sub}"' if sub != "." else ""
     reward = config.get("task_type") == "SEQ_CLS"
@@ -321,10 +312,8 @@ The chat template, the stop tokens and the tokenizer are inside each file.
 Or with transformers: `AutoModelForCausalLM.from_pretrained("{where}", gguf_file="{files[0]}")`."""
 
 
-def _files_section(model_dir: Path) -> str:
-    from rlhf_kit.publish.hub import upload_plan
-
-    rows = [f"- `{f}` ({_size((model_dir / f).stat().st_size)})" for f in upload_plan(model_dir) if f != "README.md"]
+def _files_section(output: StageOutput) -> str:
+    rows = [f"- `{f}` ({_size(size)})" for f, size in sorted(output.files.items()) if f != CARD_FILE]
     return "## Files\n\n" + "\n".join(rows)
 
 
@@ -366,4 +355,4 @@ def _provenance(options) -> str:
     kept = {k: options[k] for k in ("formats", "gguf_types", "dtype", "model_path") if k in options}
     line = f" with `{json.dumps(kept)}`" if kept else ""
     return (f"## Provenance\n\nWritten by rlhf-kit{line}; {versions}. The full lineage is in `{STAGE_FILE}`, the "
-            "training config in `rlhf_kit_config.yaml` and the export settings in `rlhf_kit_export.yaml`.")
+            f"training config in `{CONFIG_FILE}` and the export settings in `{EXPORT_FILE}`.")
