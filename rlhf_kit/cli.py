@@ -49,7 +49,7 @@ def _train(ns: argparse.Namespace) -> int:
     one `--accelerate_config` names), stopped with this command as the pipeline's stages are."""
     import os
 
-    from rlhf_kit.pipeline import StageStopped, launch_command, run_stage
+    from rlhf_kit.pipeline import StageStopped, launch_command, printable, run_stage
     from rlhf_kit.resources import DEFAULT_ACCELERATE_CONFIG, missing_shipped_file
 
     if missing_shipped_file(ns.config):  # before accelerate starts, which takes seconds to say the same less clearly
@@ -65,7 +65,9 @@ def _train(ns: argparse.Namespace) -> int:
         profile = args.pop(at + 1)
         args.pop(at)
     try:
-        return run_stage(launch_command(ns.stage, profile) + ["--config", ns.config, *args], dict(os.environ))
+        cmd = launch_command(ns.stage, profile) + ["--config", ns.config, *args]
+        print(f"[train] {printable(cmd[2:])}", flush=True)  # which recipe and profile: a checkout's or a wheel's
+        return run_stage(cmd, dict(os.environ))
     except StageStopped as stop:
         print(f"rlhf-kit train: {stop}", file=sys.stderr)
         return 128 + stop.signum
