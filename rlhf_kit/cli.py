@@ -1,4 +1,4 @@
-"""The `rlhf-kit` command: pipeline, train, eval, chat, export, push, plan."""
+"""The `rlhf-kit` command: init, pipeline, train, eval, chat, export, push, plan."""
 
 from __future__ import annotations
 
@@ -8,9 +8,23 @@ import sys
 from rlhf_kit.stages import TRAINING
 
 
+def _init(ns: argparse.Namespace) -> int:
+    from rlhf_kit.resources import ROOT, SHIPPED, copy_shipped
+
+    try:
+        copied = copy_shipped(ns.directory, overwrite=ns.force)
+    except FileExistsError as e:
+        print(f"rlhf-kit init: {e}", file=sys.stderr)
+        return 2
+    print(f"Copied {len(copied)} files ({', '.join(SHIPPED)}) from {ROOT} to {ns.directory}. From there, run for "
+          "example:\n  rlhf-kit pipeline recipes/configs/pipeline/tiny.yaml")
+    return 0
+
+
 def _pipeline(ns: argparse.Namespace) -> int:
     from rlhf_kit.config import ConfigError
     from rlhf_kit.pipeline import PipelineConfig, StageStopped, run_pipeline
+    from rlhf_kit.resources import missing_shipped_file
 
     try:
         config = PipelineConfig.from_yaml(ns.config)
@@ -18,7 +32,7 @@ def _pipeline(ns: argparse.Namespace) -> int:
             config.output_dir = ns.output_dir
         run_pipeline(config, force=ns.force, log=lambda line: print(line, flush=True))
     except ConfigError as e:  # a user error, checked before anything trains: the message says it all
-        print(f"rlhf-kit pipeline: {e}", file=sys.stderr)
+        print(f"rlhf-kit pipeline: {e}{missing_shipped_file(ns.config)}", file=sys.stderr)
         return 2
     except StageStopped as stop:
         print(f"rlhf-kit pipeline: {stop}", file=sys.stderr)
@@ -35,9 +49,14 @@ def _train(ns: argparse.Namespace) -> int:
     one `--accelerate_config` names), stopped with this command as the pipeline's stages are."""
     import os
 
-    from rlhf_kit.pipeline import RECIPES, StageStopped, launch_command, run_stage
+    from rlhf_kit.pipeline import StageStopped, launch_command, printable, run_stage
+    from rlhf_kit.resources import DEFAULT_ACCELERATE_CONFIG, missing_shipped_file
 
-    args, profile = list(ns.args), str(RECIPES.parent / "accelerate_config.yaml")
+    if missing_shipped_file(ns.config):  # before accelerate starts, which takes seconds to say the same less clearly
+        print(f"rlhf-kit train: config file {ns.config} does not exist.{missing_shipped_file(ns.config)}",
+              file=sys.stderr)
+        return 2
+    args, profile = list(ns.args), str(DEFAULT_ACCELERATE_CONFIG)
     if "--accelerate_config" in args:
         at = args.index("--accelerate_config")
         if at + 1 >= len(args):
@@ -46,7 +65,9 @@ def _train(ns: argparse.Namespace) -> int:
         profile = args.pop(at + 1)
         args.pop(at)
     try:
-        return run_stage(launch_command(ns.stage, profile) + ["--config", ns.config, *args], dict(os.environ))
+        cmd = launch_command(ns.stage, profile) + ["--config", ns.config, *args]
+        print(f"[train] {printable(cmd[2:])}", flush=True)  # which recipe and profile: a checkout's or a wheel's
+        return run_stage(cmd, dict(os.environ))
     except StageStopped as stop:
         print(f"rlhf-kit train: {stop}", file=sys.stderr)
         return 128 + stop.signum
@@ -113,7 +134,7 @@ def _run_recipe(recipe: str, argv: list[str], first_key: str, prog: str) -> int:
     """
     import runpy
 
-    from rlhf_kit.pipeline import RECIPES
+    from rlhf_kit.resources import recipe_path
 
     if argv[:1] in (["-h"], ["--help"]):
         from transformers import HfArgumentParser
@@ -124,7 +145,7 @@ def _run_recipe(recipe: str, argv: list[str], first_key: str, prog: str) -> int:
         return 0
     if argv and not argv[0].startswith("-"):
         argv = [first_key, *argv]
-    runpy.run_path(str(RECIPES / f"{recipe}.py"), run_name=f"recipe_{recipe}")["main"](argv)
+    runpy.run_path(str(recipe_path(recipe)), run_name=f"recipe_{recipe}")["main"](argv)
     return 0
 
 
@@ -168,6 +189,12 @@ def _push(ns: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-kit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="copy the shipped recipes, configs, accelerate profiles and data into a directory, "
+                                    "to run the README's commands there with an installed rlhf-kit")
+    p.add_argument("directory", nargs="?", default=".", help="where to copy them (default: the working directory)")
+    p.add_argument("--force", action="store_true", help="overwrite files that are already there")
+    p.set_defaults(func=_init)
 
     p = sub.add_parser("pipeline", help="pretrain -> SFT -> reward model -> PPO -> evaluation, resuming finished stages")
     p.add_argument("config", help="pipeline YAML, e.g. recipes/configs/pipeline/tiny.yaml")

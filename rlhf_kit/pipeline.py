@@ -6,7 +6,8 @@ SFT model on it (the SFT recipe), and the report adds a best-of-N row: the SFT p
 inference.
 
 Each stage runs as `accelerate launch recipes/<stage>.py --config <its yaml>` in a child process, exactly as a user
-would run it by hand, with the previous stage's output handed over on the command line. A stage whose output
+would run it by hand, with the previous stage's output handed over on the command line. The recipe is rlhf-kit's own
+(the checkout's, or an installed wheel's copy: rlhf_kit/resources.py), and the log shows its path. A stage whose output
 directory already holds a finished stage record is skipped, so an interrupted pipeline resumes at the stage it was
 in (and that stage resumes from its own last checkpoint).
 
@@ -32,10 +33,10 @@ from typing import Any
 
 from rlhf_kit.config import SECRET_ENV, ConfigError, check_keys, is_secret, load_yaml, looks_like_path, parse_config
 from rlhf_kit.data.loading import check_sources, load_data, row_char_limit
+from rlhf_kit.resources import missing_shipped_file, recipe_path
 from rlhf_kit.runs import IN_PIPELINE, read_stage
 from rlhf_kit.stages import DATA_KIND, recipe_arguments
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 STAGE_ORDER = ("pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo", "best_of_n", "rft")
 RECIPE_OF = {"rft": "sft"}  # rejection-sampling fine-tuning is SFT on the best-of-N dataset
 
@@ -78,7 +79,8 @@ class PipelineConfig:
             raise ConfigError(f"Unknown pipeline stage(s) {unknown}; stages are {list(STAGE_ORDER)}.")
         for stage, cfg in self.stages.items():
             if not Path(cfg).is_file():
-                raise ConfigError(f"Pipeline stage '{stage}': config file {cfg} does not exist.")
+                raise ConfigError(f"Pipeline stage '{stage}': config file {cfg} does not exist."
+                                  + missing_shipped_file(cfg))
         unknown = sorted(set(self.evaluation) - set(EVALUATION_DEFAULTS))
         if unknown:
             raise ConfigError(f"Unknown evaluation setting(s) {unknown}; settings are {sorted(EVALUATION_DEFAULTS)}.")
@@ -146,7 +148,8 @@ def check_pipeline(config: PipelineConfig) -> None:
     path exists or is the output of an earlier stage. Loads no model and touches no network."""
     if not Path(config.accelerate_config).is_file():
         raise ConfigError(f"accelerate_config {config.accelerate_config} does not exist; give an accelerate config "
-                          "file (accelerate_config.yaml at the repository root is the CPU default).")
+                          "file (accelerate_config.yaml at the repository root is the CPU default)."
+                          + missing_shipped_file(config.accelerate_config))
     produced: set[Path] = set()
     for stage in config.ordered_stages():
         recipe = RECIPE_OF.get(stage, stage)
@@ -195,7 +198,7 @@ def launch_command(stage: str, accelerate_config: str) -> list[str]:
     """`accelerate launch --config_file <profile> recipes/<recipe>.py`, the way every stage runs (the pipeline's and
     `rlhf-kit train`'s); the recipe's own arguments (`--config`, `--key value`) go after it."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
-            str(RECIPES / f"{RECIPE_OF.get(stage, stage)}.py")]
+            str(recipe_path(RECIPE_OF.get(stage, stage)))]
 
 
 def stage_secrets(config: PipelineConfig, stage: str) -> dict[str, str]:

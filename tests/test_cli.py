@@ -18,6 +18,7 @@ def test_train_runs_a_stage_through_accelerate_and_says_what_to_run_next(tiny_ba
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((out / "rlhf_kit_stage.json").read_text())
     assert record["stage"] == "sft" and record["config"]["max_steps"] == 2
+    assert f"{REPO}/recipes/sft.py --config recipes/configs/sft/tiny.yaml" in done.stdout  # which recipe ran
     assert f"next:\n  rlhf-kit train reward recipes/configs/reward/tiny.yaml --model_name_or_path {out}" in done.stdout
 
 
