@@ -15,7 +15,7 @@ LAYERS = [
     {"rlhf_kit.inference", "rlhf_kit.training", "rlhf_kit.publish"},
     {"rlhf_kit.rewards"},
     {"rlhf_kit.model", "rlhf_kit.runs", "rlhf_kit.data"},
-    {"rlhf_kit.checkpoints", "rlhf_kit.config"},
+    {"rlhf_kit.checkpoints", "rlhf_kit.config", "rlhf_kit.resources"},
 ]
 
 
