@@ -171,18 +171,21 @@ def lora():
 def build_rlhf_kit(spec, clock, output_dir):
     from rlhf_kit.data.loading import load_data
     from rlhf_kit.model import ModelArguments, load_model, load_tokenizer
-    from rlhf_kit.rewards import RewardModel
+    from rlhf_kit.rewards import RewardModel, Rewards
     from rlhf_kit.training.ppo.trainer import PPOTrainer
     from rlhf_kit.training.ppo.config import PPOConfig
 
     tokenizer = load_tokenizer(spec["policy"])
     model = load_model(ModelArguments(model_name_or_path=spec["policy"]), tokenizer)
     # 32 prompts per update = 16 per micro-batch x 2 accumulated x 1 mini-batch.
+    # The missing-stop penalty is a reward setting in rlhf-kit (RewardSources, then Rewards), a PPOConfig one in TRL.
+    shared = {k: v for k, v in SHARED.items() if k != "missing_eos_penalty"}
     args = PPOConfig(output_dir=output_dir, gradient_accumulation_steps=2, num_mini_batches=1,
-                     max_steps=spec["updates"], rollout_forward_batch_size=32, log_completions=0, **SHARED)
+                     max_steps=spec["updates"], rollout_forward_batch_size=32, log_completions=0, **shared)
+    reward_model = RewardModel.from_pretrained(spec["reward"], device="cpu" if not _cuda() else None)
     return PPOTrainer(model=model, args=args, processing_class=tokenizer,
                       train_dataset=load_data(spec["prompts"], kind="prompt"),
-                      reward_model=RewardModel.from_pretrained(spec["reward"], device="cpu" if not _cuda() else None),
+                      rewards=Rewards(reward_model, missing_eos_penalty=SHARED["missing_eos_penalty"]),
                       peft_config=lora(), callbacks=[clock])
 
 

@@ -16,8 +16,7 @@ from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data.loading import load_data, row_char_limit
 from rlhf_kit.training.distributed import apply_global_batch_size, end_processes, parallelism
 from rlhf_kit.model import load_model, load_tokenizer, lora_config, prepare_tokenizer
-from rlhf_kit.rewards import RewardModel, gate, tokenizer_compatibility
-from rlhf_kit.rewards import import_reward_func
+from rlhf_kit.rewards import RewardModel, load_rewards, tokenizer_compatibility
 from rlhf_kit.publish.hub import publish_stage, take_over_push
 from rlhf_kit.data.lengths import count_over_length, length_metrics
 from rlhf_kit.runs import format_summary, resume_checkpoint, start_and_final_evaluation, write_stage
@@ -25,24 +24,22 @@ from rlhf_kit.training.ppo.trainer import PPOTrainer
 
 
 def main(argv=None, overrides=None, callbacks=None):
-    data_args, model_args, args = parse_config(*recipe_arguments("ppo"), args=argv, overrides=overrides)
+    data_args, model_args, args, sources = parse_config(*recipe_arguments("ppo"), args=argv, overrides=overrides)
     apply_global_batch_size(args, mini_batches=args.num_mini_batches)  # global batch = prompts per update
     push = take_over_push(args)  # fails now, not after training, without a repo id or token
     set_seed(args.seed)
 
-    # Data, reward functions and the reward-model gate first: each can fail in a second, before any model loads.
+    # Data, settings, reward functions and the reward-model gate first: each fails in a second, before a model loads.
     limit = row_char_limit(args.max_prompt_length)  # longer prompts are dropped (with a warning) by the trainer
     train_data = load_data(data_args.dataset_name, kind="prompt", split=data_args.dataset_train_split, seed=args.seed,
                            max_chars=limit)
     eval_data = load_data(data_args.eval_source, kind="prompt", split=data_args.dataset_test_split, seed=args.seed,
                           max_chars=limit)
-    reward_funcs = [import_reward_func(name) for name in args.reward_funcs]
-    eval_reward_funcs = [import_reward_func(name) for name in args.eval_reward_funcs]
-    if not args.reward_model_path and not reward_funcs:
-        raise ValueError("PPO needs a reward: set reward_model_path (a reward stage output), reward_funcs, or both")
     if not model_args.use_peft:
         raise ValueError("PPO trains the policy as a LoRA adapter (the reference is the same weights with it "
                          "disabled): set use_peft: true (add load_in_4bit: true for QLoRA)")
+    if args.critic == "full" and not (args.critic_model_path or sources.reward_model_path):
+        raise ValueError("critic: full starts the critic from critic_model_path or reward_model_path; set one")
     resume = resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
 
     tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
@@ -51,13 +48,14 @@ def main(argv=None, overrides=None, callbacks=None):
     dropped = length_metrics(count_over_length(data_args.dataset_name, "prompt", data_args.dataset_train_split,
                                                tokenizer, args.max_prompt_length), args.max_prompt_length,
                              action="dropped")
-    reward_model, reward_report = None, {}
-    if args.reward_model_path:
-        reward_report = gate(args.reward_model_path, tokenizer, min_accuracy=args.min_reward_accuracy,
-                             allow_weak_reward_model=args.allow_weak_reward_model)
-        reward_model = RewardModel.from_pretrained(args.reward_model_path, trust_remote_code=args.trust_remote_code)
+    # The reward model, Python functions, evaluation-only functions and the missing-stop penalty, as every RL stage
+    # loads them; PPO applies the penalty itself, to the rollout's stop flags.
+    rewards = load_rewards(sources, tokenizer, weights=args.reward_weights, trust_remote_code=args.trust_remote_code)
     model = load_model(model_args, tokenizer, trust_remote_code=args.trust_remote_code)
-    critic_model = load_full_critic(args, tokenizer, args.trust_remote_code) if args.critic == "full" else None
+    critic_model = None
+    if args.critic == "full":
+        critic_model = load_full_critic(args.critic_model_path or sources.reward_model_path, tokenizer,
+                                        args.trust_remote_code)
     # The SFT tokenizer already has its chat template, so lora_config adds no trainable token rows: plain LoRA.
     peft_config = lora_config(model_args, tokenizer)
 
@@ -67,9 +65,7 @@ def main(argv=None, overrides=None, callbacks=None):
         processing_class=tokenizer,
         train_dataset=train_data,
         eval_dataset=eval_data,
-        reward_model=reward_model,
-        reward_funcs=reward_funcs,
-        eval_reward_funcs=eval_reward_funcs,
+        rewards=rewards,
         peft_config=peft_config,
         critic_model=critic_model,
         callbacks=callbacks,
@@ -84,22 +80,21 @@ def main(argv=None, overrides=None, callbacks=None):
         metrics.update({f"{k}_at_start": v for k, v in start.items() if k.startswith("eval_")})
         metrics.update({k: v for k, v in final.items() if k.startswith("eval_")})
     trainer.save_state()  # trainer_state.json: the log history, periodic evaluations included
-    if "accuracy" in reward_report:
-        metrics["reward_model_accuracy"] = reward_report["accuracy"]
+    if "accuracy" in rewards.report:
+        metrics["reward_model_accuracy"] = rewards.report["accuracy"]
 
     if trainer.is_world_process_zero():
-        save_config(args.output_dir, data_args, model_args, args)
+        save_config(args.output_dir, data_args, model_args, args, sources)
         write_stage(args.output_dir, "ppo", model=model_args.model_name_or_path, data=data_args.dataset_name,
-                    config=to_dict(data_args, model_args, args), metrics=metrics)
+                    config=to_dict(data_args, model_args, args, sources), metrics=metrics)
         publish_stage(args.output_dir, push)
         print(format_summary("ppo", args.output_dir, metrics))
     return trainer
 
 
-def load_full_critic(args, tokenizer, trust_remote_code):
+def load_full_critic(path, tokenizer, trust_remote_code):
     """critic: full — a trainable copy of the reward model (or critic_model_path), which must share the tokenizer."""
-    critic = RewardModel.from_pretrained(args.critic_model_path or args.reward_model_path,
-                                         trust_remote_code=trust_remote_code)
+    critic = RewardModel.from_pretrained(path, trust_remote_code=trust_remote_code)
     mode, problem = tokenizer_compatibility(critic.tokenizer, tokenizer)
     if mode != "shared" or problem:
         raise ValueError("critic: full scores the policy's own tokens, so its model must share the policy's "

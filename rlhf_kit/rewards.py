@@ -10,9 +10,10 @@ tokenizer with its chat template, `rlhf_kit_reward.json` (normalization and how 
 `(raw - offset) / scale`, where offset and scale make the scores on a reference set mean 0 / std 1, so a KL
 coefficient means the same thing whichever reward model PPO uses.
 
-GRPO, RLOO and best-of-N take their rewards as TRL-style functions, `fn(prompts, completions, **kwargs)`:
-`load_reward_functions(RewardSources(...), tokenizer, stop_ids=...)` builds them (the reward model as a
-`RewardModelFunction`, Python functions, a `MissingStopPenalty`) with one weight each.
+Every RL stage declares its reward sources with `RewardSources` and loads them with `load_rewards`: PPO scores with
+the `Rewards` it returns directly; GRPO, RLOO and best-of-N take them as TRL-style functions,
+`fn(prompts, completions, **kwargs)`, which `load_reward_functions(RewardSources(...), tokenizer, stop_ids=...)`
+builds (the reward model as a `RewardModelFunction`, Python functions, a `MissingStopPenalty`) with one weight each.
 """
 
 from __future__ import annotations
@@ -416,9 +417,17 @@ class MissingStopPenalty:
         return [0.0 if self.stop_token_ids.intersection(ids) else -self.penalty for ids in completion_ids]
 
 
+# The one message for a stage with nothing to optimize, whichever method it is.
+NO_REWARD = "no reward to optimize: set reward_model_path (a reward stage output), reward_funcs, or both"
+REWARD_BATCH_SIZE = 32
+
+
 @dataclass
 class RewardSources:
-    """Where the reward of a sampling stage (GRPO, RLOO, best-of-N) comes from; the same keys as PPO's."""
+    """Where the reward of an RL stage (PPO, GRPO, RLOO, best-of-N) comes from: the one declaration of these keys.
+
+    The weights are the method's own `reward_weights` (TRL's GRPO/RLOO configs declare it, so it cannot live here).
+    """
 
     reward_model_path: str | None = field(
         default=None, metadata={"help": "Reward stage output (LoRA adapter or full/merged model) to score with."}
@@ -426,7 +435,8 @@ class RewardSources:
     reward_funcs: list[str] = field(
         default_factory=list,
         metadata={"help": "Python reward functions as 'module:function' import strings; each is called as "
-                  "fn(prompts=..., completions=..., completion_ids=..., **extra_dataset_columns) -> list[float]."},
+                  "fn(prompts=..., completions=..., completion_ids=..., **extra_dataset_columns) -> list[float] "
+                  "(PPO passes no completion_ids)."},
     )
     eval_reward_funcs: list[str] = field(
         default_factory=list,
@@ -442,46 +452,94 @@ class RewardSources:
     min_reward_accuracy: float = field(
         default=DEFAULT_MIN_ACCURACY, metadata={"help": "Held-out pairwise accuracy the reward model must reach."}
     )
-    reward_batch_size: int = field(default=32, metadata={"help": "Samples per reward-model forward pass."})
+    reward_batch_size: int = field(
+        default=REWARD_BATCH_SIZE, metadata={"help": "Samples per reward-model forward pass."}
+    )
 
 
-def load_reward_functions(sources: RewardSources, policy_tokenizer: PreTrainedTokenizerBase, *,
-                          stop_ids: Sequence[int] | None = None, weights: Sequence[float] | None = None, device=None,
-                          trust_remote_code: bool = False) -> tuple[list, list[float], dict[str, Any]]:
-    """The reward functions of a sampling stage, one weight each, and the reward model's gate report.
+@dataclass
+class Rewards:
+    """The reward sources of a stage, loaded: what PPO scores with directly, and what `load_reward_functions` turns
+    into TRL-style functions for GRPO, RLOO and best-of-N. `load_rewards(RewardSources(...), tokenizer)` builds one.
 
-    Order: the reward model (normalized, scoring prompt + completion rendered with its own tokenizer and template),
-    then `reward_funcs`, then the missing-stop penalty (weight 1), then `eval_reward_funcs` (weight 0). `weights`
-    covers the first two groups, as PPO's reward_weights does; default 1 each. `stop_ids` are the policy's stop
-    tokens, `rlhf_kit.model.stop_token_ids(tokenizer, policy)`, needed for the missing-stop penalty. Cheap checks
-    (imports, weights, the gate) run before the reward model loads.
+    reward_model: a `RewardModel` (or anything with its `score_texts_for`, `offset` and `scale`), or None.
+    funcs: the optimized Python functions, in order; eval_funcs: the ones only measured.
+    missing_eos_penalty: subtracted from the reward of a completion without a stop token (None: off).
+    batch_size: samples per reward-model forward pass. report: the reward model's gate report.
     """
 
-    funcs = [import_reward_func(name) for name in sources.reward_funcs]
-    measured = [import_reward_func(name) for name in sources.eval_reward_funcs]
-    if not sources.reward_model_path and not funcs:
-        raise ValueError("no reward to optimize: set reward_model_path (a reward stage output), reward_funcs, or both")
-    if sources.missing_eos_penalty and stop_ids is None:
-        # The tokenizer alone would miss the model's own EOS, and penalize completions that did stop.
-        raise ValueError("missing_eos_penalty needs the policy's stop tokens: pass "
-                         "stop_ids=rlhf_kit.model.stop_token_ids(tokenizer, <the policy or its path>)")
-    optimized = int(bool(sources.reward_model_path)) + len(funcs)
-    weights = [1.0] * optimized if weights is None else [float(w) for w in weights]
+    reward_model: Any = None
+    funcs: list[RewardFunc] = field(default_factory=list)
+    eval_funcs: list[RewardFunc] = field(default_factory=list)
+    missing_eos_penalty: float | None = None
+    batch_size: int = REWARD_BATCH_SIZE
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.missing_eos_penalty is not None and not self.missing_eos_penalty >= 0:
+            raise ValueError("missing_eos_penalty is subtracted from the reward: give a positive number (or leave it "
+                             "unset)")
+
+
+def reward_weights(has_reward_model: bool, funcs: Sequence, weights: Sequence[float] | None) -> list[float]:
+    """One weight per optimized source, the reward model first (if any), then `funcs` in order; default 1 each.
+
+    Raises the one `NO_REWARD` error when there is nothing to optimize.
+    """
+    optimized = int(has_reward_model) + len(funcs)
+    if not optimized:
+        raise ValueError(NO_REWARD)
+    if weights is None:
+        return [1.0] * optimized
     if len(weights) != optimized:
         raise ValueError(f"reward_weights has {len(weights)} values for {optimized} reward sources (the reward model "
                          "first, if any, then reward_funcs in order); the missing-stop penalty and eval_reward_funcs "
-                         "get their weights (1 and 0) automatically")
-    report = {}
+                         "take no weight here (they get 1 and 0)")
+    return [float(w) for w in weights]
+
+
+def load_rewards(sources: RewardSources, policy_tokenizer: PreTrainedTokenizerBase, *,
+                 weights: Sequence[float] | None = None, device=None, trust_remote_code: bool = False) -> Rewards:
+    """Import the reward functions, check them against `weights` (the method's reward_weights), gate and load the
+    reward model. Cheap checks (imports, weights, the gate) run before the reward model loads."""
+    funcs = [import_reward_func(name) for name in sources.reward_funcs]
+    measured = [import_reward_func(name) for name in sources.eval_reward_funcs]
+    reward_weights(bool(sources.reward_model_path), funcs, weights)
+    model, report = None, {}
     if sources.reward_model_path:
         report = gate(sources.reward_model_path, policy_tokenizer, min_accuracy=sources.min_reward_accuracy,
                       allow_weak_reward_model=sources.allow_weak_reward_model)
         model = RewardModel.from_pretrained(sources.reward_model_path, device=device,
                                             trust_remote_code=trust_remote_code)
-        funcs.insert(0, RewardModelFunction(model, batch_size=sources.reward_batch_size))
-    if sources.missing_eos_penalty:
-        funcs.append(MissingStopPenalty(stop_ids, sources.missing_eos_penalty))
+    return Rewards(model, funcs, measured, missing_eos_penalty=sources.missing_eos_penalty,
+                   batch_size=sources.reward_batch_size, report=report)
+
+
+def load_reward_functions(sources: RewardSources, policy_tokenizer: PreTrainedTokenizerBase, *,
+                          stop_ids: Sequence[int] | None = None, weights: Sequence[float] | None = None, device=None,
+                          trust_remote_code: bool = False) -> tuple[list, list[float], dict[str, Any]]:
+    """The reward functions of a sampling stage (GRPO, RLOO, best-of-N), one weight each, and the reward model's gate
+    report: `load_rewards` in TRL's form.
+
+    Order: the reward model (normalized, scoring prompt + completion rendered with its own tokenizer and template),
+    then `reward_funcs`, then the missing-stop penalty (weight 1), then `eval_reward_funcs` (weight 0). `weights`
+    covers the first two groups, as PPO's reward_weights does; default 1 each. `stop_ids` are the policy's stop
+    tokens, `rlhf_kit.model.stop_token_ids(tokenizer, policy)`, needed for the missing-stop penalty.
+    """
+    if sources.missing_eos_penalty and stop_ids is None:
+        # The tokenizer alone would miss the model's own EOS, and penalize completions that did stop.
+        raise ValueError("missing_eos_penalty needs the policy's stop tokens: pass "
+                         "stop_ids=rlhf_kit.model.stop_token_ids(tokenizer, <the policy or its path>)")
+    rewards = load_rewards(sources, policy_tokenizer, weights=weights, device=device,
+                           trust_remote_code=trust_remote_code)
+    weights = reward_weights(rewards.reward_model is not None, rewards.funcs, weights)
+    funcs = list(rewards.funcs)
+    if rewards.reward_model is not None:
+        funcs.insert(0, RewardModelFunction(rewards.reward_model, batch_size=rewards.batch_size))
+    if rewards.missing_eos_penalty:
+        funcs.append(MissingStopPenalty(stop_ids, rewards.missing_eos_penalty))
         weights.append(1.0)
-    return funcs + measured, weights + [0.0] * len(measured), report
+    return funcs + rewards.eval_funcs, weights + [0.0] * len(rewards.eval_funcs), rewards.report
 
 
 def import_reward_func(spec: str) -> RewardFunc:

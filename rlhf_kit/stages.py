@@ -18,7 +18,7 @@ RECIPE_ARGUMENTS: dict[str, tuple[str, ...]] = {
     "pretrain": ("rlhf_kit.training.pretraining:PretrainArguments", "transformers:TrainingArguments"),
     "sft": (_DATA, _MODEL, "rlhf_kit.training.sft:SFTArguments"),
     "reward": (_DATA, _MODEL, "rlhf_kit.training.reward_model:RewardArguments"),
-    "ppo": (_DATA, _MODEL, "rlhf_kit.training.ppo.config:PPOConfig"),
+    "ppo": (_DATA, _MODEL, "rlhf_kit.training.ppo.config:PPOConfig", _REWARDS),
     "grpo": (_DATA, _MODEL, "rlhf_kit.training.grpo:GRPOArguments", _REWARDS),
     "rloo": (_DATA, _MODEL, "rlhf_kit.training.grpo:RLOOArguments", _REWARDS),
     "dpo": (_DATA, _MODEL, "rlhf_kit.training.dpo:DPOArguments"),

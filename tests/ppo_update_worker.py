@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from rlhf_kit.data.loading import load_data
 from rlhf_kit.training.distributed import apply_global_batch_size
 from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config
+from rlhf_kit.rewards import Rewards
 from rlhf_kit.training.ppo.trainer import PPOTrainer
 from rlhf_kit.training.ppo.config import PPOConfig
 
@@ -41,7 +42,7 @@ def update_once(sft: str, output_dir: str) -> tuple[dict[str, torch.Tensor], dic
     apply_global_batch_size(args, mini_batches=args.num_mini_batches)
     prompts = load_data("data/prompts", kind="prompt")
     trainer = PPOTrainer(model=load_model(model_args, tokenizer), args=args, processing_class=tokenizer,
-                         train_dataset=prompts, reward_funcs=[length_reward],
+                         train_dataset=prompts, rewards=Rewards(funcs=[length_reward]),
                          peft_config=lora_config(model_args, tokenizer))
     trainer._setup_training(None)
     start = trainer._trainable_state()  # gathered from the shards under FSDP2

@@ -15,11 +15,12 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GenerationConfig, TrainerCallback
 
-from rlhf_kit.config import parse_config
-from rlhf_kit.data.loading import DataArguments, load_data
+from rlhf_kit.config import field_names, parse_config
+from rlhf_kit.data.loading import load_data
 from rlhf_kit.model import ModelArguments, is_adapter_dir, is_fresh_merge, load_model, load_tokenizer, lora_config, \
     merge_key, merged_cache_path, stop_token_ids
-from rlhf_kit.rewards import RewardModel
+from rlhf_kit.rewards import DEFAULT_MIN_ACCURACY, NO_REWARD, RewardModel, Rewards, RewardSources
+from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.training.ppo.rollout import Rollout, left_pad, truncate_at_stop
 from rlhf_kit.training.ppo.trainer import PPOHealthError, PPOTrainer
 from rlhf_kit.training.ppo.config import PPOConfig
@@ -73,14 +74,15 @@ def positivity(prompts, completions, item, **columns):
 
 
 def make_trainer(sft, tmp_path, reward_model=None, reward_funcs=(positivity,), model=None, train_dataset=PROMPTS,
-                 **overrides):
+                 missing_eos_penalty=None, **overrides):
     tokenizer = load_tokenizer(sft)
     model_args = ModelArguments(model_name_or_path=sft, use_peft=True, lora_r=8, lora_alpha=16,
                                 train_chat_tokens=False)
     args = PPOConfig(output_dir=str(tmp_path / "ppo"), **{**PPO_FAST, "max_steps": 2, "seed": 0, **overrides})
     return PPOTrainer(model=model or load_model(model_args, tokenizer), args=args, processing_class=tokenizer,
-                      train_dataset=train_dataset, eval_dataset=HELD_OUT.select(range(16)), reward_model=reward_model,
-                      reward_funcs=list(reward_funcs), peft_config=lora_config(model_args, tokenizer))
+                      train_dataset=train_dataset, eval_dataset=HELD_OUT.select(range(16)),
+                      rewards=Rewards(reward_model, list(reward_funcs), missing_eos_penalty=missing_eos_penalty),
+                      peft_config=lora_config(model_args, tokenizer))
 
 
 def hand_rollout(trainer, rows):
@@ -308,7 +310,8 @@ def test_pad_must_differ_from_stop_token(sft, tmp_path):
     tokenizer.pad_token = tokenizer.eos_token
     args = PPOConfig(output_dir=str(tmp_path), **PPO_FAST)
     with pytest.raises(ValueError, match="pad token .* also a stop token"):
-        PPOTrainer(model=None, args=args, processing_class=tokenizer, train_dataset=PROMPTS, reward_funcs=[positivity])
+        PPOTrainer(model=None, args=args, processing_class=tokenizer, train_dataset=PROMPTS,
+                   rewards=Rewards(funcs=[positivity]))
 
 
 def test_trend_warnings(sft, tmp_path):
@@ -452,7 +455,8 @@ def test_ppo_from_a_lora_sft_adapter_starts_from_the_merged_sft_model(tiny_base,
                       max_steps=2, per_device_train_batch_size=8, response_length=8, learning_rate=1e-2,
                       save_strategy="no", eval_strategy="no", eval_on_start=True,
                       eval_dataset_name="data/examples/prompts_standard.jsonl")
-    metrics = json.loads((out / "rlhf_kit_stage.json").read_text())["metrics"]
+    record = json.loads((out / "rlhf_kit_stage.json").read_text())
+    metrics = record["metrics"]
     assert metrics["eval_kl_at_start"] == pytest.approx(0.0, abs=1e-4)  # and the health check passed
     assert metrics["eval_kl"] > 1e-3  # it trained away from the reference
 
@@ -470,6 +474,13 @@ def test_ppo_from_a_lora_sft_adapter_starts_from_the_merged_sft_model(tiny_base,
     expected = response_logprobs(sft_model, rollout, trainer.args.temperature)
     real = rollout.response_mask.bool()
     torch.testing.assert_close(rollout.ref_logprobs[real], expected[real], atol=1e-5, rtol=0)
+
+    # The saved config runs again: it parses into the recipe's dataclasses, the reward sources' keys included, and
+    # the stage record keeps them as flat keys. (Last: a new TrainingArguments resets accelerate's state.)
+    *_, sources = parse_config(*recipe_arguments("ppo"), args=["--config", str(out / "rlhf_kit_config.yaml")])
+    assert sources == RewardSources(reward_model_path="", reward_funcs=["rlhf_kit.tasks.review:gold"],
+                                    missing_eos_penalty=1.0)
+    assert record["config"]["reward_funcs"] == ["rlhf_kit.tasks.review:gold"]
 
 
 class Interrupt(TrainerCallback):
@@ -518,12 +529,39 @@ def test_full_critic(sft, reward_dir, tmp_path):
     assert (out / "critic/model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("recipe", ["ppo", "grpo", "rloo", "best_of_n"])
+def test_every_rl_recipe_parses_its_reward_sources_from_one_dataclass(recipe):
+    """The reward keys (reward_model_path, reward_funcs, the gate, ...) are declared once, in RewardSources: the same
+    keys, help and defaults for every method. PPO once declared its own copy, with the gate's threshold as a literal
+    and help texts that had drifted."""
+    classes = recipe_arguments(recipe)
+    assert RewardSources in classes
+    others = [c for c in classes if c is not RewardSources]
+    assert not set(field_names(RewardSources)) & set(field_names(*others))
+    parsed = dict(zip(classes, parse_config(*classes, args=["--config", f"{REPO}/recipes/configs/{recipe}/tiny.yaml"])))
+    assert parsed[RewardSources].min_reward_accuracy == DEFAULT_MIN_ACCURACY
+    assert parsed[RewardSources].reward_model_path == "outputs/tiny-reward"
+
+
+def test_ppo_and_grpo_refuse_a_stage_without_reward_with_one_message(tiny_base, tmp_path):
+    tokenizer = load_tokenizer(tiny_base)
+    for recipe in ("ppo", "grpo"):
+        with pytest.raises(ValueError) as error:
+            load_recipe(recipe)(["--config", f"recipes/configs/{recipe}/tiny.yaml"], overrides={
+                "model_name_or_path": tiny_base, "reward_model_path": None, "output_dir": str(tmp_path / recipe)})
+        assert str(error.value) == NO_REWARD, recipe
+    with pytest.raises(ValueError) as error:  # the trainer on its own, with only evaluation rewards
+        PPOTrainer(model=None, args=PPOConfig(output_dir=str(tmp_path), **PPO_FAST), processing_class=tokenizer,
+                   train_dataset=PROMPTS, rewards=Rewards(eval_funcs=[positivity]))
+    assert str(error.value) == NO_REWARD
+
+
 def test_shipped_configs_parse():
     for name in ("tiny", "llama-8b-lora"):
-        data_args, model_args, args = parse_config(DataArguments, ModelArguments, PPOConfig,
-                                                   args=["--config", f"{REPO}/recipes/configs/ppo/{name}.yaml",
-                                                         "--bf16", "false"])  # bf16 needs a GPU
-        assert model_args.use_peft and args.reward_model_path and args.batch_size >= 32
+        data_args, model_args, args, sources = parse_config(*recipe_arguments("ppo"),
+                                                            args=["--config", f"{REPO}/recipes/configs/ppo/{name}.yaml",
+                                                                  "--bf16", "false"])  # bf16 needs a GPU
+        assert model_args.use_peft and sources.reward_model_path and args.batch_size >= 32
 
 
 def test_recipe_runs_through_accelerate_launch(sft, reward_dir, tmp_path):

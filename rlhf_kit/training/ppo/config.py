@@ -22,40 +22,22 @@ CRITICS = ("lora", "full")
 class PPOConfig(TrainingArguments):
     """TrainingArguments for PPO with a LoRA policy, a critic on the same frozen base and a KL-penalized reward.
 
+    Where the reward comes from is not here: recipes/ppo.py parses `rlhf_kit.rewards.RewardSources` next to it, as
+    GRPO, RLOO and best-of-N do, and the trainer takes the loaded `Rewards`.
+
     Example (YAML, see ``recipes/configs/ppo/tiny.yaml``)::
 
-        reward_model_path: outputs/tiny-reward
         response_length: 16
         temperature: 0.7
         kl_coef: 0.05
     """
 
-    # --- rewards
-    reward_model_path: str | None = field(
-        default=None, metadata={"help": "Reward stage output (LoRA adapter or full/merged model) to score with."}
-    )
-    reward_funcs: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Python reward functions as 'module:function' import strings; each is called as "
-                  "fn(prompts=..., completions=..., **extra_dataset_columns) -> list[float]."},
-    )
+    # --- rewards: the sources (reward_model_path, reward_funcs, the gate...) are rlhf_kit.rewards.RewardSources
     reward_weights: list[float] | None = field(
         default=None,
         metadata={"help": "One weight per reward source, the reward model first (if any), then reward_funcs in "
                   "order. Default: 1 each. The score is the weighted sum."},
     )
-    eval_reward_funcs: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Extra 'module:function' rewards measured at evaluation only, never trained on (e.g. a "
-                  "gold scorer, to see whether the learned reward is being hacked)."},
-    )
-    allow_weak_reward_model: bool = field(
-        default=False, metadata={"help": "Run even if the reward model fails the gate (accuracy, tokenizer)."}
-    )
-    min_reward_accuracy: float = field(
-        default=0.6, metadata={"help": "Held-out pairwise accuracy the reward model must reach (the gate)."}
-    )
-    reward_batch_size: int = field(default=32, metadata={"help": "Samples per reward-model forward pass."})
     # --- critic
     critic: str = field(
         default="lora",
@@ -101,9 +83,6 @@ class PPOConfig(TrainingArguments):
         metadata={"help": "'eos': the tokenizer's EOS (plus <|im_end|> in a ChatML vocabulary) and the model's own EOS "
                   "ids, where inference stops too (rlhf_kit.model.stop_token_ids); or one token string."},
     )
-    missing_eos_penalty: float | None = field(
-        default=None, metadata={"help": "Subtracted from the score of a response that never emits the stop token."}
-    )
     # --- KL penalty
     kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient beta (initial value if adaptive)."})
     kl_estimator: str = field(
@@ -144,11 +123,7 @@ class PPOConfig(TrainingArguments):
             (0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"gamma and lam must lie in [0, 1], got {self.gamma}, {self.lam}"),
             (self.cliprange > 0 and self.cliprange_value > 0, "cliprange and cliprange_value must be > 0"),
             (self.kl_coef >= 0 and self.vf_coef >= 0, "kl_coef and vf_coef must be >= 0"),
-            (self.critic != "full" or bool(self.critic_model_path or self.reward_model_path),
-             "critic: full starts the critic from critic_model_path or reward_model_path; set one"),
             (not self.adaptive_kl or self.kl_coef > 0, "adaptive_kl needs kl_coef > 0: a zero coefficient never moves"),
-            (self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
-             "missing_eos_penalty is subtracted from the score: give a positive number (or leave it unset)"),
             (self.save_strategy in ("steps", "no"),
              f"save_strategy {self.save_strategy.value!r}: PPO counts updates, use 'steps' (every save_steps) or 'no'"),
             (self.eval_strategy in ("steps", "no"),

@@ -5,8 +5,8 @@ rlhf-kit's own, in TRL's shape: a config dataclass (:class:`PPOConfig`) extendin
 ``transformers.Trainer`` subclass whose ``train()`` is the PPO loop, so ``report_to``, callbacks, ``save_model``
 and the model card behave as in any other trainer.
 
-    trainer = PPOTrainer(model=sft_model, args=PPOConfig(output_dir="out", reward_model_path=...),
-                         processing_class=tokenizer, train_dataset=prompts, reward_model=reward_model,
+    trainer = PPOTrainer(model=sft_model, args=PPOConfig(output_dir="out"), processing_class=tokenizer,
+                         train_dataset=prompts, rewards=Rewards(reward_model=RewardModel.from_pretrained(...)),
                          peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     trainer.train()
 
@@ -33,7 +33,7 @@ import shutil
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -66,7 +66,7 @@ from rlhf_kit.training.ppo.losses import (
     value_loss,
 )
 from rlhf_kit.model import stop_token_ids
-from rlhf_kit.rewards import as_completions, call_reward_func, import_reward_func
+from rlhf_kit.rewards import Rewards, as_completions, call_reward_func, reward_weights
 from rlhf_kit.training.ppo.rollout import Rollout, assemble_rewards, left_pad, truncate_at_stop
 from rlhf_kit.training.ppo.config import PPOConfig
 from rlhf_kit.training.ppo.model import CRITIC, POLICY, build_policy_and_critic, eval_mode
@@ -94,10 +94,10 @@ class PPOTrainer(Trainer):
         train_dataset: prompt-only data, TRL's format: a `prompt` column of strings or of message lists; other
             columns are passed to reward functions as keyword arguments.
         eval_dataset: held-out prompts for :meth:`evaluate`.
-        reward_model: a :class:`rlhf_kit.rewards.RewardModel` (any tokenizer: completions are decoded to text).
-        reward_funcs: callables or 'module:function' strings, ``fn(prompts, completions, **columns) -> list[float]``;
-            default ``args.reward_funcs``.
-        eval_reward_funcs: rewards measured at evaluation only; default ``args.eval_reward_funcs``.
+        rewards: :class:`rlhf_kit.rewards.Rewards` (``load_rewards`` builds it from the config): the reward model
+            (any tokenizer: completions are decoded to text), Python functions
+            ``fn(prompts, completions, **columns) -> list[float]`` weighted by ``args.reward_weights``, functions
+            measured at evaluation only, the missing-stop penalty and the reward model's batch size.
         peft_config: the policy's LoRA config (required unless `model` is a PeftModel).
         critic_model: the critic for ``critic: full``, a sequence-classification model sharing the policy tokenizer.
         callbacks: transformers callbacks.
@@ -106,14 +106,12 @@ class PPOTrainer(Trainer):
     _name = "PPO"
 
     def __init__(self, model, args: PPOConfig, processing_class, train_dataset, eval_dataset=None, *,
-                 reward_model=None, reward_funcs: Sequence[Callable | str] | None = None,
-                 eval_reward_funcs: Sequence[Callable | str] | None = None, peft_config=None, critic_model=None,
-                 callbacks=None):
-        self.reward_model = reward_model
-        self.reward_funcs = [_as_func(f) for f in (args.reward_funcs if reward_funcs is None else reward_funcs)]
-        self.eval_reward_funcs = [_as_func(f) for f in
-                                  (args.eval_reward_funcs if eval_reward_funcs is None else eval_reward_funcs)]
-        self.reward_weights = _reward_weights(args, reward_model, self.reward_funcs)
+                 rewards: Rewards, peft_config=None, critic_model=None, callbacks=None):
+        self.rewards = rewards
+        reward_model = self.reward_model = rewards.reward_model
+        self.reward_funcs, self.eval_reward_funcs = list(rewards.funcs), list(rewards.eval_funcs)
+        self.reward_weights = reward_weights(reward_model is not None, self.reward_funcs, args.reward_weights)
+        _check_names(self.reward_funcs)
         self.stop_token_ids = _stop_ids(processing_class, args.stop_token, model)
         if critic_model is not None and critic_model is getattr(reward_model, "model", None):
             raise ValueError("critic_model is the reward model itself, which training would change under PPO's feet: "
@@ -301,7 +299,7 @@ class PPOTrainer(Trainer):
         out = {}
         if self.reward_model is not None:
             raw = self.reward_model.score_texts_for(rollout.prompts, rollout.completions, normalize=False,
-                                                    batch_size=self.args.reward_batch_size)
+                                                    batch_size=self.rewards.batch_size)
             out["rm_raw"] = raw
             out["rm"] = (raw - self.reward_model.offset) / self.reward_model.scale
         completions = as_completions(rollout.prompts, rollout.completions)
@@ -326,7 +324,7 @@ class PPOTrainer(Trainer):
         rollout.rewards, rollout.kl, rollout.scores = assemble_rewards(
             scores, rollout.stopped, rollout.old_logprobs, rollout.ref_logprobs, rollout.response_mask,
             kl_coef=self.kl_ctl.value, kl_estimator=self.args.kl_estimator,
-            missing_eos_penalty=self.args.missing_eos_penalty, whiten=self.args.whiten_rewards)
+            missing_eos_penalty=self.rewards.missing_eos_penalty, whiten=self.args.whiten_rewards)
 
     def compute_advantages(self, rollout: Rollout) -> None:
         """GAE over the per-token rewards, then advantages whitened over the real tokens of every process's rollout
@@ -702,26 +700,15 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.random.set_rng_state(state["cuda"])
 
 
-def _as_func(func: Callable | str) -> Callable:
-    return import_reward_func(func) if isinstance(func, str) else func
-
-
 def _func_name(func: Callable) -> str:
     return getattr(func, "__name__", type(func).__name__)
 
 
-def _reward_weights(args: PPOConfig, reward_model, reward_funcs: list) -> list[float]:
-    count = (reward_model is not None) + len(reward_funcs)
-    if count == 0:
-        raise ValueError("PPO needs a reward: set reward_model_path, reward_funcs, or both")
+def _check_names(reward_funcs: list) -> None:
+    # Each source's scores are logged and summed by name (reward/<name>), next to the reward model's rm / rm_raw.
     names = [_func_name(f) for f in reward_funcs]
     if len(set(names)) != len(names) or "rm" in names or "rm_raw" in names:
         raise ValueError(f"reward functions need distinct names, other than 'rm' / 'rm_raw': got {names}")
-    weights = args.reward_weights if args.reward_weights is not None else [1.0] * count
-    if len(weights) != count:
-        raise ValueError(f"reward_weights has {len(weights)} entries for {count} reward sources (the reward model "
-                         "first, if any, then reward_funcs in order)")
-    return [float(w) for w in weights]
 
 
 def _stop_ids(tokenizer, stop_token: str, model) -> list[int]:
