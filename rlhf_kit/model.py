@@ -79,7 +79,12 @@ class ModelArguments(ModelConfig):
     )
 
     def __post_init__(self):
+        target_modules = self.lora_target_modules
         super().__post_init__()
+        # TRL 1.16 turns a one-item list into a plain string (meant for ["all-linear"]), but PEFT reads any other string
+        # as a regex over the full module name, which "q_proj" never matches: keep that list a list.
+        if isinstance(target_modules, list) and len(target_modules) == 1 and target_modules[0] != "all-linear":
+            self.lora_target_modules = target_modules
         if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
             raise ValueError(
                 "load_in_4bit/load_in_8bit quantize the base weights, which then cannot be trained: set use_peft: true "
@@ -310,8 +315,8 @@ def lora_config(
     if not args.use_peft:
         return None
     if args.lora_task_type is not None and args.lora_task_type != task_type:
-        raise ValueError(f"lora_task_type: {args.lora_task_type}, but this stage trains a {task_type} adapter; drop "
-                         "lora_task_type from the config (each stage sets its own).")
+        raise ValueError(f"lora_task_type: {args.lora_task_type}, but this stage trains a {TaskType(task_type).value} "
+                         "adapter; drop lora_task_type from the config (each stage sets its own).")
     trainable_tokens = None
     modules_to_save = list(args.lora_modules_to_save or [])
     if args.train_chat_tokens and new_chat_template and task_type == TaskType.CAUSAL_LM:
