@@ -28,7 +28,7 @@ from transformers import (
 )
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
-from rlhf_kit.config import looks_like_path
+from rlhf_kit.config import ConfigError, looks_like_path
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +92,10 @@ class ModelArguments(ModelConfig):
             )
         if self.load_in_4bit and self.dtype == "auto":
             # TRL's get_quantization_config uses dtype as the 4-bit compute dtype, and "auto" names none.
-            raise ValueError("load_in_4bit computes in dtype, which cannot be auto: set dtype: bfloat16 (or float16, "
+            raise ConfigError("load_in_4bit computes in dtype, which cannot be auto: set dtype: bfloat16 (or float16, "
                              "float32).")
         if self.lora_task_type is not None and self.lora_task_type not in list(TaskType):
-            raise ValueError(f"lora_task_type: {self.lora_task_type!r} is not a PEFT task type; leave it unset (each "
+            raise ConfigError(f"lora_task_type: {self.lora_task_type!r} is not a PEFT task type; leave it unset (each "
                              "stage sets its own: CAUSAL_LM, or SEQ_CLS for the reward model).")
         if isinstance(self.lora_target_parameters, str):  # PEFT takes a list only
             self.lora_target_parameters = [self.lora_target_parameters]
@@ -315,7 +315,7 @@ def lora_config(
     if not args.use_peft:
         return None
     if args.lora_task_type is not None and args.lora_task_type != task_type:
-        raise ValueError(f"lora_task_type: {args.lora_task_type}, but this stage trains a {TaskType(task_type).value} "
+        raise ConfigError(f"lora_task_type: {args.lora_task_type}, but this stage trains a {TaskType(task_type).value} "
                          "adapter; drop lora_task_type from the config (each stage sets its own).")
     trainable_tokens = None
     modules_to_save = list(args.lora_modules_to_save or [])
