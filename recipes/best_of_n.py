@@ -19,7 +19,7 @@ from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data.loading import load_data
 from rlhf_kit.training.distributed import end_processes
 from rlhf_kit.inference.evaluation import Policy
-from rlhf_kit.model import load_model, load_tokenizer, prepare_tokenizer, stop_token_ids
+from rlhf_kit.model import load_model, load_model_tokenizer, prepare_tokenizer, stop_token_ids
 from rlhf_kit.rewards import load_reward_functions
 from rlhf_kit.runs import format_summary, write_stage
 
@@ -33,8 +33,7 @@ def main(argv=None, overrides=None, callbacks=None):
     if args.num_prompts is not None:
         prompts = prompts.select(range(min(args.num_prompts, len(prompts))))
 
-    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
-                               trust_remote_code=args.trust_remote_code)
+    tokenizer = load_model_tokenizer(model_args, trust_remote_code=args.trust_remote_code)
     prepare_tokenizer(tokenizer)  # a base model gets the chat template SFT would give it
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # The missing-stop penalty looks for the policy's stop tokens (its own EOS included), read from its saved config.

@@ -20,7 +20,7 @@ from rlhf_kit.data.loading import load_data, row_char_limit
 from rlhf_kit.training.distributed import apply_global_batch_size, end_processes, parallelism, shard_on_cpu
 from rlhf_kit.training.dpo import check_dpo_setup
 from rlhf_kit.publish.hub import publish_stage, take_over_push
-from rlhf_kit.model import load_model, load_tokenizer, lora_config, prepare_tokenizer
+from rlhf_kit.model import load_model, load_model_tokenizer, lora_config, prepare_tokenizer
 from rlhf_kit.data.lengths import count_over_length, length_metrics
 from rlhf_kit.runs import (
     format_summary,
@@ -45,8 +45,7 @@ def main(argv=None, overrides=None, callbacks=None):
     check_dpo_setup(model_args, args, has_eval_data=eval_data is not None)
     resume = resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
 
-    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
-                               trust_remote_code=args.trust_remote_code)
+    tokenizer = load_model_tokenizer(model_args, trust_remote_code=args.trust_remote_code)
     new_chat_template = tokenizer.chat_template is None  # DPO straight from a base model: it gets ChatML here
     prepare_tokenizer(tokenizer)
     truncated = length_metrics(count_over_length(data_args.dataset_name, "preference", data_args.dataset_train_split,

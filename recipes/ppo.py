@@ -15,7 +15,7 @@ from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data.loading import load_data, row_char_limit
 from rlhf_kit.training.distributed import apply_global_batch_size, end_processes, parallelism
-from rlhf_kit.model import load_model, load_tokenizer, lora_config, prepare_tokenizer
+from rlhf_kit.model import load_model, load_model_tokenizer, lora_config, prepare_tokenizer
 from rlhf_kit.rewards import RewardModel, load_rewards, tokenizer_compatibility
 from rlhf_kit.publish.hub import publish_stage, take_over_push
 from rlhf_kit.data.lengths import count_over_length, length_metrics
@@ -42,8 +42,7 @@ def main(argv=None, overrides=None, callbacks=None):
         raise ValueError("critic: full starts the critic from critic_model_path or reward_model_path; set one")
     resume = resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
 
-    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
-                               trust_remote_code=args.trust_remote_code)
+    tokenizer = load_model_tokenizer(model_args, trust_remote_code=args.trust_remote_code)
     prepare_tokenizer(tokenizer)  # the SFT tokenizer already has its template and pad token: this changes nothing
     dropped = length_metrics(count_over_length(data_args.dataset_name, "prompt", data_args.dataset_train_split,
                                                tokenizer, args.max_prompt_length), args.max_prompt_length,

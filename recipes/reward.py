@@ -16,7 +16,7 @@ from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data.loading import detect_dataset_format, load_data, row_char_limit
 from rlhf_kit.training.distributed import apply_global_batch_size, end_processes
-from rlhf_kit.model import load_model, load_tokenizer, prepare_tokenizer
+from rlhf_kit.model import load_model, load_model_tokenizer, prepare_tokenizer
 from rlhf_kit.training.reward_model import (
     check_reward_setup,
     evaluate_reward_model,
@@ -57,8 +57,7 @@ def main(argv=None, overrides=None, callbacks=None):
     check_reward_setup(model_args, args, has_eval_data=eval_data is not None)
     resume = resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
 
-    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
-                               trust_remote_code=args.trust_remote_code)
+    tokenizer = load_model_tokenizer(model_args, trust_remote_code=args.trust_remote_code)
     added = prepare_tokenizer(tokenizer)
     # TRL's RewardTrainer drops training pairs longer than max_length; counted here, with the rendering it uses.
     dropped = length_metrics(count_over_length(data_args.dataset_name, "preference", data_args.dataset_train_split,

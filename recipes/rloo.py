@@ -23,7 +23,7 @@ from rlhf_kit.data.loading import load_data
 from rlhf_kit.training.distributed import end_processes, parallelism, shard_on_cpu
 from rlhf_kit.training.grpo import apply_sampling_global_batch, check_sampling_setup, reward_metrics
 from rlhf_kit.publish.hub import publish_stage, take_over_push
-from rlhf_kit.model import load_model, load_tokenizer, lora_config, prepare_tokenizer, stop_token_ids
+from rlhf_kit.model import load_model, load_model_tokenizer, lora_config, prepare_tokenizer, stop_token_ids
 from rlhf_kit.rewards import load_reward_functions
 from rlhf_kit.runs import format_summary, resume_checkpoint, train_and_save, write_stage
 
@@ -40,8 +40,7 @@ def main(argv=None, overrides=None, callbacks=None):
     check_sampling_setup(model_args, args, has_eval_data=eval_data is not None)
     resume = resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
 
-    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
-                               trust_remote_code=args.trust_remote_code)
+    tokenizer = load_model_tokenizer(model_args, trust_remote_code=args.trust_remote_code)
     prepare_tokenizer(tokenizer)  # the SFT tokenizer already has its template and pad token: this changes nothing
     # Reward functions before the policy: imports, weights and the reward model's gate fail in a second. The
     # missing-stop penalty looks for the policy's stop tokens (its own EOS included), read from its saved config.

@@ -21,15 +21,14 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BitsAndBytesConfig,
     GenerationConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from trl import ModelConfig
+from trl import ModelConfig, get_peft_config, get_quantization_config
 
-from rlhf_kit.config import looks_like_path
+from rlhf_kit.config import ConfigError, looks_like_path
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +53,15 @@ CHATML_TEMPLATE = (
 
 @dataclass
 class ModelArguments(ModelConfig):
-    """TRL's `ModelConfig` plus what rlhf-kit adds: chat-token training and the tokenizer source."""
+    """TRL's `ModelConfig` plus what rlhf-kit adds: chat-token training and the tokenizer source.
+
+    Quantization and LoRA settings are TRL's and are turned into configs by TRL (`get_quantization_config`,
+    `get_peft_config`); `lora_config` only adds the chat-token rows and the reward head.
+    """
 
     tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "Tokenizer to load; defaults to model_name_or_path."}
+        default=None,
+        metadata={"help": "Tokenizer to load (its main revision); defaults to model_name_or_path at model_revision."},
     )
     train_chat_tokens: bool = field(
         default=True,
@@ -66,13 +70,35 @@ class ModelArguments(ModelConfig):
             "pad). A base model has never seen them, so without this the adapter cannot learn to stop."
         },
     )
+    # TRL defaults this to CAUSAL_LM, which a reward model (SEQ_CLS) would then silently override: unset here means
+    # "the stage's own", and a value that disagrees with the stage is refused by `lora_config`.
+    lora_task_type: str | None = field(
+        default=None,
+        metadata={"help": "PEFT task type of the adapter. Each stage sets its own (CAUSAL_LM; SEQ_CLS for the "
+                          "reward model); a value given here must be that one."},
+    )
+
     def __post_init__(self):
+        target_modules = self.lora_target_modules
         super().__post_init__()
+        # TRL 1.16 turns a one-item list into a plain string (meant for ["all-linear"]), but PEFT reads any other string
+        # as a regex over the full module name, which "q_proj" never matches: keep that list a list.
+        if isinstance(target_modules, list) and len(target_modules) == 1 and target_modules[0] != "all-linear":
+            self.lora_target_modules = target_modules
         if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
             raise ValueError(
                 "load_in_4bit/load_in_8bit quantize the base weights, which then cannot be trained: set use_peft: true "
                 "(QLoRA) or drop the quantization flag."
             )
+        if self.load_in_4bit and self.dtype == "auto":
+            # TRL's get_quantization_config uses dtype as the 4-bit compute dtype, and "auto" names none.
+            raise ConfigError("load_in_4bit computes in dtype, which cannot be auto: set dtype: bfloat16 (or float16, "
+                             "float32).")
+        if self.lora_task_type is not None and self.lora_task_type not in list(TaskType):
+            raise ConfigError(f"lora_task_type: {self.lora_task_type!r} is not a PEFT task type; leave it unset (each "
+                             "stage sets its own: CAUSAL_LM, or SEQ_CLS for the reward model).")
+        if isinstance(self.lora_target_parameters, str):  # PEFT takes a list only
+            self.lora_target_parameters = [self.lora_target_parameters]
 
 
 def check_model_source(name_or_path: str, key: str = "model_name_or_path") -> None:
@@ -92,6 +118,16 @@ def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code:
         # `outputs/sft` is both a relative path and a Hub id: say that neither was found.
         raise OSError(f"{name_or_path} is not a local directory (working directory {os.getcwd()}) and could not be "
                       f"loaded from the Hub either: {error}") from error
+
+
+def load_model_tokenizer(args: ModelArguments, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer for the model `args` loads: `tokenizer_name_or_path` (its main revision), else the model's own
+    at `model_revision`, the revision its weights load at (a pinned model must not get the tokenizer of `main`)."""
+    if args.tokenizer_name_or_path not in (None, args.model_name_or_path):
+        return load_tokenizer(args.tokenizer_name_or_path, trust_remote_code=trust_remote_code)
+    if args.model_name_or_path is None:
+        raise ValueError("model_name_or_path is not set: give a local model directory or a Hub model id.")
+    return load_tokenizer(args.model_name_or_path, revision=args.model_revision, trust_remote_code=trust_remote_code)
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> list[str]:
@@ -201,20 +237,6 @@ def chat_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return sorted({vocab[t] for t in (IM_START, IM_END, PAD) if t in vocab})
 
 
-def quantization_config(args: ModelArguments) -> BitsAndBytesConfig | None:
-    if args.load_in_4bit:
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=args.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=args.use_bnb_nested_quant,
-            bnb_4bit_compute_dtype=_dtype(args.dtype) or torch.float32,
-            bnb_4bit_quant_storage=args.bnb_4bit_quant_storage,
-        )
-    if args.load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return None
-
-
 def _dtype(name: str | None):
     if name in (None, "auto"):
         return name
@@ -242,7 +264,7 @@ def load_model(
         # The previous stage saved a LoRA adapter: this stage starts from base + adapter, merged.
         path = merged_model_dir(args.model_name_or_path, trust_remote_code=trust_remote_code)
         args = dataclasses.replace(args, model_name_or_path=str(path), model_revision="main")
-    quant = quantization_config(args)
+    quant = get_quantization_config(args)
     if quant is not None and device_map is None:
         # bitsandbytes needs the weights placed at load time; one device per process under DDP.
         from accelerate import PartialState
@@ -282,14 +304,19 @@ def lora_config(
     tied_embeddings: bool = False,
     new_chat_template: bool = False,
 ) -> LoraConfig | None:
-    """LoRA settings from `args`; `new_chat_template` says the base had no template and `prepare_tokenizer` gave it one.
+    """LoRA settings from `args` (TRL's `get_peft_config`), for the stage's `task_type`; `new_chat_template` says the
+    base had no template and `prepare_tokenizer` gave it one.
 
     A base model has never produced <|im_start|>/<|im_end|>: pretraining only pushed their output logits down. So with
     a new template (and `train_chat_tokens`), their embedding rows are trained and lm_head is trained whole: TRL 1.16's
     fused LM-head loss reads `lm_head.weight` directly, so PEFT's per-row trainable tokens on lm_head would be ignored.
+    Unset `lora_target_modules` means every linear layer ("all-linear"), not PEFT's per-architecture default.
     """
     if not args.use_peft:
         return None
+    if args.lora_task_type is not None and args.lora_task_type != task_type:
+        raise ConfigError(f"lora_task_type: {args.lora_task_type}, but this stage trains a {TaskType(task_type).value} "
+                         "adapter; drop lora_task_type from the config (each stage sets its own).")
     trainable_tokens = None
     modules_to_save = list(args.lora_modules_to_save or [])
     if args.train_chat_tokens and new_chat_template and task_type == TaskType.CAUSAL_LM:
@@ -303,18 +330,11 @@ def lora_config(
                 modules_to_save.append("lm_head")
     if task_type == TaskType.SEQ_CLS and "score" not in modules_to_save:
         modules_to_save.append("score")  # the new reward head must be trained and saved with the adapter
-    return LoraConfig(
-        task_type=task_type,
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=args.lora_target_modules or "all-linear",
-        modules_to_save=modules_to_save or None,
-        trainable_token_indices=trainable_tokens,
-        use_rslora=args.use_rslora,
-        use_dora=args.use_dora,
-        bias="none",
-    )
+    config = get_peft_config(dataclasses.replace(
+        args, lora_task_type=task_type, lora_target_modules=args.lora_target_modules or "all-linear",
+        lora_modules_to_save=modules_to_save or None))
+    config.trainable_token_indices = trainable_tokens  # read when PEFT wraps the model, like every other field
+    return config
 
 
 def is_adapter_dir(path: str | Path) -> bool:

@@ -21,12 +21,15 @@ What it counts, in bytes per process:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from rlhf_kit.config import ConfigError, load_yaml
+from rlhf_kit.config import ConfigError, check_bounds, check_keys, check_precision, load_yaml
+from rlhf_kit.stages import recipe_arguments
 
 GIB = 1024**3
 # What max_memory_allocated does not see: the CUDA context and kernels (~0.5-1 GiB) and allocator fragmentation.
@@ -36,6 +39,9 @@ STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "rloo")
 BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 # 4-bit NF4: half a byte per weight plus one fp32 scale per 64 weights (nested quantization shrinks the scales 4x).
 NF4_BYTES, NF4_NESTED_BYTES = 0.5 + 4 / 64, 0.5 + 1 / 64
+# The prompt length planned for when the config bounds none (PPO's max_prompt_length: null; GRPO/RLOO keep every
+# prompt whole): an assumption of the plan, not a setting of any recipe.
+UNBOUNDED_PROMPT_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -156,37 +162,62 @@ class Estimate:
         return self.total * (1 + FRAGMENTATION) + CONTEXT_BYTES
 
 
-def _get(config: dict, key: str, default):
-    value = config.get(key)
-    return default if value is None else value
+def recipe_values(config: dict[str, Any], stage: str) -> dict[str, Any]:
+    """`config` (a recipe YAML's keys) over the defaults of the stage recipe's dataclasses: what the recipe would run
+    with, so that a default changed in a dataclass is the plan's default too. Keys and numbers are checked as the
+    recipe checks them (`rlhf_kit.config`), so a misspelled key is an error here as well.
+
+    The dataclasses are not built: TrainingArguments would check this machine (bf16 needs a GPU) and set up its
+    device, and a plan is often made on another machine than the one it is for.
+    """
+    types = recipe_arguments(stage)
+    check_keys(list(config), types, f"the {stage} config")
+    values: dict[str, Any] = {}
+    for field in (f for t in types for f in dataclasses.fields(t) if f.init):
+        if field.default is not dataclasses.MISSING:
+            values.setdefault(field.name, field.default)
+        elif field.default_factory is not dataclasses.MISSING:
+            values.setdefault(field.name, field.default_factory())
+    values.update(config)
+    check_bounds(values)
+    check_precision(values)
+    return values
 
 
 def estimate(config: dict, stage: str, sharding: Sharding = Sharding(), shape: Shape | None = None) -> Estimate:
-    """Peak bytes per process of `stage` run with `config` (a recipe YAML's keys; missing keys take the defaults)."""
+    """Peak bytes per process of `stage` run with `config` (a recipe YAML's keys; missing keys take the recipe's
+    defaults, `recipe_values`)."""
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; one of {STAGES}")
+    values = recipe_values(config, stage)
     if shape is None:
-        shape = model_shape(config["model_name_or_path"]) if stage != "pretrain" else shape_from_config(config)
+        if stage == "pretrain":
+            shape = shape_from_config(values)
+        elif values["model_name_or_path"] is None:
+            raise ConfigError("model_name_or_path is not set: give it in the config or with --model.")
+        else:
+            shape = model_shape(values["model_name_or_path"])
     n = sharding.gpus
-    dtype = str(_get(config, "dtype", "bfloat16" if config.get("bf16") else "float32")).replace("torch.", "")
+    # The weights' dtype (ModelArguments); pretraining builds its model in float32 and trains under autocast.
+    dtype = str(values.get("dtype") or ("bfloat16" if values["bf16"] else "float32")).replace("torch.", "")
     if dtype == "auto":
         dtype = "bfloat16"
     width = BYTES[dtype]  # compute dtype bytes
-    four_bit = bool(config.get("load_in_4bit"))
-    peft = bool(config.get("use_peft")) and stage != "pretrain"
-    checkpointing = bool(config.get("gradient_checkpointing") or config.get("activation_checkpointing"))
-    batch = int(_get(config, "per_device_train_batch_size", 8))
+    four_bit = bool(values.get("load_in_4bit"))
+    peft = bool(values.get("use_peft")) and stage != "pretrain"
+    checkpointing = bool(values["gradient_checkpointing"] or values["activation_checkpointing"])
+    batch = int(values["per_device_train_batch_size"])
 
     # Weights: linear layers in 4 bits under QLoRA, everything else in the compute dtype.
     linear = shape.layers * sum(a * b for a, b in shape.linear_shapes())
-    per_weight = (NF4_NESTED_BYTES if config.get("use_bnb_nested_quant") else NF4_BYTES) if four_bit else width
+    per_weight = (NF4_NESTED_BYTES if values.get("use_bnb_nested_quant") else NF4_BYTES) if four_bit else width
     weights = linear * per_weight + (shape.params - linear) * width
     if sharding.weights:
         weights = 0.0 if sharding.offload_weights else weights / n
 
     # Trainable state: gradients and AdamW moments (fp32 for LoRA adapters, the model dtype for full training).
     if peft:
-        trainable, t_bytes = shape.lora_params(int(_get(config, "lora_r", 16)), config.get("lora_target_modules")), 4
+        trainable, t_bytes = shape.lora_params(int(values["lora_r"]), values["lora_target_modules"]), 4
     else:
         trainable, t_bytes = shape.params, width
     if stage == "ppo" and peft:
@@ -202,20 +233,24 @@ def estimate(config: dict, stage: str, sharding: Sharding = Sharding(), shape: S
         optimizer = 0.0 if sharding.offload_optimizer else optimizer / n
 
     parts = {"weights": weights + adapter_weights, "gradients": grads, "optimizer": optimizer}
-    if stage == "ppo" and config.get("reward_model_path"):
+    if stage == "ppo" and values["reward_model_path"]:
         parts["reward model"] = weights  # a second model of the same size and precision (assumed)
 
     # Sequences and tokens of one micro-batch's forward/backward.
     if stage in ("ppo", "grpo", "rloo"):
-        prompt = int(_get(config, "max_prompt_length", 512))
-        response = int(_get(config, "response_length", _get(config, "max_completion_length", 256)))
+        prompt = int(values.get("max_prompt_length") or UNBOUNDED_PROMPT_TOKENS)
+        response = int(values["response_length"] if stage == "ppo" else values["max_completion_length"])
         seq = prompt + response
         logit_tokens = batch * response
-        generation_batch = int(_get(config, "rollout_forward_batch_size", 64)) if stage == "ppo" else batch * int(
-            _get(config, "num_generations", 8))
+        generation_batch = (int(values["rollout_forward_batch_size"]) if stage == "ppo"
+                            else batch * int(values["num_generations"]))
         parts["kv cache"] = 2 * shape.layers * shape.kv_width * generation_batch * seq * width
     else:
-        seq = int(_get(config, "block_size" if stage == "pretrain" else "max_length", 1024))
+        length_key = "block_size" if stage == "pretrain" else "max_length"
+        if values[length_key] is None:
+            raise ConfigError(f"{length_key}: null keeps sequences as long as the data's, which the plan cannot "
+                              f"know: set {length_key} to the longest sequence to plan for.")
+        seq = int(values[length_key])
         logit_tokens = batch * seq
     sequences = batch * (2 if stage in ("reward", "dpo") else 1)  # chosen and rejected in one forward
     tokens = sequences * seq

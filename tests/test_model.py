@@ -2,6 +2,7 @@
 and the merged copy of a LoRA adapter that the next stage starts from."""
 
 import contextlib
+import dataclasses
 import io
 import os
 import shutil
@@ -26,8 +27,8 @@ from rlhf_kit.inference.chat import chat
 from rlhf_kit.data.loading import load_data
 from rlhf_kit.inference.evaluation import generate, load_policy
 
-from rlhf_kit.model import IM_END, IM_START, PAD, ModelArguments, is_fresh_merge, load_model, load_tokenizer, \
-    lora_config, merge_key, merged_cache_path, merged_model_dir, prepare_tokenizer, stop_token_ids
+from rlhf_kit.model import IM_END, IM_START, PAD, ModelArguments, is_fresh_merge, load_model, load_model_tokenizer, \
+    load_tokenizer, lora_config, merge_key, merged_cache_path, merged_model_dir, prepare_tokenizer, stop_token_ids
 
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful reviewer."},
@@ -162,6 +163,68 @@ def test_lora_config_trains_chat_token_rows(tiny_base):
     plain = lora_config(args, tok, new_chat_template=False)
     assert plain.trainable_token_indices is None and not plain.modules_to_save
     assert lora_config(ModelArguments(model_name_or_path=tiny_base), tok) is None
+
+
+def lora_parameters(base: str, config) -> set[str]:
+    """The modules of `base` that `config`'s adapter trains, by short name (q_proj, down_proj, score, ...)."""
+    from peft import get_peft_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), config)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return {n.split(".lora_")[0].split(".")[-1] for n in names if ".lora_" in n}
+
+
+def test_every_lora_setting_of_trls_model_config_is_honoured_or_refused(tiny_base):
+    """lora_target_parameters and lora_task_type pass the strict parser (TRL's ModelConfig declares them), so they
+    must do what they say: before, both were dropped without a word."""
+    tok = load_tokenizer(tiny_base)
+    # PEFT targets a parameter directly (the route to MoE experts): here a plain weight, next to one module.
+    # (PEFT wraps a targeted parameter without dropout.)
+    args = ModelArguments(model_name_or_path=tiny_base, use_peft=True, lora_r=4, lora_dropout=0.0,
+                          lora_target_modules=["q_proj"], lora_target_parameters=["mlp.down_proj.weight"])
+    assert lora_parameters(tiny_base, lora_config(args, tok)) == {"q_proj", "down_proj"}
+    # A one-item list stays a list: TRL makes it the string "q_proj", a regex no full module name matches.
+    assert lora_config(dataclasses.replace(args, lora_target_parameters=None), tok).target_modules == {"q_proj"}
+    # The stage decides the task type; a config may only repeat it.
+    same = dataclasses.replace(args, lora_task_type="CAUSAL_LM")
+    assert lora_config(same, tok).task_type == "CAUSAL_LM"
+    with pytest.raises(ValueError, match="lora_task_type: SEQ_CLS, but this stage trains a CAUSAL_LM adapter"):
+        lora_config(dataclasses.replace(args, lora_task_type="SEQ_CLS"), tok)
+    with pytest.raises(ValueError, match="'seq-cls' is not a PEFT task type"):
+        ModelArguments(model_name_or_path=tiny_base, use_peft=True, lora_task_type="seq-cls")
+
+
+def test_4bit_needs_a_named_compute_dtype():
+    # TRL's get_quantization_config makes dtype the compute dtype: "auto" failed at load as `torch.auto`.
+    with pytest.raises(ValueError, match="load_in_4bit computes in dtype, which cannot be auto"):
+        ModelArguments(model_name_or_path="x", use_peft=True, load_in_4bit=True, dtype="auto")
+
+
+def test_tokenizer_loads_at_the_model_revision(tiny_base, tmp_path, monkeypatch):
+    """A Hub model pinned to a revision gets that revision's tokenizer, as its weights do, not main's.
+
+    A Hub cache with two commits of one repository: main, and the tag v2 whose tokenizer has one more token.
+    Offline, huggingface_hub resolves a revision through refs/<name> to snapshots/<commit>.
+    """
+    import huggingface_hub
+
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    commits = {"main": "a" * 40, "v2": "b" * 40}
+    for ref, commit in commits.items():
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+        shutil.copytree(tiny_base, repo / "snapshots" / commit)
+    v2 = AutoTokenizer.from_pretrained(tiny_base)
+    v2.add_tokens(["<|v2|>"])
+    v2.save_pretrained(repo / "snapshots" / commits["v2"])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    pinned = ModelArguments(model_name_or_path="acme/tiny", model_revision="v2")
+    assert "<|v2|>" in load_model_tokenizer(pinned).get_vocab()
+    assert "<|v2|>" not in load_model_tokenizer(dataclasses.replace(pinned, model_revision="main")).get_vocab()
+    # A tokenizer named apart from the model is another repository: the model's revision is not its own.
+    other = dataclasses.replace(pinned, tokenizer_name_or_path=tiny_base)
+    assert "<|v2|>" not in load_model_tokenizer(other).get_vocab()
 
 
 # ------------------------------------------------------------------------------------------------ merged adapters

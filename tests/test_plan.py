@@ -1,12 +1,16 @@
 """The memory preflight: parameter counts against published ones, the byte arithmetic on a hand-computed case,
 sharding by profile, and `rlhf-kit plan` on every shipped training config without loading a model."""
 
+import dataclasses
+
 import pytest
 import yaml
 from conftest import REPO
 
 from rlhf_kit import cli
+from rlhf_kit.config import ConfigError
 from rlhf_kit.plan import GIB, SHAPES, STAGES, Shape, Sharding, estimate, model_shape
+from rlhf_kit.stages import recipe_arguments
 
 
 def test_parameter_counts_match_the_published_ones():
@@ -30,7 +34,8 @@ def test_bytes_of_a_hand_computed_full_finetune():
     """
     shape = Shape(hidden=4, intermediate=8, layers=1, heads=2, kv_heads=1, vocab=10, tied=True)
     assert shape.params == 196
-    config = {"dtype": "float32", "use_peft": False, "per_device_train_batch_size": 1, "max_length": 2}
+    config = {"dtype": "float32", "use_peft": False, "per_device_train_batch_size": 1, "max_length": 2,
+              "gradient_checkpointing": False}
     parts = estimate(config, "sft", shape=shape).parts
     assert parts == {"weights": 784, "gradients": 784, "optimizer": 1568, "activations": 656, "logits": 160}
     # Gradient checkpointing keeps one hidden state per layer (2 x 4 x 4 = 32) plus one layer recomputed (656).
@@ -58,6 +63,26 @@ def test_profiles_divide_what_they_shard():
     state = lambda p: (p["weights"] + p["gradients"] + p["optimizer"]) / SHAPES["8b"].params  # noqa: E731
     assert state(one) == 8
     assert state(estimate(config, "sft", Sharding(gpus=1, master_copy=True)).parts) == 16
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_default_written_out_plans_the_same_as_left_out(stage):
+    """The plan reads a missing key as the recipe does: the default of the recipe's dataclass, not a copy of it.
+
+    Before, the plan kept its own defaults, and they had drifted: gradient checkpointing off (TRL's configs: on), 256
+    response tokens for GRPO/RLOO (512), 8 generations for RLOO (2), a bfloat16 model under bf16 (float32 unless
+    dtype says otherwise).
+    """
+    shape = Shape(hidden=64, intermediate=128, layers=2, heads=2, kv_heads=1, vocab=512, tied=False)
+    types = recipe_arguments(stage)
+    defaults = {f.name: f.default for t in types for f in dataclasses.fields(t)
+                if f.init and f.default is not dataclasses.MISSING and isinstance(f.default, (bool, int, float, str))}
+    for config in ({"bf16": True}, {"bf16": True, "use_peft": True}):
+        config = {k: v for k, v in config.items() if k in defaults}
+        left_out = estimate(config, stage, shape=shape).parts
+        assert estimate({**defaults, **config}, stage, shape=shape).parts == left_out, config
+    with pytest.raises(ConfigError, match="Unknown config key 'lora_rank'.*Did you mean 'lora_r'"):
+        estimate({"lora_rank": 8}, "sft", shape=shape)
 
 
 def shipped_training_configs():

@@ -406,6 +406,18 @@ def run_ppo(sft, reward_dir, out, callbacks=None, **overrides):
                  callbacks=callbacks)
 
 
+def test_save_model_writes_the_adapter_and_tokenizer_only(sft, tmp_path):
+    """PPO's save is its own (`PPOTrainer._save`), not Trainer's: a standard PEFT adapter and the tokenizer, and no
+    pickled training_args.bin (the recipe saves the config as YAML; the other stages delete Trainer's in write_stage).
+    The README.md there is PEFT's placeholder, which `publish_stage` replaces with rlhf-kit's card."""
+    trainer = make_trainer(sft, tmp_path)
+    trainer.save_model(str(tmp_path / "saved"))
+    files = {p.name for p in (tmp_path / "saved").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json"} <= files
+    assert "training_args.bin" not in files
+    assert is_adapter_dir(tmp_path / "saved")
+
+
 def test_ppo_raises_held_out_reward_with_bounded_kl(sft, reward_dir, tmp_path):
     out = tmp_path / "ppo"
     # A short run: twice the shipped learning rate, as the shortened pipeline test.

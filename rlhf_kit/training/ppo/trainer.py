@@ -637,31 +637,6 @@ class PPOTrainer(Trainer):
         for old in checkpoints[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
-                          tags: str | list[str] | None = None) -> None:
-        """A TRL-style README.md for the saved policy adapter."""
-        if not self.is_world_process_zero():
-            return
-        from trl.trainer.utils import generate_model_card
-
-        tags = [tags] if isinstance(tags, str) else list(tags or [])
-        base = self.model.lm.config._name_or_path
-        card = generate_model_card(
-            base_model=base if base and not os.path.isdir(base) else None, model_name=model_name or "ppo-policy",
-            hub_model_id=self.hub_model_id or model_name or Path(self.args.output_dir).name, dataset_name=dataset_name,
-            tags=["rlhf-kit", "ppo", *tags], wandb_url=None, trackio_url=None, trainer_name="PPO",
-            trainer_citation=_CITATION, paper_title="Training language models to follow instructions with human "
-            "feedback", paper_id="2203.02155")
-        card.save(os.path.join(self.args.output_dir, "README.md"))
-
-
-_CITATION = """@article{ouyang2022training,
-    title   = {{Training language models to follow instructions with human feedback}},
-    author  = {Long Ouyang and Jeff Wu and Xu Jiang and others},
-    journal = {arXiv preprint arXiv:2203.02155},
-    year    = {2022}
-}"""
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Setup helpers
