@@ -20,6 +20,16 @@ Accepted formats (TRL's), by kind:
                  an optional numeric `margin`
     prompt       prompt (a string, or a conversation ending with a user turn); extra columns are kept
                  because reward functions receive them
+
+Other common formats are converted at load time by a source's `format:` (SOURCE_FORMATS: alpaca, sharegpt, hh,
+ultrafeedback, openai), after renaming the file's columns by its `columns:`, and then validated as above:
+
+    load_data({"path": "alpaca.json", "format": "alpaca"}, kind="sft")   # instruction/input/output -> messages
+    load_data({"path": "qa.csv", "columns": {"prompt": "question", "completion": "answer"}}, kind="sft")
+
+ShareGPT, UltraFeedback and OpenAI preference rows convert unasked (the kit's formats refuse them, and converting
+them only renames); Alpaca and Anthropic HH text fail with the `format:` that converts them. data/README.md has a
+one-row example of each.
 """
 
 import csv
@@ -125,7 +135,7 @@ class DataSource:
         if self.format is not None and self.format not in SOURCE_FORMATS:
             close = difflib.get_close_matches(str(self.format).lower(), list(SOURCE_FORMATS), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise DataError(f"{self.path}: unknown format {_describe(self.format)}; expected one of "
+            raise DataError(f"{self.path}: unknown format {self.format!r}; expected one of "
                             f"{', '.join(SOURCE_FORMATS)} (leave it out for the kit's own formats).{hint}")
         if self.columns is not None:
             if not isinstance(self.columns, dict) or not all(
@@ -149,7 +159,8 @@ def parse_sources(spec) -> list[DataSource]:
         sources = [_source_from_str(part.strip()) for part in os.fspath(spec).split(",") if part.strip()]
     else:
         raise DataError(f"cannot read data sources from {_describe(spec)}; expected a path string like "
-                        "'a.jsonl:0.7,b.jsonl:0.3', a dict with keys path/split/weight/name/format/columns, or a list of these")
+                        "'a.jsonl:0.7,b.jsonl:0.3', a dict with keys path/split/weight/name/format/columns, or a list "
+                        "of these")
     if not sources:
         raise DataError(f"no data source given in {spec!r}; expected at least one path or Hub dataset name")
     return sources
@@ -250,8 +261,8 @@ def detect_dataset_format(dataset: datasets.Dataset, kind: str) -> str:
 
 def _format_hint(cols: set, kind: str) -> str:
     if "conversations" in cols:
-        return ("; a ShareGPT 'conversations' column ({'from', 'value'} turns) must be converted to a 'messages' "
-                "column of {'role', 'content'} turns")
+        return ("; a ShareGPT 'conversations' column ({'from', 'value'} turns) is converted by `format: sharegpt` "
+                "in the data source")
     if kind == "sft" and "prompt" in cols:
         return "; a 'prompt' without 'completion' is prompt-only data (kind 'prompt', for PPO/GRPO)"
     if kind in ("sft", "text", "prompt") and {"chosen", "rejected"} & cols:
@@ -265,7 +276,7 @@ def _format_hint(cols: set, kind: str) -> str:
         close = difflib.get_close_matches(str(column).strip().lower(), sorted(known), n=1)
         if close and close[0] != column:
             return f"; did you mean '{close[0]}' instead of '{column}'?"
-    return ""
+    return "; to read columns of other names, map them with `columns: {<column below>: <yours>}` in the data source"
 
 
 def validate_row(row: dict, fmt: str) -> None:
@@ -394,7 +405,7 @@ def _message(message, field: str) -> None:
     if not isinstance(message, dict):
         raise RowError(field, f"expected a message {{'role': ..., 'content': ...}}, got {_describe(message)}")
     if message.get("role") is None:
-        hint = (" (ShareGPT 'from'/'value' turns must be converted to 'role'/'content')"
+        hint = (" (ShareGPT 'from'/'value' turns are converted by `format: sharegpt` in the data source)"
                 if message.get("from") is not None else "")
         raise RowError(f"{field}.role", f"missing; expected one of 'system', 'user', 'assistant'{hint}")
     role = message["role"]
@@ -409,8 +420,10 @@ def _message(message, field: str) -> None:
     # column (one message with "name" gives all the others "name": None).
     extra = sorted(str(key) for key, value in message.items() if key not in ("role", "content") and value is not None)
     if extra:
+        hint = (" (OpenAI's per-message 'weight' is read by `format: openai` in the data source)"
+                if extra == ["weight"] else "")
         raise RowError(field, f"unexpected key(s) {', '.join(map(repr, extra))}: a message may only have 'role' "
-                       "and 'content' (tool calls, names and multimodal parts are not supported); remove them")
+                       f"and 'content' (tool calls, names and multimodal parts are not supported); remove them{hint}")
 
 
 def _conversation(value, field: str, fmt: str, last: str) -> None:
@@ -537,12 +550,14 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 def _sharegpt_turns(value, field: str) -> list[dict]:
     """Copies of well-formed {'from', 'value'} turns (TRL's converter renames the keys in place)."""
     if not isinstance(value, list) or not value:
-        raise RowError(field, f"expected a non-empty list of turns {{'from': ..., 'value': ...}}, got {_describe(value)}")
+        raise RowError(field, "expected a non-empty list of turns {'from': ..., 'value': ...}, "
+                       f"got {_describe(value)}")
     for i, turn in enumerate(value):
         if not isinstance(turn, dict) or "from" not in turn:
             raise RowError(f"{field}[{i}]", f"expected a turn {{'from': ..., 'value': ...}}, got {_describe(turn)}")
         if turn["from"] not in _SHAREGPT_ROLES:
-            tools = " (tool turns are not supported)" if turn["from"] in ("function_call", "observation", "tool") else ""
+            tool = turn["from"] in ("function_call", "observation", "tool")
+            tools = " (tool turns are not supported)" if tool else ""
             raise RowError(f"{field}[{i}].from", f"expected one of {', '.join(map(repr, _SHAREGPT_ROLES))}{tools}, "
                            f"got {_describe(turn['from'])}")
     return [dict(turn) for turn in value]
@@ -584,7 +599,8 @@ def _hh_turns(text, field: str) -> list[dict]:
     """'\\n\\nHuman: q\\n\\nAssistant: a' -> [user q, assistant a], contents stripped; a final empty Assistant: (the
     cue to answer, in prompts) is dropped."""
     if not isinstance(text, str):
-        raise RowError(field, f"expected a string of '\\n\\nHuman: ...\\n\\nAssistant: ...' turns, got {_describe(text)}")
+        raise RowError(field, "expected a string of '\\n\\nHuman: ...\\n\\nAssistant: ...' turns, "
+                       f"got {_describe(text)}")
     parts = _HH_MARKER.split("\n\n" + text.lstrip("\n"))
     if parts[0].strip() or len(parts) < 3:
         raise RowError(field, f"expected text that starts with 'Human:' and alternates '\\n\\nHuman: ...' and "
@@ -603,7 +619,8 @@ def _hh(row: dict, kind: str) -> dict:
     # A `prompt` column (as in HH-derived sets) ends with "\n\nAssistant:"; each response continues it.
     prompt = rest.pop("prompt", "")
     if not isinstance(prompt, str):
-        raise RowError("prompt", f"expected a string of '\\n\\nHuman: ...\\n\\nAssistant:' turns, got {_describe(prompt)}")
+        raise RowError("prompt", "expected a string of '\\n\\nHuman: ...\\n\\nAssistant:' turns, "
+                       f"got {_describe(prompt)}")
     pair = {}
     for name in ("chosen", "rejected"):
         value = _pop(rest, name)
@@ -713,7 +730,7 @@ def _source_format(columns, row: dict, kind: str) -> str | None:
         return "sharegpt"
     if "instruction" in cols:
         return "alpaca"
-    if kind in ("preference", "prompt") and any(_looks_like_hh(row.get(name)) for name in ("prompt", "chosen", "rejected")):
+    if kind in ("preference", "prompt") and any(_looks_like_hh(row.get(c)) for c in ("prompt", "chosen", "rejected")):
         return "hh"
     if kind == "preference" and isinstance(row.get("prompt"), str) and all(
             isinstance(row.get(name), list) for name in ("chosen", "rejected")):
@@ -721,13 +738,22 @@ def _source_format(columns, row: dict, kind: str) -> str | None:
     return None
 
 
-def _accepted(columns, row: dict, kind: str) -> bool:
-    """Whether the kit's own formats take the row as it is (then it loads as before, whatever it looks like)."""
+def _format_today(columns, row: dict, kind: str) -> str | None:
+    """The kit's own format that takes the row as it is, if any (then it loads as before, whatever it looks like)."""
     try:
-        validate_row(row, detect_format(columns, row, kind, "-"))
+        fmt = detect_format(columns, row, kind, "-")
+        validate_row(row, fmt)
     except DataError:
-        return False
-    return True
+        return None
+    return fmt
+
+
+def _misread(name: str, fmt: str | None) -> bool:
+    """Whether the kit's format `fmt` would take a source that looks like `name` but read it wrongly, silently."""
+    if name == "hh":  # the markup becomes text to train on, and the roles are lost
+        return True
+    # Alpaca pairs without a prompt column pass as implicit-prompt pairs: the instruction would be ignored
+    return name == "alpaca" and fmt in ("text", "preference_implicit", "preference_implicit_conversational")
 
 
 def _conversion(source: "DataSource", columns, first: dict, kind: str, path: str) -> Callable[[dict], dict] | None:
@@ -740,8 +766,10 @@ def _conversion(source: "DataSource", columns, first: dict, kind: str, path: str
     name = source.format
     if name is None:
         name = _source_format(renamed, first, kind)
-        if name is not None and name != "hh" and _accepted(renamed, first, kind):
-            name = None  # loaded today as it is: nothing changes (HH text is accepted too, but misread)
+        if name is not None:
+            today = _format_today(renamed, first, kind)
+            if today is not None and not _misread(name, today):
+                name = None  # the kit's formats take it as it is: it loads as it always did
         if name is not None and not SOURCE_FORMATS[name].auto:
             raise _source_error(path, f"looks like {SOURCE_FORMATS[name].looks_like}; add `format: {name}` to this "
                                 f"data source to convert it, e.g. in YAML `dataset_name: [{{path: {source.path}, "
@@ -978,9 +1006,13 @@ def _converted(numbered_rows, convert: Callable[[dict], dict], kind: str, name: 
                max_chars: int | None) -> tuple[datasets.Dataset, str]:
     """Convert every row (errors name the row), then detect and validate the result like any source."""
     rows = _convert_rows(numbered_rows, convert, name)
-    fmt = detect_format(list(dict.fromkeys(key for _, row in rows for key in row)), rows[0][1], kind, name)
+    columns = list(dict.fromkeys(key for _, row in rows for key in row))
+    fmt = detect_format(columns, rows[0][1], kind, name)
     _validate_rows(rows, fmt, name, max_chars)
-    return _drop_conflicting_columns(datasets.Dataset.from_list([row for _, row in rows]), fmt, name), fmt
+    # every column of every row (Dataset.from_list would keep only the first row's), null where a row lacks it, as
+    # datasets' JSON reader does
+    dataset = datasets.Dataset.from_dict({column: [row.get(column) for _, row in rows] for column in columns})
+    return _drop_conflicting_columns(dataset, fmt, name), fmt
 
 
 def _convert_rows(numbered_rows, convert: Callable[[dict], dict], name: str) -> list[tuple[int, dict]]:
