@@ -102,7 +102,8 @@ CASES = [
      "add `format: hh`"),
     ("ultrafeedback", "preference", {"format": "ultrafeedback"},
      [{"prompt": "Review the tea.", "prompt_id": "x1",
-       "chosen": [user("Review the tea."), assistant("Great.")], "rejected": [user("Review the tea."), assistant("Awful.")],
+       "chosen": [user("Review the tea."), assistant("Great.")],
+       "rejected": [user("Review the tea."), assistant("Awful.")],
        "messages": [user("Review the tea."), assistant("Great.")], "score_chosen": 9.0, "score_rejected": 2.0}],
      [{"prompt": [user("Review the tea.")], "chosen": [assistant("Great.")], "rejected": [assistant("Awful.")],
        "prompt_id": "x1", "score_chosen": 9.0, "score_rejected": 2.0}],
@@ -114,7 +115,8 @@ CASES = [
     ("openai", "sft", {"format": "openai"},
      [{"messages": [system("Be brief."), user("Hi"), {**assistant("Hello!"), "weight": 1}, user("Review the tea."),
                     assistant("Great.")]}],
-     [{"messages": [system("Be brief."), user("Hi"), assistant("Hello!"), user("Review the tea."), assistant("Great.")]}],
+     [{"messages": [system("Be brief."), user("Hi"), assistant("Hello!"), user("Review the tea."),
+                    assistant("Great.")]}],
      "'weight' is read by `format: openai`"),
     ("openai-system", "sft", {},  # OpenAI's chat format with a system turn is the kit's own
      [{"messages": [system("Be brief."), user("Hi"), assistant("Hello!")]}],
@@ -179,20 +181,28 @@ def test_sharegpt_in_csv_and_parquet_and_mixed_with_messages(tmp_path):
                                                                     [loaded[0]["messages"]]))
 
 
+SHAREGPT_ROW = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}
+def test_openai_weights_read_from_parquet(tmp_path):
+    # Arrow gives every message a 'weight' key once one message has it: None elsewhere, not a weight of its own
+    case = next(c for c in CASES if c[0] == "openai")
+    datasets.Dataset.from_list(case[3]).to_parquet(str(tmp_path / "o.parquet"))
+    assert load_data({"path": str(tmp_path / "o.parquet"), "format": "openai"}, kind="sft").to_list() == case[4]
+
+
 # (kind, settings, rows as written where row 2 is bad, the error after "<file>: row 2: ")
 BAD = [
     ("sft", {"format": "alpaca"}, [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": ""}],
      "field 'output': expected a non-empty string, got an empty string"),
-    ("sft", {"format": "alpaca", "columns": {"instruction": "q", "output": "a"}}, [{"q": "a", "a": "b"}, {"q": "c", "a": 3}],
+    ("sft", {"format": "alpaca", "columns": {"instruction": "q", "output": "a"}},
+     [{"q": "a", "a": "b"}, {"q": "c", "a": 3}],
      "field 'a': expected a string, got int 3"),  # the file's own column
-    ("sft", {"format": "sharegpt"}, [{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
-                                    {"conversations": [{"from": "human", "value": "a"}, {"from": "observation",
-                                                                                         "value": "b"}]}],
+    ("sft", {"format": "sharegpt"}, [SHAREGPT_ROW, {"conversations": [{"from": "human", "value": "a"},
+                                                                   {"from": "observation", "value": "b"}]}],
      "field 'conversations[1].from': expected one of 'human', 'user', 'gpt', 'assistant', 'system' (tool turns are not "
      "supported), got str 'observation'"),
-    ("sft", {"format": "sharegpt"}, [{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
-                                    {"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"},
-                                                       {"from": "gpt", "value": "c"}]}],
+    ("sft", {"format": "sharegpt"}, [SHAREGPT_ROW, {"conversations": [{"from": "human", "value": "a"},
+                                                                   {"from": "human", "value": "b"},
+                                                                   {"from": "gpt", "value": "c"}]}],
      "field 'messages[1].role': expected 'assistant'"),  # checked after conversion, as every source is
     ("preference", {"format": "hh"}, [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
                                       {"chosen": HH_CHOSEN, "rejected": HH_REJECTED.replace("Hi", "Hey")}],
@@ -205,7 +215,8 @@ BAD = [
       {"prompt": "other", "chosen": [user("a"), assistant("b")], "rejected": [user("a"), assistant("c")]}],
      "field 'prompt': expected the text of the conversations' last user turn, str 'a'"),
     ("sft", {"format": "openai"}, [{"messages": [user("a"), assistant("b")]},
-                                  {"messages": [user("a"), {**assistant("b"), "weight": 0}, user("c"), assistant("d")]}],
+                                  {"messages": [user("a"), {**assistant("b"), "weight": 0}, user("c"),
+                                                assistant("d")]}],
      "field 'messages[1].weight': expected 1 (trained)"),
     ("sft", {"format": "openai"}, [{"messages": [user("a"), assistant("b")]},
                                   {"messages": [user("a"), assistant("b")], "tools": [{"type": "function"}]}],
@@ -238,7 +249,8 @@ def test_settings_are_checked(tmp_path):
     with pytest.raises(DataError, match=r"columns: maps 'question' to 'prompt', but the source has no column "
                                         r"'question'"):
         load_data({"path": path, "columns": {"prompt": "question"}}, kind="sft")
-    with pytest.raises(DataError, match=r"maps 'input' to 'instruction', but the source has a 'instruction' column too"):
+    with pytest.raises(DataError, match=r"maps 'input' to 'instruction', but the source has a 'instruction' "
+                                        r"column too"):
         load_data({"path": path, "columns": {"instruction": "input"}}, kind="sft")
 
 

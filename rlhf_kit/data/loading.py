@@ -667,10 +667,11 @@ def _openai_messages(value, field: str) -> list:
     messages = []
     for i, message in enumerate(value):
         if isinstance(message, dict) and "weight" in message:
-            if message["weight"] != 1 or isinstance(message["weight"], bool):
+            weight = message["weight"]  # None: Arrow gives every message the keys any message has (parquet, Hub)
+            if weight is not None and (weight != 1 or isinstance(weight, bool)):
                 raise RowError(f"{field}[{i}].weight", "expected 1 (trained); a message that is shown but not "
                                "trained (weight 0) is not supported: every assistant turn trains. Remove the "
-                               f"turn or its weight, got {_describe(message['weight'])}")
+                               f"turn or its weight, got {_describe(weight)}")
             message = {k: v for k, v in message.items() if k != "weight"}
         messages.append(message)
     _messages(messages, field, "openai")
