@@ -280,3 +280,16 @@ def test_sft_recipe_trains_on_sharegpt_data(tiny_base, tmp_path):
     row = trainer.train_dataset[0]
     trained = trainer.processing_class.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != -100])
     assert trained.endswith("<|im_end|>") and "user" not in trained  # the gpt turns became assistant turns
+
+
+def test_readme_examples_load_as_shown(tmp_path):
+    # data/README.md shows each format as one row written and the row it loads as; keep them true
+    section = (REPO / "data/README.md").read_text().split("## Your own data", 1)[1]
+    blocks = [block.split("\n```", 1)[0].strip().splitlines() for block in section.split("```json\n")[1:]]
+    settings = [("sft", {"format": "alpaca"}), ("sft", {"format": "sharegpt"}), ("preference", {"format": "hh"}),
+                ("preference", {"format": "ultrafeedback"}), ("preference", {"format": "openai"}),
+                ("sft", {"columns": {"prompt": "question", "completion": "answer"}})]
+    assert len(blocks) == len(settings)
+    for i, ((written, loaded), (kind, setting)) in enumerate(zip(blocks, settings)):
+        path = write_jsonl(tmp_path / f"{i}.jsonl", [json.loads(written)])
+        assert load_data({"path": path, **setting}, kind=kind).to_list() == [json.loads(loaded)], written
