@@ -726,8 +726,8 @@ def _source_format(columns, row: dict, kind: str) -> str | None:
     if kind == "preference" and {"input", "preferred_output", "non_preferred_output"} <= cols:
         return "openai"
     turns = row.get("conversations", row.get("messages"))
-    if (isinstance(turns, list) and turns and isinstance(turns[0], dict) and "from" in turns[0]
-            and "role" not in turns[0]):
+    if (isinstance(turns, list) and turns and isinstance(turns[0], dict) and turns[0].get("from") is not None
+            and turns[0].get("role") is None):  # .get: Arrow gives a turn every key any turn has, None if unset
         return "sharegpt"
     if "instruction" in cols:
         return "alpaca"
@@ -757,7 +757,7 @@ def _misread(name: str, fmt: str | None) -> bool:
     return name == "alpaca" and fmt in ("text", "preference_implicit", "preference_implicit_conversational")
 
 
-def _conversion(source: "DataSource", columns, first: dict, kind: str, path: str) -> Callable[[dict], dict] | None:
+def _conversion(source: DataSource, columns, first: dict, kind: str, path: str) -> Callable[[dict], dict] | None:
     """How to convert each row of `path` (a file of `source`), or None to read it as it is. Refuses a source that
     looks like a format it cannot convert unasked, naming the setting that converts it."""
     mapping = source.columns or {}
