@@ -242,8 +242,9 @@ def test_settings_are_checked(tmp_path):
     with pytest.raises(DataError, match=r"a.jsonl: format 'alpaca' converts to sft / prompt / preference data, not "
                                         r"'text' data"):
         load_data({"path": path, "format": "alpaca"}, kind="text")
-    with pytest.raises(DataError, match=r"format 'sharegpt' reads the column\(s\) conversations\|messages for kind "
-                                        r"'sft', and this source has no conversations or messages; name the file's "
+    with pytest.raises(DataError, match=r"format 'sharegpt' reads the column\(s\) conversations or messages for kind "
+                                        r"'sft', and this source has no conversations or messages \(columns found: "
+                                        r"'instruction', 'input', 'output', 'system', 'id'\); name the file's "
                                         r"column with `columns: {conversations: <its name>}`"):
         load_data({"path": path, "format": "sharegpt"}, kind="sft")
     with pytest.raises(DataError, match=r"columns: maps 'question' to 'prompt', but the source has no column "

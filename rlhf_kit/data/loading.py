@@ -782,9 +782,10 @@ def _conversion(source: DataSource, columns, first: dict, kind: str, path: str) 
         raise DataError(f"{path}: format '{name}' converts to {' / '.join(spec.needs)} data, not '{kind}' data")
     missing = [need for need in spec.needs[kind] if not set(need.split("|")) & set(renamed)]
     if missing:
-        raise _source_error(path, f"format '{name}' reads the column(s) {', '.join(spec.needs[kind])} for kind "
-                            f"'{kind}', and this source has no {' or '.join(missing[0].split('|'))}; name the "
-                            f"file's column with `columns: {{{missing[0].split('|')[0]}: <its name>}}`", columns, kind)
+        needs = ", ".join(need.replace("|", " or ") for need in spec.needs[kind])
+        raise DataError(f"{path}: format '{name}' reads the column(s) {needs} for kind '{kind}', and this source has "
+                        f"no {missing[0].replace('|', ' or ')} (columns found: {', '.join(map(repr, columns))}); "
+                        f"name the file's column with `columns: {{{missing[0].split('|')[0]}: <its name>}}`")
 
     def convert(row: dict) -> dict:
         try:
