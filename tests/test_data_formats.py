@@ -162,8 +162,9 @@ def test_hh_text_is_no_longer_plain_preference_text(tmp_path):
     with pytest.raises(DataError, match=r"hh.jsonl: looks like Anthropic HH raw text.*add `format: hh`"):
         load_data(path, kind="preference")
     # a converted HH source mixes with the shipped conversational pairs: both are prompt / chosen / rejected
-    mixed = load_data([{"path": path, "format": "hh", "weight": 1}, "data/preference:1"], kind="preference")
-    assert HH_PAIR in mixed.to_list()
+    shipped = write_jsonl(tmp_path / "shipped.jsonl", read_jsonl(REPO / "data/preference/train.jsonl", limit=3))
+    mixed = load_data([{"path": path, "format": "hh", "weight": 1}, f"{shipped}:3"], kind="preference")
+    assert sorted(map(json.dumps, mixed.to_list())) == sorted(map(json.dumps, [HH_PAIR] + read_jsonl(shipped)))
 
 
 def test_sharegpt_in_csv_and_parquet_and_mixed_with_messages(tmp_path):
