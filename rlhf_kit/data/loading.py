@@ -20,6 +20,16 @@ Accepted formats (TRL's), by kind:
                  an optional numeric `margin`
     prompt       prompt (a string, or a conversation ending with a user turn); extra columns are kept
                  because reward functions receive them
+
+Other common formats are converted at load time by a source's `format:` (SOURCE_FORMATS: alpaca, sharegpt, hh,
+ultrafeedback, openai), after renaming the file's columns by its `columns:`, and then validated as above:
+
+    load_data({"path": "alpaca.json", "format": "alpaca"}, kind="sft")   # instruction/input/output -> messages
+    load_data({"path": "qa.csv", "columns": {"prompt": "question", "completion": "answer"}}, kind="sft")
+
+ShareGPT, UltraFeedback and OpenAI preference rows convert unasked (the kit's formats refuse them, and converting
+them only renames); Alpaca and Anthropic HH text fail with the `format:` that converts them. data/README.md has a
+one-row example of each.
 """
 
 import csv
@@ -29,7 +39,9 @@ import itertools
 import json
 import math
 import os
+import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import datasets
@@ -68,6 +80,7 @@ EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant")
 # Columns that hold text or conversations: read as strings from CSV, never guessed as numbers or NA.
 _TEXT_COLUMNS = ("text", "messages", "prompt", "completion", "chosen", "rejected")
+_CONVERSATION_COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected")  # CSV cells may hold them as JSON
 # pandas' default NA strings, still applied to the other CSV columns (pandas._libs.parsers.STR_NA_VALUES).
 _PANDAS_NA = ("", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
               "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null")
@@ -102,6 +115,8 @@ class DataSource:
     split: str = "train"  # for directories / Hub datasets: which split; ignored for a single file or glob
     weight: float = 1.0  # mixing weight
     name: str | None = None  # Hub config name
+    format: str | None = None  # a key of SOURCE_FORMATS: convert rows from Alpaca, ShareGPT, ... at load time
+    columns: dict[str, str] | None = None  # {column the kit or `format` reads: the file's column}, renamed first
 
     def __post_init__(self):
         if isinstance(self.path, os.PathLike):
@@ -117,6 +132,18 @@ class DataSource:
                             "(remove the source to leave it out)")
         if self.name is not None and not isinstance(self.name, str):
             raise DataError(f"{self.path}: name (the Hub config) must be a string, got {_describe(self.name)}")
+        if self.format is not None and self.format not in SOURCE_FORMATS:
+            close = difflib.get_close_matches(str(self.format).lower(), list(SOURCE_FORMATS), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise DataError(f"{self.path}: unknown format {self.format!r}; expected one of "
+                            f"{', '.join(SOURCE_FORMATS)} (leave it out for the kit's own formats).{hint}")
+        if self.columns is not None:
+            if not isinstance(self.columns, dict) or not all(
+                    isinstance(k, str) and k and isinstance(v, str) and v for k, v in self.columns.items()):
+                raise DataError(f"{self.path}: columns must map the column the kit reads to the file's column, "
+                                f"e.g. {{prompt: question, completion: answer}}, got {_describe(self.columns)}")
+            if len(set(self.columns.values())) < len(self.columns):
+                raise DataError(f"{self.path}: columns maps one file column to several names: {self.columns}")
 
 
 def parse_sources(spec) -> list[DataSource]:
@@ -132,7 +159,8 @@ def parse_sources(spec) -> list[DataSource]:
         sources = [_source_from_str(part.strip()) for part in os.fspath(spec).split(",") if part.strip()]
     else:
         raise DataError(f"cannot read data sources from {_describe(spec)}; expected a path string like "
-                        "'a.jsonl:0.7,b.jsonl:0.3', a dict with keys path/split/weight/name, or a list of these")
+                        "'a.jsonl:0.7,b.jsonl:0.3', a dict with keys path/split/weight/name/format/columns, or a list "
+                        "of these")
     if not sources:
         raise DataError(f"no data source given in {spec!r}; expected at least one path or Hub dataset name")
     return sources
@@ -167,7 +195,7 @@ class DataArguments:
     dataset_name: str | None = field(
         default=None,
         metadata={"help": "Training data: a file, directory, glob or Hub dataset name; several as "
-                  "'a.jsonl:0.7,b.jsonl:0.3', or in YAML a list of {path, split, weight, name}."},
+                  "'a.jsonl:0.7,b.jsonl:0.3', or in YAML a list of {path, split, weight, name, format, columns}."},
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Split of dataset_name to train on."})
     dataset_test_split: str = field(
@@ -233,8 +261,8 @@ def detect_dataset_format(dataset: datasets.Dataset, kind: str) -> str:
 
 def _format_hint(cols: set, kind: str) -> str:
     if "conversations" in cols:
-        return ("; a ShareGPT 'conversations' column ({'from', 'value'} turns) must be converted to a 'messages' "
-                "column of {'role', 'content'} turns")
+        return ("; a ShareGPT 'conversations' column ({'from', 'value'} turns) is converted by `format: sharegpt` "
+                "in the data source")
     if kind == "sft" and "prompt" in cols:
         return "; a 'prompt' without 'completion' is prompt-only data (kind 'prompt', for PPO/GRPO)"
     if kind in ("sft", "text", "prompt") and {"chosen", "rejected"} & cols:
@@ -248,7 +276,7 @@ def _format_hint(cols: set, kind: str) -> str:
         close = difflib.get_close_matches(str(column).strip().lower(), sorted(known), n=1)
         if close and close[0] != column:
             return f"; did you mean '{close[0]}' instead of '{column}'?"
-    return ""
+    return "; to read columns of other names, map them with `columns: {<column below>: <yours>}` in the data source"
 
 
 def validate_row(row: dict, fmt: str) -> None:
@@ -377,7 +405,7 @@ def _message(message, field: str) -> None:
     if not isinstance(message, dict):
         raise RowError(field, f"expected a message {{'role': ..., 'content': ...}}, got {_describe(message)}")
     if message.get("role") is None:
-        hint = (" (ShareGPT 'from'/'value' turns must be converted to 'role'/'content')"
+        hint = (" (ShareGPT 'from'/'value' turns are converted by `format: sharegpt` in the data source)"
                 if message.get("from") is not None else "")
         raise RowError(f"{field}.role", f"missing; expected one of 'system', 'user', 'assistant'{hint}")
     role = message["role"]
@@ -392,8 +420,10 @@ def _message(message, field: str) -> None:
     # column (one message with "name" gives all the others "name": None).
     extra = sorted(str(key) for key, value in message.items() if key not in ("role", "content") and value is not None)
     if extra:
+        hint = (" (OpenAI's per-message 'weight' is read by `format: openai` in the data source)"
+                if extra == ["weight"] else "")
         raise RowError(field, f"unexpected key(s) {', '.join(map(repr, extra))}: a message may only have 'role' "
-                       "and 'content' (tool calls, names and multimodal parts are not supported); remove them")
+                       f"and 'content' (tool calls, names and multimodal parts are not supported); remove them{hint}")
 
 
 def _conversation(value, field: str, fmt: str, last: str) -> None:
@@ -459,6 +489,332 @@ def _source_error(source: str, problem: str, columns, kind: str, files: bool = F
     return DataError(f"{message} {_FILES_ACCEPTED}" if files else message)
 
 
+# ---------------------------------------------------------------------------------------------- other formats
+# A source in a common format that is not TRL's (Alpaca, ShareGPT, Anthropic HH, UltraFeedback, OpenAI) is
+# converted row by row at load time into the kit's formats above and then validated like any other source, so
+# errors still name the file and the row. The converters read the raw fields first and name those in errors.
+# TRL's converters are imported where they are used: trl.data_utils imports torch and transformers (seconds),
+# which the commands that only check data never need.
+
+
+@dataclass(frozen=True)
+class SourceFormat:
+    """A format the loader converts; `needs` lists, per kind, the columns it reads ("a|b": either)."""
+
+    convert: Callable[[dict, str], dict]  # (row, kind) -> a row in one of FORMATS[kind]
+    needs: dict[str, tuple[str, ...]]
+    looks_like: str  # how the error for an unconverted source describes it
+    auto: bool  # converted without `format:` when the kit's own formats refuse the rows (a renaming, no choice)
+    text_columns: tuple[str, ...] = ()  # read as strings from CSV
+
+
+def _pop(row: dict, name: str):
+    if name not in row:
+        raise RowError(name, f"missing: this row has no '{name}' key (other rows have it)")
+    return row.pop(name)
+
+
+def _pop_text(row: dict, name: str, optional: bool = False) -> str | None:
+    value = row.pop(name, None) if optional else _pop(row, name)
+    if optional and (value is None or (isinstance(value, str) and not value.strip())):
+        return None
+    _text(value, name)
+    return value
+
+
+def _alpaca(row: dict, kind: str) -> dict:
+    # The instruction and its input are one user turn, separated by a blank line (the Alpaca template puts them in
+    # two paragraphs); `history` holds earlier [query, response] pairs, as in LLaMA-Factory.
+    rest = dict(row)
+    instruction, extra = _pop_text(rest, "instruction"), _pop_text(rest, "input", optional=True)
+    system = _pop_text(rest, "system", optional=True)
+    turns = [{"role": "system", "content": system}] if system else []
+    for i, pair in enumerate(rest.pop("history", None) or []):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise RowError(f"history[{i}]", f"expected a [query, response] pair of strings, got {_describe(pair)}")
+        _text(pair[0], f"history[{i}][0]")
+        _text(pair[1], f"history[{i}][1]")
+        turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    turns.append({"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction})
+    if kind == "sft":
+        return {"messages": turns + [{"role": "assistant", "content": _pop_text(rest, "output")}], **rest}
+    if kind == "prompt":  # `output` stays a column: reward functions receive it
+        return {"prompt": turns, **rest}
+    return {"prompt": turns, **{name: [{"role": "assistant", "content": _pop_text(rest, name)}]
+                                for name in ("chosen", "rejected")}, **rest}
+
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _sharegpt_turns(value, field: str) -> list[dict]:
+    """Copies of well-formed {'from', 'value'} turns (TRL's converter renames the keys in place)."""
+    if not isinstance(value, list) or not value:
+        raise RowError(field, "expected a non-empty list of turns {'from': ..., 'value': ...}, "
+                       f"got {_describe(value)}")
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict) or "from" not in turn:
+            raise RowError(f"{field}[{i}]", f"expected a turn {{'from': ..., 'value': ...}}, got {_describe(turn)}")
+        if turn["from"] not in _SHAREGPT_ROLES:
+            tool = turn["from"] in ("function_call", "observation", "tool")
+            tools = " (tool turns are not supported)" if tool else ""
+            raise RowError(f"{field}[{i}].from", f"expected one of {', '.join(map(repr, _SHAREGPT_ROLES))}{tools}, "
+                           f"got {_describe(turn['from'])}")
+    return [dict(turn) for turn in value]
+
+
+def _sharegpt(row: dict, kind: str) -> dict:
+    # LLaMA-Factory's layout: the conversation in `conversations` (or `messages`), an optional `system` column, and
+    # for preference data the prompt conversation plus one `chosen` and one `rejected` turn.
+    rest = dict(row)
+    column = "conversations" if "conversations" in rest else "messages"
+    turns = _sharegpt_turns(_pop(rest, column), column)
+    system = _pop_text(rest, "system", optional=True)
+    if system:
+        turns.insert(0, {"from": "system", "value": system})
+    converted = {"messages": turns}
+    if kind == "preference":
+        for name in ("chosen", "rejected"):
+            value = _pop(rest, name)
+            converted[name] = _sharegpt_turns([value] if isinstance(value, dict) else value, name)
+    from trl.data_utils import maybe_convert_to_chatml
+
+    converted = maybe_convert_to_chatml(converted)  # TRL: 'from' -> 'role', 'value' -> 'content'
+    for conversation in converted.values():
+        for message in conversation:
+            message["role"] = _SHAREGPT_ROLES[message["role"]]
+    if kind == "sft":
+        return {"messages": converted["messages"], **rest}
+    return {"prompt": converted.pop("messages"), **converted, **rest}
+
+
+_HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
+
+
+def _looks_like_hh(value) -> bool:
+    return isinstance(value, str) and "\n\nAssistant:" in value and bool(re.search(r"(^|\n\n)Human:", value))
+
+
+def _hh_turns(text, field: str) -> list[dict]:
+    """'\\n\\nHuman: q\\n\\nAssistant: a' -> [user q, assistant a], contents stripped; a final empty Assistant: (the
+    cue to answer, in prompts) is dropped."""
+    if not isinstance(text, str):
+        raise RowError(field, "expected a string of '\\n\\nHuman: ...\\n\\nAssistant: ...' turns, "
+                       f"got {_describe(text)}")
+    parts = _HH_MARKER.split("\n\n" + text.lstrip("\n"))
+    if parts[0].strip() or len(parts) < 3:
+        raise RowError(field, f"expected text that starts with 'Human:' and alternates '\\n\\nHuman: ...' and "
+                       f"'\\n\\nAssistant: ...' turns, got {_describe(text)}")
+    turns = [{"role": "user" if speaker == "Human" else "assistant", "content": content.strip()}
+             for speaker, content in zip(parts[1::2], parts[2::2])]
+    if turns[-1]["role"] == "assistant" and not turns[-1]["content"] and len(turns) > 1:
+        turns.pop()
+    return turns
+
+
+def _hh(row: dict, kind: str) -> dict:
+    rest = dict(row)
+    if kind == "prompt":
+        return {"prompt": _hh_turns(_pop(rest, "prompt"), "prompt"), **rest}
+    # A `prompt` column (as in HH-derived sets) ends with "\n\nAssistant:"; each response continues it.
+    prompt = rest.pop("prompt", "")
+    if not isinstance(prompt, str):
+        raise RowError("prompt", "expected a string of '\\n\\nHuman: ...\\n\\nAssistant:' turns, "
+                       f"got {_describe(prompt)}")
+    pair = {}
+    for name in ("chosen", "rejected"):
+        value = _pop(rest, name)
+        _text(value, name)
+        pair[name] = _hh_turns(prompt + value, name)
+    from trl.data_utils import extract_prompt
+
+    # chosen and rejected must be the same conversation up to their last assistant turns, which TRL's
+    # extract_prompt then takes apart into prompt / chosen / rejected
+    _preference(pair, "preference_implicit_conversational")
+    return {**extract_prompt(pair), **rest}
+
+
+def _ultrafeedback(row: dict, kind: str) -> dict:
+    # HuggingFaceH4/ultrafeedback_binarized: a string `prompt` and chosen / rejected conversations that begin with
+    # it as the user turn. The shared turns become the prompt (TRL's extract_prompt), and the string must repeat
+    # the last user turn: it is dropped, so it may hold nothing else. Conversations of assistant turns only take the
+    # string as their user turn.
+    rest = dict(row)
+    prompt = _pop_text(rest, "prompt")
+    pair = {name: _pop(rest, name) for name in ("chosen", "rejected")}
+    for name, value in pair.items():
+        _messages(value, name, "preference_conversational")
+    if all(value[0]["role"] == "assistant" for value in pair.values()):
+        return {"prompt": [{"role": "user", "content": prompt}], **pair, **rest}
+    from trl.data_utils import extract_prompt
+
+    _preference(pair, "preference_implicit_conversational")
+    converted = extract_prompt(pair)
+    asked = converted["prompt"][-1]["content"] if converted["prompt"] else None
+    if not isinstance(asked, str) or asked.strip() != prompt.strip():
+        raise RowError("prompt", f"expected the text of the conversations' last user turn, {_describe(asked)}, "
+                       f"which the conversion keeps; got {_describe(prompt)}")
+    if rest.get("messages") == pair["chosen"]:
+        del rest["messages"]  # the chosen conversation again (ultrafeedback_binarized); TRL refuses the extra key
+    return {**converted, **rest}
+
+
+def _openai_messages(value, field: str) -> list:
+    # OpenAI's fine-tuning `weight` per assistant message: 1 trains it, as every assistant turn here; 0 cannot be
+    # expressed, so it is refused rather than trained.
+    if not isinstance(value, list):
+        return value  # validated as a conversation after conversion
+    messages = []
+    for i, message in enumerate(value):
+        if isinstance(message, dict) and "weight" in message:
+            weight = message["weight"]  # None: Arrow gives every message the keys any message has (parquet, Hub)
+            if weight is not None and (weight != 1 or isinstance(weight, bool)):
+                raise RowError(f"{field}[{i}].weight", "expected 1 (trained); a message that is shown but not "
+                               "trained (weight 0) is not supported: every assistant turn trains. Remove the "
+                               f"turn or its weight, got {_describe(weight)}")
+            message = {k: v for k, v in message.items() if k != "weight"}
+        messages.append(message)
+    _messages(messages, field, "openai")
+    return messages
+
+
+def _openai(row: dict, kind: str) -> dict:
+    # Chat fine-tuning rows are the kit's `messages` already (per-message weights aside); preference fine-tuning
+    # rows hold {'input': {'messages': [...]}, 'preferred_output': [...], 'non_preferred_output': [...]}.
+    rest = dict(row)
+    if kind == "sft":
+        if rest.pop("tools", None):
+            raise RowError("tools", "tool definitions are not supported; remove them")
+        rest.pop("parallel_tool_calls", None)
+        return {"messages": _openai_messages(_pop(rest, "messages"), "messages"), **rest}
+    request = _pop(rest, "input")
+    if not isinstance(request, dict) or "messages" not in request:
+        raise RowError("input", f"expected an object {{'messages': [...]}}, got {_describe(request)}")
+    if request.get("tools"):
+        raise RowError("input.tools", "tool definitions are not supported; remove them")
+    return {"prompt": _openai_messages(request["messages"], "input.messages"),
+            "chosen": _openai_messages(_pop(rest, "preferred_output"), "preferred_output"),
+            "rejected": _openai_messages(_pop(rest, "non_preferred_output"), "non_preferred_output"), **rest}
+
+
+SOURCE_FORMATS: dict[str, SourceFormat] = {
+    "alpaca": SourceFormat(
+        _alpaca, {"sft": ("instruction", "output"), "prompt": ("instruction",),
+                  "preference": ("instruction", "chosen", "rejected")},
+        "Alpaca data (instruction / input / output)", auto=False,
+        text_columns=("instruction", "input", "output", "system", "chosen", "rejected")),
+    "sharegpt": SourceFormat(
+        _sharegpt, {"sft": ("conversations|messages",), "prompt": ("conversations|messages",),
+                    "preference": ("conversations|messages", "chosen", "rejected")},
+        "ShareGPT data ('conversations' of {'from', 'value'} turns)", auto=True, text_columns=("system",)),
+    "hh": SourceFormat(
+        _hh, {"preference": ("chosen", "rejected"), "prompt": ("prompt",)},
+        "Anthropic HH raw text ('\\n\\nHuman: ...\\n\\nAssistant: ...'), which would train as plain text without "
+        "the conversation's roles", auto=False, text_columns=("prompt", "chosen", "rejected")),
+    "ultrafeedback": SourceFormat(
+        _ultrafeedback, {"preference": ("prompt", "chosen", "rejected")},
+        "UltraFeedback data (a string prompt, chosen / rejected conversations)", auto=True),
+    "openai": SourceFormat(
+        _openai, {"sft": ("messages",), "preference": ("input", "preferred_output", "non_preferred_output")},
+        "OpenAI preference fine-tuning data (input / preferred_output / non_preferred_output)", auto=True),
+}
+
+
+def _source_format(columns, row: dict, kind: str) -> str | None:
+    """The SOURCE_FORMATS key that a source looks like, from its columns and first row; None for none."""
+    cols = set(columns)
+    if kind == "preference" and {"input", "preferred_output", "non_preferred_output"} <= cols:
+        return "openai"
+    turns = row.get("conversations", row.get("messages"))
+    if (isinstance(turns, list) and turns and isinstance(turns[0], dict) and turns[0].get("from") is not None
+            and turns[0].get("role") is None):  # .get: Arrow gives a turn every key any turn has, None if unset
+        return "sharegpt"
+    if "instruction" in cols:
+        return "alpaca"
+    if kind in ("preference", "prompt") and any(_looks_like_hh(row.get(c)) for c in ("prompt", "chosen", "rejected")):
+        return "hh"
+    if kind == "preference" and isinstance(row.get("prompt"), str) and all(
+            isinstance(row.get(name), list) for name in ("chosen", "rejected")):
+        return "ultrafeedback"
+    return None
+
+
+def _format_today(columns, row: dict, kind: str) -> str | None:
+    """The kit's own format that takes the row as it is, if any (then it loads as before, whatever it looks like)."""
+    try:
+        fmt = detect_format(columns, row, kind, "-")
+        validate_row(row, fmt)
+    except DataError:
+        return None
+    return fmt
+
+
+def _misread(name: str, fmt: str | None) -> bool:
+    """Whether the kit's format `fmt` would take a source that looks like `name` but read it wrongly, silently."""
+    if name == "hh":  # the markup becomes text to train on, and the roles are lost
+        return True
+    # Alpaca pairs without a prompt column pass as implicit-prompt pairs: the instruction would be ignored
+    return name == "alpaca" and fmt in ("text", "preference_implicit", "preference_implicit_conversational")
+
+
+def _conversion(source: DataSource, columns, first: dict, kind: str, path: str) -> Callable[[dict], dict] | None:
+    """How to convert each row of `path` (a file of `source`), or None to read it as it is. Refuses a source that
+    looks like a format it cannot convert unasked, naming the setting that converts it."""
+    mapping = source.columns or {}
+    _check_mapping(mapping, columns, path, kind)
+    renamed = list(_rename(dict.fromkeys(columns), mapping))
+    first = _rename(first, mapping)
+    name = source.format
+    if name is None:
+        name = _source_format(renamed, first, kind)
+        if name is not None:
+            today = _format_today(renamed, first, kind)
+            if today is not None and not _misread(name, today):
+                name = None  # the kit's formats take it as it is: it loads as it always did
+        if name is not None and not SOURCE_FORMATS[name].auto:
+            raise _source_error(path, f"looks like {SOURCE_FORMATS[name].looks_like}; add `format: {name}` to this "
+                                f"data source to convert it, e.g. in YAML `dataset_name: [{{path: {source.path}, "
+                                f"format: {name}}}]`", columns, kind)
+    if name is None:
+        return (lambda row: _rename(row, mapping)) if mapping else None
+    spec = SOURCE_FORMATS[name]
+    if kind not in spec.needs:
+        raise DataError(f"{path}: format '{name}' converts to {' / '.join(spec.needs)} data, not '{kind}' data")
+    missing = [need for need in spec.needs[kind] if not set(need.split("|")) & set(renamed)]
+    if missing:
+        needs = ", ".join(need.replace("|", " or ") for need in spec.needs[kind])
+        raise DataError(f"{path}: format '{name}' reads the column(s) {needs} for kind '{kind}', and this source has "
+                        f"no {missing[0].replace('|', ' or ')} (columns found: {', '.join(map(repr, columns))}); "
+                        f"name the file's column with `columns: {{{missing[0].split('|')[0]}: <its name>}}`")
+
+    def convert(row: dict) -> dict:
+        try:
+            return spec.convert(_rename(row, mapping), kind)
+        except RowError as error:  # name the file's own column
+            root = re.match(r"[^.\[]*", error.field).group(0)
+            if root not in mapping:
+                raise
+            raise RowError(mapping[root] + error.field[len(root):], error.expected) from None
+    return convert
+
+
+def _check_mapping(mapping: dict, columns, path: str, kind: str) -> None:
+    for target, column in mapping.items():
+        if column not in columns:
+            raise _source_error(path, f"columns: maps '{column}' to '{target}', but the source has no column "
+                                f"'{column}'", columns, kind)
+        if target in columns and target not in mapping.values():
+            raise _source_error(path, f"columns: maps '{column}' to '{target}', but the source has a '{target}' "
+                                "column too; map or remove one of them", columns, kind)
+
+
+def _rename(row: dict, mapping: dict) -> dict:
+    if not mapping:
+        return row
+    names = {column: target for target, column in mapping.items()}
+    return {names.get(key, key): value for key, value in row.items()}
+
+
 # ---------------------------------------------------------------------------------------------- reading
 
 
@@ -466,10 +822,10 @@ def _extension(path: str) -> str | None:
     return next((ext for ext in EXTENSIONS if path.lower().endswith(ext)), None)
 
 
-def _load_file(path: str, kind: str, max_chars: int | None = None) -> tuple[datasets.Dataset, str]:
-    """Load, detect and validate one file; return the dataset and its format."""
+def _load_file(path: str, kind: str, max_chars: int | None, source: DataSource) -> tuple[datasets.Dataset, str]:
+    """Load, convert (see `source.format`), detect and validate one file; return the dataset and its format."""
     try:
-        return _read_file(path, kind, max_chars)
+        return _read_file(path, kind, max_chars, source)
     except UnicodeDecodeError:
         raise _encoding_error(path) from None
 
@@ -486,18 +842,18 @@ def _encoding_error(path: str) -> DataError:
     return DataError(f"{path}: not UTF-8 text; save the file as UTF-8")
 
 
-def _read_file(path: str, kind: str, max_chars: int | None) -> tuple[datasets.Dataset, str]:
+def _read_file(path: str, kind: str, max_chars: int | None, source: DataSource) -> tuple[datasets.Dataset, str]:
     ext = _extension(path)
     if ext is None:
         raise _source_error(path, f"unknown file type; accepted extensions: {', '.join(EXTENSIONS)}", [], kind)
     if ext in (".jsonl", ".json"):
-        return _load_json(path, kind, max_chars)
+        return _load_json(path, kind, max_chars, source)
     if ext == ".csv":
-        return _load_csv(path, kind, max_chars)
+        return _load_csv(path, kind, max_chars, source)
     schema = pq.read_schema(path) if os.path.getsize(path) else None
     if schema is None or pq.read_metadata(path).num_rows == 0:  # the builder fails on these without saying why
         raise _source_error(path, "empty file: no rows", schema.names if schema else [], kind)
-    return _check_dataset(_build("parquet", path), path, kind, max_chars)
+    return _check_dataset(_build("parquet", path), path, kind, max_chars, source)
 
 
 # A local file is read by its packaged builder directly: `datasets.load_dataset("json", ...)` also sends a download
@@ -545,7 +901,7 @@ def _json_lines(f, path: str):
                                 "one JSON object per line (or a .json file holding a list of objects)") from None
 
 
-def _load_json(path: str, kind: str, max_chars: int | None) -> tuple[datasets.Dataset, str]:
+def _load_json(path: str, kind: str, max_chars: int | None, source: DataSource) -> tuple[datasets.Dataset, str]:
     # Validate the rows as written, before Arrow sees them: Arrow would turn a missing key into null and
     # datasets 5.x JSON-encodes a column whose type varies between rows, hiding the bad row.
     columns, first, count = {}, None, 0
@@ -555,6 +911,9 @@ def _load_json(path: str, kind: str, max_chars: int | None) -> tuple[datasets.Da
         count += 1
     if count == 0:
         raise _source_error(path, "empty file: no rows", [], kind)
+    convert = _conversion(source, list(columns), first, kind, path)
+    if convert is not None:
+        return _converted(_json_records(path), convert, kind, path, max_chars)
     fmt = detect_format(list(columns), first, kind, path)
     _validate_rows(_json_records(path), fmt, path, max_chars)
     dataset = _build("json", path)
@@ -564,7 +923,7 @@ def _load_json(path: str, kind: str, max_chars: int | None) -> tuple[datasets.Da
     return _drop_conflicting_columns(dataset, fmt, path), fmt
 
 
-def _load_csv(path: str, kind: str, max_chars: int | None) -> tuple[datasets.Dataset, str]:
+def _load_csv(path: str, kind: str, max_chars: int | None, source: DataSource) -> tuple[datasets.Dataset, str]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header, first = next(reader, None), next(reader, None)
@@ -573,12 +932,15 @@ def _load_csv(path: str, kind: str, max_chars: int | None) -> tuple[datasets.Dat
     if first is None:  # checked here: datasets' CSV builder fails on it with "corresponds to no data"
         raise _source_error(path, "no rows (only a header)", header, kind)
     # Text columns stay strings ("007" is not 7, "None" and "NA" are not missing); only an empty cell is null.
-    text_columns = [c for c in header if c in _TEXT_COLUMNS]
+    text_columns = _csv_text_columns(header, source)
     na_values = {c: [""] if c in text_columns else list(_PANDAS_NA) for c in header}
     dataset = _build("csv", path, converters={c: str for c in text_columns}, keep_default_na=False,
                      na_values=na_values)
     rows = dataset.to_list()
-    parsed = _parse_json_columns(rows, path)
+    parsed = _parse_json_columns(rows, path, _csv_conversation_columns(header, source))
+    convert = _conversion(source, header, rows[0], kind, path)
+    if convert is not None:
+        return _converted(enumerate(rows, 1), convert, kind, path, max_chars)
     fmt = detect_format(header, rows[0], kind, path)
     _validate_rows(enumerate(rows, 1), fmt, path, max_chars)
     if parsed:
@@ -586,10 +948,25 @@ def _load_csv(path: str, kind: str, max_chars: int | None) -> tuple[datasets.Dat
     return _drop_conflicting_columns(dataset, fmt, path), fmt
 
 
-def _parse_json_columns(rows: list[dict], path: str) -> bool:
+def _csv_text_columns(header: list[str], source: DataSource) -> list[str]:
+    names = _TEXT_COLUMNS + (SOURCE_FORMATS[source.format].text_columns if source.format else ())
+    return [c for c in header if _renamed(c, source.columns) in names]
+
+
+def _csv_conversation_columns(header: list[str], source: DataSource) -> list[str]:
+    names = _CONVERSATION_COLUMNS + (("conversations",) if source.format == "sharegpt" else ())
+    return [c for c in header if _renamed(c, source.columns) in names]
+
+
+def _renamed(column: str, mapping: dict | None) -> str:
+    """The name the kit reads `column` under, given a source's `columns` mapping."""
+    return next((target for target, name in (mapping or {}).items() if name == column), column)
+
+
+def _parse_json_columns(rows: list[dict], path: str, columns=_CONVERSATION_COLUMNS) -> bool:
     """CSV cannot hold conversations: parse a column written as JSON lists of messages. True if any was."""
     parsed = False
-    for column in ("messages", "prompt", "completion", "chosen", "rejected"):
+    for column in columns:
         first = next((row[column] for row in rows if row.get(column) is not None), None)
         if not _looks_like_conversation(first):
             continue
@@ -615,13 +992,39 @@ def _looks_like_conversation(value) -> bool:
     return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
 
 
-def _check_dataset(dataset: datasets.Dataset, source: str, kind: str,
-                   max_chars: int | None = None) -> tuple[datasets.Dataset, str]:
+def _check_dataset(dataset: datasets.Dataset, name: str, kind: str, max_chars: int | None,
+                   source: DataSource) -> tuple[datasets.Dataset, str]:
     if len(dataset) == 0:
-        raise _source_error(source, "no rows", dataset.column_names, kind)
-    fmt = detect_format(dataset.column_names, dataset[0], kind, source)
-    _validate_rows(enumerate(_rows(dataset), 1), fmt, source, max_chars)
-    return _drop_conflicting_columns(dataset, fmt, source), fmt
+        raise _source_error(name, "no rows", dataset.column_names, kind)
+    convert = _conversion(source, dataset.column_names, dataset[0], kind, name)
+    if convert is not None:
+        return _converted(enumerate(_rows(dataset), 1), convert, kind, name, max_chars)
+    fmt = detect_format(dataset.column_names, dataset[0], kind, name)
+    _validate_rows(enumerate(_rows(dataset), 1), fmt, name, max_chars)
+    return _drop_conflicting_columns(dataset, fmt, name), fmt
+
+
+def _converted(numbered_rows, convert: Callable[[dict], dict], kind: str, name: str,
+               max_chars: int | None) -> tuple[datasets.Dataset, str]:
+    """Convert every row (errors name the row), then detect and validate the result like any source."""
+    rows = _convert_rows(numbered_rows, convert, name)
+    columns = list(dict.fromkeys(key for _, row in rows for key in row))
+    fmt = detect_format(columns, rows[0][1], kind, name)
+    _validate_rows(rows, fmt, name, max_chars)
+    # every column of every row (Dataset.from_list would keep only the first row's), null where a row lacks it, as
+    # datasets' JSON reader does
+    dataset = datasets.Dataset.from_dict({column: [row.get(column) for _, row in rows] for column in columns})
+    return _drop_conflicting_columns(dataset, fmt, name), fmt
+
+
+def _convert_rows(numbered_rows, convert: Callable[[dict], dict], name: str) -> list[tuple[int, dict]]:
+    converted = []
+    for n, row in numbered_rows:
+        try:
+            converted.append((n, convert(row)))
+        except RowError as error:
+            raise DataError(f"{name}: row {n}: {error}") from None
+    return converted
 
 
 def _rows(dataset: datasets.Dataset):
@@ -718,7 +1121,7 @@ def _load_source(source: DataSource, split: str, kind: str,
         if split != "train":
             return None
         raise _no_split_file(source, wanted, kind)
-    return [(path, *_load_file(path, kind, max_chars)) for path in files]
+    return [(path, *_load_file(path, kind, max_chars, source)) for path in files]
 
 
 def _no_split_file(source: DataSource, split: str, kind: str) -> DataError:
@@ -739,7 +1142,7 @@ def _load_hub(source: DataSource, split: str, kind: str, optional: bool,
         raise _hub_error(source, label, error, kind) from error
     except Exception as error:  # offline, not found, gated: datasets raises many types
         raise _hub_error(source, label, error, kind) from error
-    return (label, *_check_dataset(dataset, label, kind, max_chars))
+    return (label, *_check_dataset(dataset, label, kind, max_chars, source))
 
 
 def _hub_error(source: DataSource, label: str, error: Exception, kind: str) -> DataError:
@@ -764,23 +1167,27 @@ def check_sources(sources, kind: str, split: str = "train", rows: int = 100, max
         if not files and split == "train":
             raise _no_split_file(source, wanted, kind)
         for path in files:
-            _check_head(path, kind, rows, max_chars)
+            _check_head(path, kind, rows, max_chars, source)
 
 
-def _check_head(path: str, kind: str, rows: int, max_chars: int | None) -> None:
+def _check_head(path: str, kind: str, rows: int, max_chars: int | None, source: DataSource) -> None:
     if _extension(path) is None:
         raise _source_error(path, f"unknown file type; accepted extensions: {', '.join(EXTENSIONS)}", [], kind)
     try:
-        head = _head(path, rows)
+        head = _head(path, rows, source)
     except UnicodeDecodeError:
         raise _encoding_error(path) from None
     if not head:
         raise _source_error(path, "empty file: no rows", [], kind)
     columns = list(dict.fromkeys(key for _, row in head for key in row))
+    convert = _conversion(source, columns, head[0][1], kind, path)
+    if convert is not None:
+        head = _convert_rows(head, convert, path)
+        columns = list(dict.fromkeys(key for _, row in head for key in row))
     _validate_rows(head, detect_format(columns, head[0][1], kind, path), path, max_chars)
 
 
-def _head(path: str, rows: int) -> list[tuple[int, dict]]:
+def _head(path: str, rows: int, source: DataSource) -> list[tuple[int, dict]]:
     """The first `rows` (row number, row) of a file, read as `load_data` reads it."""
     ext = _extension(path)
     if ext in (".jsonl", ".json"):
@@ -789,7 +1196,7 @@ def _head(path: str, rows: int) -> list[tuple[int, dict]]:
         with open(path, newline="", encoding="utf-8-sig") as f:
             records = [{k: (v if v != "" else None) for k, v in row.items()}
                        for row in itertools.islice(csv.DictReader(f), rows)]
-        _parse_json_columns(records, path)
+        _parse_json_columns(records, path, _csv_conversation_columns(list(records[0]) if records else [], source))
         return list(enumerate(records, 1))
     batch = next(pq.ParquetFile(path).iter_batches(batch_size=rows), None) if os.path.getsize(path) else None
     return list(enumerate(batch.to_pylist(), 1)) if batch is not None else []
