@@ -24,6 +24,7 @@ def test_bf16_follows_the_hardware_in_every_stage(stage, tmp_path):
     assert args.bf16 is HAS_BF16
 
     config_class = type(args)
+    assert config_class(output_dir=str(tmp_path), report_to="none").bf16 is HAS_BF16
     assert config_class(output_dir=str(tmp_path), report_to="none", fp16=True, use_cpu=True).bf16 is False
     assert config_class(output_dir=str(tmp_path), report_to="none", bf16=True, use_cpu=True).bf16 is True
 
