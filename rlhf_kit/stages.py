@@ -5,7 +5,8 @@ memory plan, export and the model card all read them from here, so a new stage i
     data_args, model_args, args = parse_config(*recipe_arguments("sft"), args=argv)
 
 The dataclasses are named as "module:Class" and imported on demand: a recipe should not import the trainers' configs
-of every other stage.
+of every other stage. Naming them, like a config names a task, also keeps this module at the bottom of the import
+layers (it imports nothing of rlhf_kit), so export and the model card below the pipeline read the same names.
 """
 
 from __future__ import annotations
