@@ -9,9 +9,9 @@ from conftest import REPO
 
 from rlhf_kit.pipeline import WIRING, PipelineConfig
 from rlhf_kit.plan import stage_of
-from rlhf_kit.publish.export import ExportError, read_stage_output
+from rlhf_kit.publish.export import ExportError, check_stage_output
 from rlhf_kit.publish.model_card import KEY_METRICS, TITLES
-from rlhf_kit.runs import STAGE_FILE
+from rlhf_kit.runs import STAGE_FILE, StageOutput
 from rlhf_kit.stages import DATA_KIND, PIPELINE, RECIPE_ARGUMENTS, TRAINING
 
 
@@ -27,7 +27,7 @@ def test_every_training_stage_is_known_everywhere(stage, tmp_path):
     # Export reads the stage's record: an unfinished one is refused as unfinished, not as an unknown stage.
     (tmp_path / STAGE_FILE).write_text(json.dumps({"stage": stage, "complete": False}))
     with pytest.raises(ExportError, match=f"the {stage} stage in .* did not finish"):
-        read_stage_output(tmp_path)
+        check_stage_output(StageOutput.read(tmp_path))
 
 
 def test_the_pipeline_runs_training_stages_in_their_order_then_best_of_n_and_rft():
