@@ -21,6 +21,7 @@ from rlhf_kit.publish.hub import publish_stage, take_over_push
 from rlhf_kit.data.lengths import count_over_length, length_metrics
 from rlhf_kit.runs import format_summary, resume_checkpoint, start_and_final_evaluation, write_stage
 from rlhf_kit.training.ppo.trainer import PPOTrainer
+from rlhf_kit.training.settings import check_eval_data
 
 
 def main(argv=None, overrides=None, callbacks=None):
@@ -35,6 +36,7 @@ def main(argv=None, overrides=None, callbacks=None):
                            max_chars=limit)
     eval_data = load_data(data_args.eval_source, kind="prompt", split=data_args.dataset_test_split, seed=args.seed,
                           max_chars=limit)
+    check_eval_data(args, has_eval_data=eval_data is not None)
     if not model_args.use_peft:
         raise ValueError("PPO trains the policy as a LoRA adapter (the reference is the same weights with it "
                          "disabled): set use_peft: true (add load_in_4bit: true for QLoRA)")

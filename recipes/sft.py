@@ -19,7 +19,8 @@ from rlhf_kit.model import load_model, load_model_tokenizer, lora_config, prepar
 from rlhf_kit.publish.hub import publish_stage, take_over_push
 from rlhf_kit.data.lengths import count_over_length, length_metrics
 from rlhf_kit.runs import format_summary, resume_checkpoint, train_and_save, write_stage
-from rlhf_kit.training.sft import check_compatible, resolve_loss_masking
+from rlhf_kit.training.settings import check_eval_data
+from rlhf_kit.training.sft import resolve_loss_masking
 
 
 def main(argv=None, overrides=None, callbacks=None):
@@ -37,7 +38,7 @@ def main(argv=None, overrides=None, callbacks=None):
         eval_data = load_data(data_args.eval_source, kind="sft", split=data_args.dataset_test_split, seed=args.seed,
                               max_chars=row_char_limit(max_length))
     resolve_loss_masking(args, detect_dataset_format(train_data, "sft"), data_args.dataset_name)
-    check_compatible(model_args, args, has_eval_data=eval_data is not None)
+    check_eval_data(args, has_eval_data=eval_data is not None)
     resume = resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
 
     tokenizer = load_model_tokenizer(model_args, trust_remote_code=args.trust_remote_code)

@@ -35,9 +35,9 @@ from rlhf_kit.config import SECRET_ENV, ConfigError, check_keys, is_secret, load
 from rlhf_kit.data.loading import check_sources, load_data, row_char_limit
 from rlhf_kit.resources import missing_shipped_file, recipe_path
 from rlhf_kit.runs import IN_PIPELINE, read_stage
-from rlhf_kit.stages import DATA_KIND, recipe_arguments
+from rlhf_kit.stages import DATA_KIND, PIPELINE, recipe_arguments
 
-STAGE_ORDER = ("pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo", "best_of_n", "rft")
+STAGE_ORDER = PIPELINE
 RECIPE_OF = {"rft": "sft"}  # rejection-sampling fine-tuning is SFT on the best-of-N dataset
 
 # Which earlier stage's output feeds which key of a later stage's config.

@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_kit.config import ConfigError, check_bounds, check_keys, check_precision, load_yaml
-from rlhf_kit.stages import recipe_arguments
+from rlhf_kit.stages import TRAINING, recipe_arguments
 
 GIB = 1024**3
 # What max_memory_allocated does not see: the CUDA context and kernels (~0.5-1 GiB) and allocator fragmentation.
 CONTEXT_BYTES = 1 * GIB
 FRAGMENTATION = 0.10
-STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "rloo")
+STAGES = TRAINING
 BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 # 4-bit NF4: half a byte per weight plus one fp32 scale per 64 weights (nested quantization shrinks the scales 4x).
 NF4_BYTES, NF4_NESTED_BYTES = 0.5 + 4 / 64, 0.5 + 1 / 64

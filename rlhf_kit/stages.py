@@ -1,10 +1,12 @@
-"""What each recipe parses its config into, and what kind of data it reads: one table for the recipe, the CLI's help
-and the pipeline's check of every stage before the first one runs.
+"""The stages, in one place: their names and order, what each recipe parses its config into and what kind of data it
+reads. The recipes, the CLI's help, the pipeline (order and its check of every stage before the first one runs), the
+memory plan, export and the model card all read them from here, so a new stage is one entry per table.
 
     data_args, model_args, args = parse_config(*recipe_arguments("sft"), args=argv)
 
 The dataclasses are named as "module:Class" and imported on demand: a recipe should not import the trainers' configs
-of every other stage.
+of every other stage. Naming them, like a config names a task, also keeps this module at the bottom of the import
+layers (it imports nothing of rlhf_kit), so export and the model card below the pipeline read the same names.
 """
 
 from __future__ import annotations
@@ -26,8 +28,18 @@ RECIPE_ARGUMENTS: dict[str, tuple[str, ...]] = {
     "export": ("rlhf_kit.publish.export:ExportArguments",),
 }
 
-# The recipes that train a model: what `rlhf-kit train STAGE` runs (best-of-N writes a dataset, export converts).
-TRAINING = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "rloo")
+# The recipes that train a model, in the order the pipeline runs them: what `rlhf-kit train STAGE` runs, `rlhf-kit
+# plan` estimates and export accepts (best-of-N writes a dataset, export converts). PPO, GRPO, RLOO and DPO each
+# start from the SFT output; the pipeline runs them in this order and its report lists them in it.
+TRAINING = ("pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo")
+
+# The pipeline's stages in the order it runs them: the training recipes, then best-of-N sampling from the SFT policy
+# and RFT (rejection-sampling fine-tuning: the SFT recipe on the best-of-N dataset).
+PIPELINE = (*TRAINING, "best_of_n", "rft")
+
+# The stages that sample from the policy and score the samples with a reward model and/or reward functions: the
+# reward model they train against belongs to their lineage, though their parent is the SFT model.
+ONLINE_RL = ("ppo", "grpo", "rloo")
 
 # The kind of data (rlhf_kit.data.loading.FORMATS) each recipe trains on; export reads none.
 DATA_KIND: dict[str, str] = {"pretrain": "text", "sft": "sft", "reward": "preference", "ppo": "prompt",

@@ -11,11 +11,11 @@ PACKAGE = Path(rlhf_kit.__file__).parent
 
 # Layers, top to bottom: a module may import from its own layer's package or any layer below, never above.
 LAYERS = [
-    {"rlhf_kit.cli", "rlhf_kit.pipeline", "rlhf_kit.plan", "rlhf_kit.stages"},
+    {"rlhf_kit.cli", "rlhf_kit.pipeline", "rlhf_kit.plan"},
     {"rlhf_kit.inference", "rlhf_kit.training", "rlhf_kit.publish"},
     {"rlhf_kit.rewards"},
     {"rlhf_kit.model", "rlhf_kit.runs", "rlhf_kit.data"},
-    {"rlhf_kit.checkpoints", "rlhf_kit.config", "rlhf_kit.resources"},
+    {"rlhf_kit.checkpoints", "rlhf_kit.config", "rlhf_kit.resources", "rlhf_kit.stages"},
 ]
 
 

@@ -41,11 +41,12 @@ from rlhf_kit.model import (IM_END, ModelArguments, adapter_base, is_adapter_dir
 from rlhf_kit.publish.model_card import write_card
 from rlhf_kit.rewards import write_reward_files
 from rlhf_kit.runs import EVAL_FILE, EXPORT_FILE, REWARD_FILE, STAGE_FILE, StageOutput
+from rlhf_kit.stages import TRAINING
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("adapter", "merged", "gguf")
-KNOWN_STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "rloo")
+KNOWN_STAGES = TRAINING
 REPO_ID_HELP = ("a Hub repository id is <namespace>/<name>: letters, digits, '-', '_' and '.', at most 96 "
                 "characters each, not starting or ending with '-' or '.'")
 DTYPES = ("auto", "float32", "float16", "bfloat16")

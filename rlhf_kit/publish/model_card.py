@@ -22,6 +22,7 @@ from huggingface_hub import ModelCardData
 from rlhf_kit.config import CONFIG_FILE
 from rlhf_kit.model import merged_source
 from rlhf_kit.runs import CARD_FILE, EXPORT_FILE, REWARD_FILE, STAGE_FILE, StageOutput, library_versions, read_stage
+from rlhf_kit.stages import ONLINE_RL
 
 TITLES = {"base": "base model", "pretrain": "pretraining", "sft": "SFT", "reward": "reward model", "ppo": "PPO",
           "dpo": "DPO", "grpo": "GRPO", "rloo": "RLOO", "best_of_n": "best-of-N sampling"}
@@ -36,7 +37,7 @@ KEY_METRICS = {
     "rloo": ("eval_reward", "eval_reward_at_start", "eval_kl", "reward_model_accuracy"),
     "best_of_n": ("best_score", "mean_score", "n", "kl_bound"),
 }
-RL_STAGES = ("ppo", "grpo", "rloo")
+RL_STAGES = ONLINE_RL
 _VERSIONS = ("rlhf-kit", "torch", "transformers", "trl", "peft", "accelerate")
 
 

@@ -8,37 +8,25 @@ completions). TRL's trainers run as they are; the rewards come from `rlhf_kit.re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from trl import GRPOConfig, RLOOConfig
 
-from rlhf_kit.training.distributed import GLOBAL_BATCH_HELP, apply_global_batch_size
+from rlhf_kit.training.distributed import apply_global_batch_size
 from rlhf_kit.model import ModelArguments
 from rlhf_kit.runs import start_and_final_evaluation
-from rlhf_kit.training.sft import default_bf16
+from rlhf_kit.training.settings import StageSettings, check_eval_data
 
 
 @dataclass
-class GRPOArguments(GRPOConfig):
-    """TRL's `GRPOConfig`; bf16 defaults to "when the hardware has it" instead of always."""
-
-    global_batch_size: int | None = field(default=None, metadata={"help": GLOBAL_BATCH_HELP})
-
-    def __post_init__(self):
-        self.bf16 = default_bf16(self.bf16, self.fp16)
-        super().__post_init__()
+class GRPOArguments(StageSettings, GRPOConfig):
+    """TRL's `GRPOConfig` with rlhf-kit's stage settings (bf16 when the hardware has it, global_batch_size)."""
 
 
 @dataclass
-class RLOOArguments(RLOOConfig):
-    """TRL's `RLOOConfig`; bf16 defaults to "when the hardware has it" instead of always."""
-
-    global_batch_size: int | None = field(default=None, metadata={"help": GLOBAL_BATCH_HELP})
-
-    def __post_init__(self):
-        self.bf16 = default_bf16(self.bf16, self.fp16)
-        super().__post_init__()
+class RLOOArguments(StageSettings, RLOOConfig):
+    """TRL's `RLOOConfig` with rlhf-kit's stage settings (bf16 when the hardware has it, global_batch_size)."""
 
 
 def apply_sampling_global_batch(args: GRPOArguments | RLOOArguments) -> None:
@@ -61,9 +49,7 @@ def apply_sampling_global_batch(args: GRPOArguments | RLOOArguments) -> None:
 
 def check_sampling_setup(model_args: ModelArguments, args: GRPOArguments | RLOOArguments, has_eval_data: bool) -> None:
     """Cross-config checks that otherwise surface only after the model is loaded, or after the first rollout."""
-    if args.eval_strategy != "no" and not has_eval_data:
-        raise ValueError(f"eval_strategy is '{args.eval_strategy}' but no evaluation split was found; set "
-                         "eval_dataset_name / dataset_test_split, or eval_strategy: 'no'.")
+    check_eval_data(args, has_eval_data)
     if model_args.use_peft and getattr(args, "sync_ref_model", False):
         raise ValueError("sync_ref_model moves the reference towards the policy, but with LoRA the reference is the "
                          "base with the adapter disabled; set use_peft: false or sync_ref_model: false.")

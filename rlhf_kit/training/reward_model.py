@@ -16,14 +16,15 @@ from peft import LoraConfig, TaskType
 from transformers import PreTrainedTokenizerBase
 from trl import RewardConfig
 
-from rlhf_kit.training.distributed import GLOBAL_BATCH_HELP
 from rlhf_kit.model import ModelArguments, lora_config
 from rlhf_kit.rewards import DEFAULT_MIN_ACCURACY, QUANTIZATION_KEYS, RewardModel, Sample
+from rlhf_kit.training.settings import StageSettings, check_eval_data
 
 
 @dataclass
-class RewardArguments(RewardConfig):
-    """TRL's `RewardConfig` plus the normalization reference set and the calibration view of the report."""
+class RewardArguments(StageSettings, RewardConfig):
+    """TRL's `RewardConfig` with rlhf-kit's stage settings, plus the normalization reference set and the calibration
+    view of the report."""
 
     reference_dataset: str | None = field(
         default=None,
@@ -37,7 +38,6 @@ class RewardArguments(RewardConfig):
     calibration_buckets: int = field(
         default=5, metadata={"help": "Equal-count buckets of |reward margin| in the report's calibration table."}
     )
-    global_batch_size: int | None = field(default=None, metadata={"help": GLOBAL_BATCH_HELP})
 
     def __post_init__(self):
         super().__post_init__()
@@ -49,11 +49,7 @@ class RewardArguments(RewardConfig):
 
 def check_reward_setup(model_args: ModelArguments, args: RewardArguments, has_eval_data: bool) -> None:
     """Cross-config checks that otherwise surface only after the model is loaded (or never)."""
-    if args.eval_strategy != "no" and not has_eval_data:
-        raise ValueError(
-            f"eval_strategy is '{args.eval_strategy}' but no evaluation split was found; set eval_dataset_name / "
-            "dataset_test_split, or eval_strategy: 'no'."
-        )
+    check_eval_data(args, has_eval_data)
     if args.chat_template_path is not None:
         # TRL would clone the template and force lm_head into modules_to_save, which a seq-cls model lacks.
         raise ValueError("chat_template_path is not supported for reward models: start from a model whose tokenizer "

@@ -4,26 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from trl import SFTConfig
 
-from rlhf_kit.training.distributed import GLOBAL_BATCH_HELP
-from rlhf_kit.model import ModelArguments
+from rlhf_kit.training.settings import StageSettings
 
 # Formats (as detected by rlhf_kit.data.loading) that carry a separate completion or assistant turns.
 CONVERSATION_FORMATS = {"messages"}
 COMPLETION_FORMATS = {"prompt_completion", "prompt_completion_conversational"}
 
 
-def default_bf16(bf16: bool | None, fp16: bool) -> bool:
-    """bf16 when the hardware has it. TRL defaults bf16 to True, which transformers rejects on a CPU-only machine."""
-    if bf16 is not None:
-        return bf16
-    return not fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
 @dataclass
-class SFTArguments(SFTConfig):
+class SFTArguments(StageSettings, SFTConfig):
     """TRL's `SFTConfig`; `assistant_only_loss` defaults to "yes for conversations" instead of "no"."""
 
     assistant_only_loss: bool | None = field(
@@ -33,10 +24,8 @@ class SFTArguments(SFTConfig):
             "learn), off otherwise."
         },
     )
-    global_batch_size: int | None = field(default=None, metadata={"help": GLOBAL_BATCH_HELP})
 
     def __post_init__(self):
-        self.bf16 = default_bf16(self.bf16, self.fp16)
         super().__post_init__()
         if self.packing and self.max_length is None:
             raise ValueError("packing: true needs max_length (the length of a packed block).")
@@ -59,13 +48,4 @@ def resolve_loss_masking(args: SFTArguments, data_format: str, source: str) -> N
     if args.completion_only_loss and data_format not in COMPLETION_FORMATS:
         raise ValueError(
             f"completion_only_loss: true needs prompt/completion data, but {source} is in the '{data_format}' format."
-        )
-
-
-def check_compatible(model_args: ModelArguments, args: SFTArguments, has_eval_data: bool) -> None:
-    """Cross-config checks that otherwise surface only after the model is loaded (or never)."""
-    if args.eval_strategy != "no" and not has_eval_data:
-        raise ValueError(
-            f"eval_strategy is '{args.eval_strategy}' but no evaluation split was found; set eval_dataset_name / "
-            "dataset_test_split, or eval_strategy: 'no'."
         )

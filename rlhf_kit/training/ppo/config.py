@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from rlhf_kit.training.distributed import GLOBAL_BATCH_HELP
 from rlhf_kit.training.ppo.losses import KL_ESTIMATORS
+from rlhf_kit.training.settings import StageSettings
 
 CRITICS = ("lora", "full")
 
 
 @dataclass
-class PPOConfig(TrainingArguments):
+class PPOConfig(StageSettings, TrainingArguments):
     """TrainingArguments for PPO with a LoRA policy, a critic on the same frozen base and a KL-penalized reward.
 
     Where the reward comes from is not here: recipes/ppo.py parses `rlhf_kit.rewards.RewardSources` next to it, as
@@ -52,7 +52,6 @@ class PPOConfig(TrainingArguments):
         default=True, metadata={"help": "Also save the critic (adapter + value head, or full model) in output_dir/critic."}
     )
     # --- batch shape
-    global_batch_size: int | None = field(default=None, metadata={"help": GLOBAL_BATCH_HELP})
     num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout."})
     num_mini_batches: int = field(default=1, metadata={"help": "Optimizer steps per PPO epoch."})
     total_episodes: int | None = field(

@@ -1,0 +1,42 @@
+"""The settings every training stage shares (rlhf_kit.training.settings) behave the same in every stage: the bf16
+default follows the hardware, and an evaluation schedule without evaluation data fails before a model loads, with
+one message."""
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, load_recipe
+
+from rlhf_kit.config import parse_config
+from rlhf_kit.stages import TRAINING, recipe_arguments
+
+# pretrain trains a new model with transformers' own TrainingArguments; every other stage has rlhf-kit's settings.
+STAGES = [stage for stage in TRAINING if stage != "pretrain"]
+HAS_BF16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_bf16_follows_the_hardware_in_every_stage(stage, tmp_path):
+    tiny = REPO / "recipes/configs" / stage / "tiny.yaml"
+    # The tiny configs run on any machine, so none fixes the precision: the default must be right on its own.
+    assert "bf16" not in yaml.safe_load(tiny.read_text()), f"{tiny} sets bf16; the stage default should decide"
+    args = parse_config(*recipe_arguments(stage), args=["--config", str(tiny), "--output_dir", str(tmp_path)])[2]
+    assert args.bf16 is HAS_BF16
+
+    config_class = type(args)
+    assert config_class(output_dir=str(tmp_path), report_to="none").bf16 is HAS_BF16
+    assert config_class(output_dir=str(tmp_path), report_to="none", fp16=True, use_cpu=True).bf16 is False
+    assert config_class(output_dir=str(tmp_path), report_to="none", bf16=True, use_cpu=True).bf16 is True
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_eval_schedule_without_eval_data_fails_before_a_model_loads_in_every_stage(stage, tmp_path):
+    # The tiny configs evaluate (eval_strategy epoch / steps) on their data's test split, which is asked for by a
+    # name the data does not have; the model does not exist, so only a check before loading can answer.
+    main = load_recipe(stage)
+    overrides = {"model_name_or_path": "no/such/model", "output_dir": str(tmp_path), "dataset_test_split": "nope"}
+    with pytest.raises(ValueError) as error:
+        main(["--config", f"recipes/configs/{stage}/tiny.yaml"], overrides=overrides)
+    schedule = yaml.safe_load((REPO / "recipes/configs" / stage / "tiny.yaml").read_text())["eval_strategy"]
+    assert str(error.value) == (f"eval_strategy is '{schedule}' but no evaluation split was found; set "
+                                "eval_dataset_name / dataset_test_split, or eval_strategy: 'no'.")
