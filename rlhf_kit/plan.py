@@ -205,7 +205,9 @@ def estimate(config: dict, stage: str, sharding: Sharding = Sharding(), shape: S
     width = BYTES[dtype]  # compute dtype bytes
     four_bit = bool(values.get("load_in_4bit"))
     peft = bool(values.get("use_peft")) and stage != "pretrain"
-    checkpointing = bool(values["gradient_checkpointing"] or values["activation_checkpointing"])
+    # transformers' rule: activation_checkpointing when set, else its deprecated alias (TRL's configs default it on).
+    checkpointing = bool(values["activation_checkpointing"] if values["activation_checkpointing"] is not None
+                         else values["gradient_checkpointing"])
     batch = int(values["per_device_train_batch_size"])
 
     # Weights: linear layers in 4 bits under QLoRA, everything else in the compute dtype.

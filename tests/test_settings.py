@@ -30,6 +30,24 @@ def test_bf16_follows_the_hardware_in_every_stage(stage, tmp_path):
 
 
 @pytest.mark.parametrize("stage", STAGES)
+def test_stage_configs_parse_without_deprecation_or_pinning_warnings(stage, tmp_path):
+    """TRL's configs declare transformers' deprecated `gradient_checkpointing` (default on): its value arrives under
+    `activation_checkpointing`, without the FutureWarning every run used to print; without an accelerator the
+    DataLoader is not asked to pin memory (it warns that it cannot)."""
+    import warnings
+
+    tiny = REPO / "recipes/configs" / stage / "tiny.yaml"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = parse_config(*recipe_arguments(stage), args=["--config", str(tiny), "--output_dir", str(tmp_path)])[2]
+    assert [str(w.message) for w in caught if "checkpointing" in str(w.message)] == []
+    written = yaml.safe_load(tiny.read_text()).get("activation_checkpointing")
+    default = {f.name: f.default for f in type(args).__dataclass_fields__.values()}["gradient_checkpointing"]
+    assert args.activation_checkpointing is args.gradient_checkpointing is (bool(default) if written is None else written)
+    assert args.dataloader_pin_memory is torch.accelerator.is_available()
+
+
+@pytest.mark.parametrize("stage", STAGES)
 def test_eval_schedule_without_eval_data_fails_before_a_model_loads_in_every_stage(stage, tmp_path):
     # The tiny configs evaluate (eval_strategy epoch / steps) on their data's test split, which is asked for by a
     # name the data does not have; the model does not exist, so only a check before loading can answer.

@@ -39,6 +39,14 @@ class StageSettings:
 
     def __post_init__(self):
         self.bf16 = default_bf16(self.bf16, self.fp16)
+        # TRL's configs still declare the old name, `gradient_checkpointing` (default True), which transformers 5 reads
+        # as a deprecated alias of `activation_checkpointing` and warns about on every run: carry it over under the
+        # new name (transformers' own rule: the new name, when set, wins).
+        if self.activation_checkpointing is None:
+            self.activation_checkpointing = self.gradient_checkpointing
+        # Pinned memory only speeds copies to an accelerator; without one the DataLoader warns that it ignores it.
+        if self.use_cpu or not torch.accelerator.is_available():
+            self.dataloader_pin_memory = False
         super().__post_init__()
 
 
