@@ -109,22 +109,3 @@ def test_saved_config_has_no_tokens(tmp_path):
     text = save_config(tmp_path, args).read_text()
     assert "hf_secret_value" not in text
     assert "learning_rate" in text
-
-
-def test_every_shipped_recipe_config_parses(repo):
-    """Every YAML we ship must parse with its recipe's dataclasses (recipes rot when nothing parses them)."""
-    from rlhf_kit.data.loading import DataArguments
-    from rlhf_kit.training.reward_model import RewardArguments
-
-    stage_types = {
-        "pretrain": (PretrainArguments, TrainingArguments),
-        "sft": (DataArguments, ModelArguments, SFTArguments),
-        "reward": (DataArguments, ModelArguments, RewardArguments),
-    }
-    found = 0
-    for stage, types in stage_types.items():
-        for cfg in sorted((repo / "recipes/configs" / stage).glob("*.yaml")):
-            # use_cpu: GPU configs ask for bf16, which transformers refuses to even parse on a CPU-only machine.
-            parse_config(*types, args=["--config", str(cfg)], overrides={"use_cpu": True})
-            found += 1
-    assert found >= 5

@@ -6,13 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, load_recipe
+from conftest import load_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf_kit.config import parse_config
-from rlhf_kit.data.loading import DataArguments
-from rlhf_kit.training.dpo import DPOArguments
-from rlhf_kit.model import ModelArguments
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -59,11 +55,3 @@ def test_contradictory_settings_fail_before_a_model_loads(tmp_path):
         run_dpo("no/such/model", tmp_path, sync_ref_model=True)
     with pytest.raises(ValueError, match="no evaluation split"):
         run_dpo("no/such/model", tmp_path, eval_dataset_name="data/preference", dataset_test_split="nope")
-
-
-@pytest.mark.parametrize("name", ["tiny", "llama-8b-qlora"])
-def test_shipped_configs_parse(name):
-    _, model_args, args = parse_config(DataArguments, ModelArguments, DPOArguments,
-                                       args=["--config", f"{REPO}/recipes/configs/dpo/{name}.yaml",
-                                             "--bf16", "false"])  # bf16 needs a GPU
-    assert model_args.use_peft and args.beta > 0

@@ -476,14 +476,11 @@ def test_clear_errors_for_bad_stage_outputs(tiny_base, sft, tmp_path, monkeypatc
         run_export(sft, tmp_path / "o8", formats=["onnx"])
 
 
-def test_cli_export_runs_the_recipe_and_every_shipped_config_parses(sft, tmp_path, capsys):
+def test_cli_export_runs_the_recipe(sft, tmp_path, capsys):
     assert cli.main(["export", str(sft), "--output_dir", str(tmp_path / "e"), "--formats", "adapter"]) == 0
     assert "== export finished" in capsys.readouterr().out and (tmp_path / "e" / "README.md").is_file()
     with pytest.raises(ConfigError, match="Did you mean 'formats'"):
         cli.main(["export", str(sft), "--format", "merged"])
-    for path in sorted((REPO / "recipes/configs/export").glob("*.yaml")):
-        (args,) = parse_config(ExportArguments, args=["--config", str(path)])
-        assert args.model_path and args.formats, path
 
 
 def test_push_leaves_training_state_home_at_any_depth(sft, tmp_path, hub):

@@ -76,13 +76,6 @@ def test_pipeline_config_errors(tmp_path):
         PipelineConfig.from_yaml(path)
 
 
-def test_every_shipped_pipeline_config_parses():
-    configs = sorted((REPO / "recipes/configs/pipeline").glob("*.yaml"))
-    assert configs
-    for path in configs:
-        assert PipelineConfig.from_yaml(path).ordered_stages()
-
-
 def test_pipeline_runs_and_rerun_skips_finished_stages(pipeline):
     config, status = pipeline
     assert status == dict.fromkeys(STAGES, "ran")
