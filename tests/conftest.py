@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,11 +30,6 @@ def read_jsonl(path, limit=None):
             if limit and len(rows) >= limit:
                 break
     return rows
-
-
-@pytest.fixture(scope="session")
-def repo() -> Path:
-    return REPO
 
 
 TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -89,6 +85,70 @@ def tiny_reward(tiny_sft, tmp_path_factory) -> str:
             "per_device_train_batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 0, "eval_strategy": "no",
             "save_strategy": "no", "logging_steps": 50, "disable_tqdm": True, "report_to": "none"})
     return str(out)
+
+
+# A short LoRA SFT run with a checkpoint every 2 steps: what the resume and cut-off-checkpoint tests run again.
+SFT_SHORT = {"max_steps": 6, "save_strategy": "steps", "save_steps": 2, "save_total_limit": None,
+             "per_device_train_batch_size": 8, "max_length": 64, "learning_rate": 3e-3, "warmup_steps": 0,
+             "lr_scheduler_type": "constant", "logging_steps": 1, "eval_strategy": "no", "disable_tqdm": True,
+             "report_to": "none"}
+
+
+@pytest.fixture(scope="session")
+def sft_straight(tiny_base, tmp_path_factory) -> Path:
+    """An uninterrupted SFT_SHORT run from `tiny_base`, with checkpoints at steps 2, 4 and 6: the run that an
+    interrupted, cut-off or disk-full one must match once resumed."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("sft-straight")
+    with contextlib.redirect_stdout(io.StringIO()):
+        load_recipe("sft")(["--config", "recipes/configs/sft/tiny.yaml"],
+                           overrides={"model_name_or_path": tiny_base, "output_dir": str(out), **SFT_SHORT})
+    return out
+
+
+# A short PPO run from `tiny_sft` against `tiny_reward` with a checkpoint every 2 updates (evaluated on the 20
+# plain-text example prompts to keep it short).
+PPO_SHORT = {"max_steps": 4, "save_steps": 2, "save_total_limit": None, "per_device_train_batch_size": 8,
+             "response_length": 12, "eval_on_start": False, "eval_strategy": "no",
+             "eval_dataset_name": "data/examples/prompts_standard.jsonl", "disable_tqdm": True, "report_to": "none"}
+
+
+@pytest.fixture(scope="session")
+def ppo_straight(tiny_sft, tiny_reward, tmp_path_factory) -> Path:
+    """An uninterrupted PPO_SHORT run, with checkpoints at updates 2 and 4: the run that an interrupted or disk-full
+    one must match once resumed."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("ppo-straight")
+    with contextlib.redirect_stdout(io.StringIO()):
+        load_recipe("ppo")(["--config", "recipes/configs/ppo/tiny.yaml"], overrides={
+            "model_name_or_path": tiny_sft, "reward_model_path": tiny_reward, "output_dir": str(out), **PPO_SHORT})
+    return out
+
+
+class Interrupt(TrainerCallback):
+    """Stops a run at the end of step `at_step` as Ctrl-C would: the exception leaves the trainer mid-run, with
+    only the checkpoints saved so far."""
+
+    def __init__(self, at_step):
+        self.at_step = at_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at_step:
+            raise KeyboardInterrupt("simulated interruption")
+
+
+class StepRecorder(TrainerCallback):
+    """The optimizer steps a run takes (a resumed run takes only those after its checkpoint)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
 
 
 @pytest.fixture(scope="module")

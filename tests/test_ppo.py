@@ -5,15 +5,13 @@ policy saves as a standard PEFT adapter, and an interrupted run resumes where it
 import contextlib
 import io
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, load_recipe
+from conftest import PPO_SHORT, REPO, Interrupt, load_recipe
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, GenerationConfig, TrainerCallback
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from rlhf_kit.config import field_names, parse_config
 from rlhf_kit.data.loading import load_data
@@ -26,6 +24,7 @@ from rlhf_kit.training.ppo.trainer import PPOHealthError, PPOTrainer
 from rlhf_kit.training.ppo.config import PPOConfig
 from rlhf_kit.training.ppo.model import CRITIC, POLICY
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 PROMPTS = load_data(REPO / "data/prompts", kind="prompt")
 HELD_OUT = load_data(REPO / "data/prompts", kind="prompt", split="test")
 PPO_FAST = {
@@ -41,30 +40,8 @@ def quiet(fn, *args, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def sft(tiny_base, tmp_path_factory):
-    """The tiny base fine-tuned (fully: fastest to learn) through the SFT recipe until it answers in the format."""
-    out = tmp_path_factory.mktemp("ppo-sft")
-    quiet(load_recipe("sft"), ["--config", "recipes/configs/sft/tiny.yaml"], overrides={
-        "model_name_or_path": tiny_base, "output_dir": str(out), "use_peft": False, "max_steps": 200,
-        "per_device_train_batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 0, "lr_scheduler_type": "constant",
-        "eval_strategy": "no", "save_strategy": "no", "logging_steps": 50, "max_length": 64, "disable_tqdm": True})
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def reward_dir(sft, tmp_path_factory):
-    """A LoRA reward model trained from the SFT model through the reward recipe (as the pipeline does)."""
-    out = tmp_path_factory.mktemp("ppo-reward")
-    quiet(load_recipe("reward"), ["--config", "recipes/configs/reward/tiny.yaml"], overrides={
-        "model_name_or_path": sft, "output_dir": str(out), "max_steps": 150, "per_device_train_batch_size": 16,
-        "learning_rate": 3e-3, "warmup_steps": 0, "eval_strategy": "no", "save_strategy": "no",
-        "logging_steps": 50, "disable_tqdm": True, "report_to": "none"})
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def reward_model(reward_dir):
-    return RewardModel.from_pretrained(reward_dir)
+def reward_model(tiny_reward):
+    return RewardModel.from_pretrained(tiny_reward)
 
 
 def positivity(prompts, completions, item, **columns):
@@ -73,10 +50,10 @@ def positivity(prompts, completions, item, **columns):
     return [float(sum(w in t for w in ("great", "lovely", "fun")) + (i in t)) for t, i in zip(texts, item)]
 
 
-def make_trainer(sft, tmp_path, reward_model=None, reward_funcs=(positivity,), model=None, train_dataset=PROMPTS,
+def make_trainer(tiny_sft, tmp_path, reward_model=None, reward_funcs=(positivity,), model=None, train_dataset=PROMPTS,
                  missing_eos_penalty=None, **overrides):
-    tokenizer = load_tokenizer(sft)
-    model_args = ModelArguments(model_name_or_path=sft, use_peft=True, lora_r=8, lora_alpha=16,
+    tokenizer = load_tokenizer(tiny_sft)
+    model_args = ModelArguments(model_name_or_path=tiny_sft, use_peft=True, lora_r=8, lora_alpha=16,
                                 train_chat_tokens=False)
     args = PPOConfig(output_dir=str(tmp_path / "ppo"), **{**PPO_FAST, "max_steps": 2, "seed": 0, **overrides})
     return PPOTrainer(model=model or load_model(model_args, tokenizer), args=args, processing_class=tokenizer,
@@ -98,8 +75,8 @@ def hand_rollout(trainer, rows):
 # ------------------------------------------------------------------------------------------------ reward assembly
 
 
-def test_score_lands_on_last_real_token_and_missing_stop_is_penalized(sft, tmp_path):
-    trainer = make_trainer(sft, tmp_path, missing_eos_penalty=1.5, kl_coef=0.1)
+def test_score_lands_on_last_real_token_and_missing_stop_is_penalized(tiny_sft, tmp_path):
+    trainer = make_trainer(tiny_sft, tmp_path, missing_eos_penalty=1.5, kl_coef=0.1)
     tok = trainer.processing_class
     stop, pad = trainer.stop_token_ids[0], tok.pad_token_id
     a, b, c = tok.convert_tokens_to_ids(tok.tokenize("The tea is"))[:3]
@@ -128,8 +105,8 @@ def test_score_lands_on_last_real_token_and_missing_stop_is_penalized(sft, tmp_p
     torch.testing.assert_close(rollout.scores, torch.tensor([1.0, 2.0, 3.0, 2.5]))
 
 
-def test_k3_kl_penalty_and_whitened_rewards(sft, tmp_path):
-    trainer = make_trainer(sft, tmp_path, kl_estimator="k3", kl_coef=0.2, whiten_rewards=True)
+def test_k3_kl_penalty_and_whitened_rewards(tiny_sft, tmp_path):
+    trainer = make_trainer(tiny_sft, tmp_path, kl_estimator="k3", kl_coef=0.2, whiten_rewards=True)
     stop, pad = trainer.stop_token_ids[0], trainer.processing_class.pad_token_id
     rollout = hand_rollout(trainer, [[5, 6, stop], [5, stop, pad], [7, 8, 9]])
     rollout.old_logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, 0.0], [-0.2, -0.3, -0.4]])
@@ -149,8 +126,8 @@ def test_k3_kl_penalty_and_whitened_rewards(sft, tmp_path):
     assert float(rollout.rewards[~mask].abs().sum()) == 0
 
 
-def test_gae_on_the_assembled_rewards(sft, tmp_path):
-    trainer = make_trainer(sft, tmp_path, gamma=1.0, lam=1.0, kl_coef=0.0)
+def test_gae_on_the_assembled_rewards(tiny_sft, tmp_path):
+    trainer = make_trainer(tiny_sft, tmp_path, gamma=1.0, lam=1.0, kl_coef=0.0)
     stop, pad = trainer.stop_token_ids[0], trainer.processing_class.pad_token_id
     rollout = hand_rollout(trainer, [[5, 6, stop], [5, stop, pad]])
     rollout.old_logprobs = rollout.ref_logprobs = torch.zeros(2, 3)
@@ -163,12 +140,12 @@ def test_gae_on_the_assembled_rewards(sft, tmp_path):
     torch.testing.assert_close(rollout.advantages[rollout.response_mask.bool()], (raw - raw.mean()) / raw.std())
 
 
-def test_weighted_rewards_see_dataset_columns(sft, tmp_path, reward_model):
+def test_weighted_rewards_see_dataset_columns(tiny_sft, tmp_path, reward_model):
     def constant(prompts, completions, **columns):
         assert columns["item"] == ["tea"] * len(prompts)
         return [1.0] * len(prompts)
 
-    trainer = make_trainer(sft, tmp_path, reward_model=reward_model, reward_funcs=[constant],
+    trainer = make_trainer(tiny_sft, tmp_path, reward_model=reward_model, reward_funcs=[constant],
                            reward_weights=[0.5, 2.0])
     stop = trainer.stop_token_ids[0]
     rollout = hand_rollout(trainer, [[5, 6, stop], [7, stop, 0]])
@@ -192,10 +169,10 @@ class TextOnlyJudge:
         return torch.tensor([float("great" in c) for c in completions])
 
 
-def test_plain_text_prompts_and_a_reward_model_with_another_tokenizer(sft, tmp_path):
+def test_plain_text_prompts_and_a_reward_model_with_another_tokenizer(tiny_sft, tmp_path):
     judge = TextOnlyJudge()
     plain = load_data(REPO / "data/examples/prompts_standard.jsonl", kind="prompt")
-    trainer = make_trainer(sft, tmp_path, reward_model=judge, reward_funcs=[], train_dataset=plain, max_steps=1)
+    trainer = make_trainer(tiny_sft, tmp_path, reward_model=judge, reward_funcs=[], train_dataset=plain, max_steps=1)
     quiet(trainer.train)
     assert len(judge.seen) == 16 and all(isinstance(p, str) and isinstance(c, str) for p, c in judge.seen)
     assert not any(t in c for _, c in judge.seen for t in ("<|im_end|>", "<|pad|>", "<|im_start|>"))
@@ -205,11 +182,11 @@ def test_plain_text_prompts_and_a_reward_model_with_another_tokenizer(sft, tmp_p
 # ------------------------------------------------------------------------------------------------ models
 
 
-def test_adapters_dropout_and_sampling_setup(sft, tmp_path, reward_model):
-    tokenizer = load_tokenizer(sft)
-    model = load_model(ModelArguments(model_name_or_path=sft), tokenizer)
+def test_adapters_dropout_and_sampling_setup(tiny_sft, tmp_path, reward_model):
+    tokenizer = load_tokenizer(tiny_sft)
+    model = load_model(ModelArguments(model_name_or_path=tiny_sft), tokenizer)
     model.config.attention_dropout = 0.3
-    trainer = make_trainer(sft, tmp_path, reward_model=reward_model, model=model, temperature=0.6,
+    trainer = make_trainer(tiny_sft, tmp_path, reward_model=reward_model, model=model, temperature=0.6,
                            stop_token="<|im_end|>")
     wrapper = trainer.model
     assert set(wrapper.policy.peft_config) == {POLICY, CRITIC}
@@ -221,16 +198,16 @@ def test_adapters_dropout_and_sampling_setup(sft, tmp_path, reward_model):
     assert trainer.stop_token_ids == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
 
-def test_a_response_ending_on_the_models_own_eos_counts_as_stopped(sft, tmp_path):
+def test_a_response_ending_on_the_models_own_eos_counts_as_stopped(tiny_sft, tmp_path):
     """The SFT model keeps its base's EOS (<|endoftext|>) as a stop token beside <|im_end|> (generation_config.json):
     sampled, it ends the response at inference, so PPO must neither train on past it nor penalize it as endless."""
-    tokenizer = load_tokenizer(sft)
+    tokenizer = load_tokenizer(tiny_sft)
     im_end, base_eos = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    assert tokenizer.eos_token_id == im_end and base_eos in GenerationConfig.from_pretrained(sft).eos_token_id
-    trainer = make_trainer(sft, tmp_path, missing_eos_penalty=1.5, kl_coef=0.0)
+    assert tokenizer.eos_token_id == im_end and base_eos in GenerationConfig.from_pretrained(tiny_sft).eos_token_id
+    trainer = make_trainer(tiny_sft, tmp_path, missing_eos_penalty=1.5, kl_coef=0.0)
     assert trainer.stop_token_ids == [im_end, base_eos]
     assert trainer.model.lm.generation_config.eos_token_id == [im_end, base_eos]
-    assert stop_token_ids(tokenizer, sft) == trainer.stop_token_ids  # the stop set every other path uses
+    assert stop_token_ids(tokenizer, tiny_sft) == trainer.stop_token_ids  # the stop set every other path uses
 
     a, b = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("The tea"))[:2]
     rollout = hand_rollout(trainer, [[a, base_eos, b, b], [a, im_end, b, b], [a, b, a, b]])
@@ -242,9 +219,9 @@ def test_a_response_ending_on_the_models_own_eos_counts_as_stopped(sft, tmp_path
     torch.testing.assert_close(rollout.scores, torch.tensor([1.0, 1.0, -0.5]))  # only the endless one pays
 
 
-def test_critic_starts_as_the_reward_model(sft, tmp_path, reward_model):
+def test_critic_starts_as_the_reward_model(tiny_sft, tmp_path, reward_model):
     """The reward model is a LoRA adapter on the SFT model: the critic gets its adapter and its head (normalized)."""
-    trainer = make_trainer(sft, tmp_path, reward_model=reward_model)
+    trainer = make_trainer(tiny_sft, tmp_path, reward_model=reward_model)
     head = reward_model.model.score
     torch.testing.assert_close(trainer.model.value_head.weight, head.weight / reward_model.scale)
     sample = [{"role": "user", "content": "Review the tea."}, {"role": "assistant", "content": "The tea is fun."}]
@@ -252,12 +229,12 @@ def test_critic_starts_as_the_reward_model(sft, tmp_path, reward_model):
     values = trainer.model.values(ids, torch.ones_like(ids), 1)
     torch.testing.assert_close(values[:, 0].detach(), reward_model.score([sample]), atol=1e-4, rtol=1e-4)
     # Without a reward model to copy, the critic starts fresh: value 0 everywhere.
-    fresh = make_trainer(sft, tmp_path / "fresh").model.values(ids, torch.ones_like(ids), 3)
+    fresh = make_trainer(tiny_sft, tmp_path / "fresh").model.values(ids, torch.ones_like(ids), 3)
     assert float(fresh.abs().max()) == 0
 
 
-def test_each_forward_trains_only_its_own_adapter(sft, tmp_path):
-    wrapper = make_trainer(sft, tmp_path).model
+def test_each_forward_trains_only_its_own_adapter(tiny_sft, tmp_path):
+    wrapper = make_trainer(tiny_sft, tmp_path).model
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     mask = torch.ones_like(ids)
     for which, expect in (("policy_logits", f".{POLICY}."), ("values", f".{CRITIC}.")):
@@ -268,11 +245,11 @@ def test_each_forward_trains_only_its_own_adapter(sft, tmp_path):
     assert all(p.requires_grad for p in wrapper.trainable)
 
 
-def test_old_and_reference_logprobs_are_the_training_forward_at_the_sampling_temperature(sft, tmp_path):
-    trainer = make_trainer(sft, tmp_path, temperature=0.5)
+def test_old_and_reference_logprobs_are_the_training_forward_at_the_sampling_temperature(tiny_sft, tmp_path):
+    trainer = make_trainer(tiny_sft, tmp_path, temperature=0.5)
     rollout = trainer.rollout(PROMPTS[:4])
     # The reference is the SFT model itself, loaded separately; the fresh policy adapter equals it.
-    reference = AutoModelForCausalLM.from_pretrained(sft)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_sft)
     ids, mask = rollout.input_ids, rollout.attention_mask
     with torch.no_grad():
         logits = reference(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
@@ -286,8 +263,8 @@ def test_old_and_reference_logprobs_are_the_training_forward_at_the_sampling_tem
 # ------------------------------------------------------------------------------------------------ health checks
 
 
-def test_health_check_stops_on_dropout(sft, tmp_path):
-    trainer = make_trainer(sft, tmp_path)
+def test_health_check_stops_on_dropout(tiny_sft, tmp_path):
+    trainer = make_trainer(tiny_sft, tmp_path)
     for module in trainer.model.modules():  # as if something switched dropout back on after setup
         if hasattr(module, "attention_dropout"):
             module.attention_dropout = 0.5
@@ -295,8 +272,8 @@ def test_health_check_stops_on_dropout(sft, tmp_path):
         trainer.train()
 
 
-def test_health_check_stops_when_policy_starts_away_from_reference(sft, tmp_path):
-    trainer = make_trainer(sft, tmp_path)
+def test_health_check_stops_when_policy_starts_away_from_reference(tiny_sft, tmp_path):
+    trainer = make_trainer(tiny_sft, tmp_path)
     with torch.no_grad():
         for name, param in trainer.model.named_parameters():
             if f"lora_B.{POLICY}" in name:
@@ -305,8 +282,8 @@ def test_health_check_stops_when_policy_starts_away_from_reference(sft, tmp_path
         trainer.train()
 
 
-def test_pad_must_differ_from_stop_token(sft, tmp_path):
-    tokenizer = load_tokenizer(sft)
+def test_pad_must_differ_from_stop_token(tiny_sft, tmp_path):
+    tokenizer = load_tokenizer(tiny_sft)
     tokenizer.pad_token = tokenizer.eos_token
     args = PPOConfig(output_dir=str(tmp_path), **PPO_FAST)
     with pytest.raises(ValueError, match="pad token .* also a stop token"):
@@ -314,8 +291,8 @@ def test_pad_must_differ_from_stop_token(sft, tmp_path):
                    rewards=Rewards(funcs=[positivity]))
 
 
-def test_trend_warnings(sft, tmp_path):
-    trainer = make_trainer(sft, tmp_path)
+def test_warns_when_kl_climbs_without_reward_and_when_responses_collapse(tiny_sft, tmp_path):
+    trainer = make_trainer(tiny_sft, tmp_path)
     stop = trainer.stop_token_ids[0]
     varied = hand_rollout(trainer, [[5 + i, stop] for i in range(8)])
     varied.scores, varied.completions = torch.randn(8), [f"answer {i}" for i in range(8)]
@@ -332,12 +309,12 @@ def test_trend_warnings(sft, tmp_path):
 # ------------------------------------------------------------------------------------------------ the update
 
 
-def test_accumulation_invariance(sft, tmp_path):
+def test_8_rows_at_once_and_4_rows_x_2_accumulated_give_the_same_update(tiny_sft, tmp_path):
     """8 sequences x 1 micro-batch and 4 x 2 accumulated give the same update (token-weighted micro-batches)."""
     weights = []
     for size, accumulation in ((8, 1), (4, 2)):
         torch.manual_seed(0)
-        trainer = make_trainer(sft, tmp_path / f"{size}", per_device_train_batch_size=size,
+        trainer = make_trainer(tiny_sft, tmp_path / f"{size}", per_device_train_batch_size=size,
                                gradient_accumulation_steps=accumulation, num_mini_batches=1, num_ppo_epochs=1,
                                max_steps=1, learning_rate=1e-2)
         quiet(trainer.train)
@@ -346,11 +323,11 @@ def test_accumulation_invariance(sft, tmp_path):
         torch.testing.assert_close(weights[1][name], value, atol=2e-6, rtol=1e-4, msg=name)
 
 
-def test_update_takes_a_step_per_mini_batch_per_epoch_over_every_row_once(sft, tmp_path):
+def test_update_takes_a_step_per_mini_batch_per_epoch_over_every_row_once(tiny_sft, tmp_path):
     """num_ppo_epochs x num_mini_batches optimizer steps per update; in each epoch the mini-batches (of
     batch_size / num_mini_batches rows, accumulated over micro-batches) split the rollout, each row used once."""
     epochs, mini_batches, micro, accumulation = 3, 2, 2, 2
-    trainer = make_trainer(sft, tmp_path, num_ppo_epochs=epochs, num_mini_batches=mini_batches,
+    trainer = make_trainer(tiny_sft, tmp_path, num_ppo_epochs=epochs, num_mini_batches=mini_batches,
                            per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation)
     size = trainer.args.batch_size
     assert size == mini_batches * accumulation * micro == 8
@@ -381,8 +358,8 @@ def test_update_takes_a_step_per_mini_batch_per_epoch_over_every_row_once(sft, t
     assert len({tuple(order) for order in orders}) > 1  # reshuffled between epochs
 
 
-def test_logs_every_health_metric_and_sample_completions(sft, tmp_path, reward_model):
-    trainer = make_trainer(sft, tmp_path, reward_model=reward_model, reward_funcs=[], adaptive_kl=True,
+def test_logs_every_health_metric_and_sample_completions(tiny_sft, tmp_path, reward_model):
+    trainer = make_trainer(tiny_sft, tmp_path, reward_model=reward_model, reward_funcs=[], adaptive_kl=True,
                            kl_target=0.01, kl_horizon=100, max_steps=3)
     quiet(trainer.train)
     logs = [e for e in trainer.state.log_history if "objective/kl" in e]
@@ -400,17 +377,17 @@ def test_logs_every_health_metric_and_sample_completions(sft, tmp_path, reward_m
 # ------------------------------------------------------------------------------------------------ the recipe
 
 
-def run_ppo(sft, reward_dir, out, callbacks=None, **overrides):
-    settings = {"model_name_or_path": sft, "reward_model_path": reward_dir, "output_dir": str(out), **overrides}
+def run_ppo(tiny_sft, tiny_reward, out, callbacks=None, **overrides):
+    settings = {"model_name_or_path": tiny_sft, "reward_model_path": tiny_reward, "output_dir": str(out), **overrides}
     return quiet(load_recipe("ppo"), ["--config", "recipes/configs/ppo/tiny.yaml"], overrides=settings,
                  callbacks=callbacks)
 
 
-def test_save_model_writes_the_adapter_and_tokenizer_only(sft, tmp_path):
+def test_save_model_writes_the_adapter_and_tokenizer_only(tiny_sft, tmp_path):
     """PPO's save is its own (`PPOTrainer._save`), not Trainer's: a standard PEFT adapter and the tokenizer, and no
     pickled training_args.bin (the recipe saves the config as YAML; the other stages delete Trainer's in write_stage).
     The README.md there is PEFT's placeholder, which `publish_stage` replaces with rlhf-kit's card."""
-    trainer = make_trainer(sft, tmp_path)
+    trainer = make_trainer(tiny_sft, tmp_path)
     trainer.save_model(str(tmp_path / "saved"))
     files = {p.name for p in (tmp_path / "saved").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json"} <= files
@@ -418,10 +395,11 @@ def test_save_model_writes_the_adapter_and_tokenizer_only(sft, tmp_path):
     assert is_adapter_dir(tmp_path / "saved")
 
 
-def test_ppo_raises_held_out_reward_with_bounded_kl(sft, reward_dir, tmp_path):
+def test_ppo_raises_held_out_reward_with_bounded_kl(tiny_sft, tiny_reward, tmp_path):
     out = tmp_path / "ppo"
     # A short run: twice the shipped learning rate, as the shortened pipeline test.
-    trainer = run_ppo(sft, reward_dir, out, max_steps=25, learning_rate=1e-3, save_strategy="no", eval_strategy="no")
+    trainer = run_ppo(tiny_sft, tiny_reward, out, max_steps=25, learning_rate=1e-3, save_strategy="no",
+                      eval_strategy="no")
     record = json.loads((out / "rlhf_kit_stage.json").read_text())
     metrics = record["metrics"]
     # Held-out prompts, one sample each at the training temperature: the SFT policy (step 0) against the PPO policy.
@@ -453,14 +431,10 @@ def response_logprobs(model, rollout, temperature):
     return logprobs.gather(-1, rollout.response_ids[..., None])[..., 0]
 
 
-def test_ppo_from_a_lora_sft_adapter_starts_from_the_merged_sft_model(tiny_base, tmp_path):
+def test_ppo_from_a_lora_sft_adapter_starts_from_the_merged_sft_model(tiny_base, sft_straight, tmp_path):
     """The SFT recipe's default output is a LoRA adapter: PPO merges it into its base, trains a new policy adapter on
     the merged weights, and its reference (the adapter disabled) is the SFT model, so the KL starts at 0."""
-    sft_dir = tmp_path / "sft"
-    quiet(load_recipe("sft"), ["--config", "recipes/configs/sft/tiny.yaml"], overrides={
-        "model_name_or_path": tiny_base, "output_dir": str(sft_dir), "max_steps": 20, "per_device_train_batch_size": 8,
-        "learning_rate": 3e-3, "warmup_steps": 0, "eval_strategy": "no", "save_strategy": "no", "max_length": 64,
-        "disable_tqdm": True})
+    sft_dir = sft_straight  # the LoRA SFT run the resume tests compare against; read, never written, here
     assert is_adapter_dir(sft_dir)
     out = tmp_path / "ppo"
     trainer = run_ppo(str(sft_dir), "", out, reward_funcs=["rlhf_kit.tasks.review:gold"], eval_reward_funcs=[],
@@ -495,47 +469,37 @@ def test_ppo_from_a_lora_sft_adapter_starts_from_the_merged_sft_model(tiny_base,
     assert record["config"]["reward_funcs"] == ["rlhf_kit.tasks.review:gold"]
 
 
-class Interrupt(TrainerCallback):
-    def __init__(self, at_step):
-        self.at_step = at_step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.at_step:
-            raise KeyboardInterrupt("simulated interruption")
-
-
-def test_resume_after_interruption_matches_uninterrupted_run(sft, reward_dir, tmp_path):
-    # Evaluated on 20 plain-text prompts (the other prompt format) to keep the three runs short.
-    settings = dict(max_steps=4, save_steps=2, save_total_limit=None, eval_on_start=False, per_device_train_batch_size=8,
-                    eval_strategy="no", eval_dataset_name="data/examples/prompts_standard.jsonl")
-    straight = run_ppo(sft, reward_dir, tmp_path / "straight", **settings)
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_sft, tiny_reward, ppo_straight, tmp_path):
+    out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        run_ppo(sft, reward_dir, tmp_path / "resumed", callbacks=[Interrupt(at_step=3)], **settings)
-    ckpt = tmp_path / "resumed/checkpoint-2"
-    assert ckpt.is_dir() and not (tmp_path / "resumed/checkpoint-4").exists()
+        run_ppo(tiny_sft, tiny_reward, out, callbacks=[Interrupt(at_step=3)], **PPO_SHORT)
+    ckpt = out / "checkpoint-2"
+    assert ckpt.is_dir() and not (out / "checkpoint-4").exists()
     for name in ("adapter_model.safetensors", "critic/adapter_model.safetensors", "critic/value_head.safetensors",
                  "optimizer.pt", "scheduler.pt", "rng_state_0.pth", "ppo_state.json", "trainer_state.json"):
         assert (ckpt / name).is_file(), name
     assert json.loads((ckpt / "ppo_state.json").read_text())["data_batch"] == 2
 
-    resumed = run_ppo(sft, reward_dir, tmp_path / "resumed", **settings)  # the same command again
-    def steps(trainer):
-        return {e["step"]: e for e in trainer.state.log_history if "objective/kl" in e}
+    resumed = run_ppo(tiny_sft, tiny_reward, out, **PPO_SHORT)  # the same command again
+    def steps(log_history):
+        return {e["step"]: e for e in log_history if "objective/kl" in e}
 
-    assert sorted(steps(resumed)) == [1, 2, 3, 4]
+    straight = steps(json.loads((ppo_straight / "trainer_state.json").read_text())["log_history"])
+    assert sorted(steps(resumed.state.log_history)) == [1, 2, 3, 4]
     for step in (3, 4):
         for key in ("objective/scores", "objective/kl", "loss/policy", "loss/value", "policy/clipfrac"):
-            assert steps(resumed)[step][key] == pytest.approx(steps(straight)[step][key], rel=1e-4, abs=1e-6), key
+            assert steps(resumed.state.log_history)[step][key] == pytest.approx(straight[step][key], rel=1e-4,
+                                                                                abs=1e-6), key
     # The record describes the whole run, not only the updates after the resume (issue 15, item 4).
     def record_loss(out):
         return json.loads((out / "rlhf_kit_stage.json").read_text())["metrics"]["train_loss"]
 
-    assert record_loss(tmp_path / "resumed") == pytest.approx(record_loss(tmp_path / "straight"), rel=1e-4)
+    assert record_loss(out) == pytest.approx(record_loss(ppo_straight), rel=1e-4)
 
 
-def test_full_critic(sft, reward_dir, tmp_path):
+def test_a_full_critic_is_a_whole_model_saved_in_critic(tiny_sft, tiny_reward, tmp_path):
     out = tmp_path / "full"
-    trainer = run_ppo(sft, reward_dir, out, critic="full", max_steps=2, eval_on_start=False, save_strategy="no",
+    trainer = run_ppo(tiny_sft, tiny_reward, out, critic="full", max_steps=2, eval_on_start=False, save_strategy="no",
                       eval_strategy="no")
     assert trainer.model.critic is not None and trainer.model.value_head is None
     assert (out / "critic/model.safetensors").is_file()
@@ -566,23 +530,3 @@ def test_ppo_and_grpo_refuse_a_stage_without_reward_with_one_message(tiny_base, 
         PPOTrainer(model=None, args=PPOConfig(output_dir=str(tmp_path), **PPO_FAST), processing_class=tokenizer,
                    train_dataset=PROMPTS, rewards=Rewards(eval_funcs=[positivity]))
     assert str(error.value) == NO_REWARD
-
-
-def test_shipped_configs_parse():
-    for name in ("tiny", "llama-8b-lora"):
-        data_args, model_args, args, sources = parse_config(*recipe_arguments("ppo"),
-                                                            args=["--config", f"{REPO}/recipes/configs/ppo/{name}.yaml",
-                                                                  "--bf16", "false"])  # bf16 needs a GPU
-        assert model_args.use_peft and sources.reward_model_path and args.batch_size >= 32
-
-
-def test_recipe_runs_through_accelerate_launch(sft, reward_dir, tmp_path):
-    out = tmp_path / "launched"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml",
-           "recipes/ppo.py", "--config", "recipes/configs/ppo/tiny.yaml", "--model_name_or_path", sft,
-           "--reward_model_path", reward_dir, "--output_dir", str(out), "--max_steps", "1",
-           "--eval_on_start", "false", "--eval_strategy", "no", "--save_strategy", "no"]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "== ppo finished" in result.stdout
-    assert (out / "adapter_model.safetensors").is_file()

@@ -10,15 +10,12 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, load_recipe, losses, read_jsonl
+from conftest import REPO, Interrupt, StepRecorder, load_recipe, losses, read_jsonl
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
-from rlhf_kit.config import parse_config
-from rlhf_kit.data.loading import DataArguments, load_data
-from rlhf_kit.model import ModelArguments
+from rlhf_kit.data.loading import load_data
 from rlhf_kit.training.reward_model import (
-    RewardArguments,
     fit_normalization,
     pair_samples,
     pairwise_report,
@@ -389,23 +386,6 @@ def test_qlora_reward_model_trains_on_cpu_and_reloads_in_4bit(tiny_base, tmp_pat
         reloaded.save_pretrained(tmp_path / "merged")
 
 
-class Interrupt(TrainerCallback):
-    def __init__(self, at_step):
-        self.at_step = at_step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.at_step:
-            raise KeyboardInterrupt("simulated interruption")
-
-
-class Steps(TrainerCallback):
-    def __init__(self):
-        self.seen = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.seen.append(state.global_step)
-
-
 def test_resume_after_interruption_matches_uninterrupted_run(tiny_base, tmp_path):
     settings = dict(max_steps=6, save_strategy="steps", save_steps=3, save_total_limit=None, logging_steps=1,
                     reference_pairs=20)
@@ -413,9 +393,9 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_base, tmp_path
     with pytest.raises(KeyboardInterrupt):
         run_reward(tiny_base, tmp_path / "resumed", callbacks=[Interrupt(at_step=4)], **settings)
     assert (tmp_path / "resumed/checkpoint-3").is_dir() and not (tmp_path / "resumed/checkpoint-6").exists()
-    steps = Steps()
+    steps = StepRecorder()
     resumed = run_reward(tiny_base, tmp_path / "resumed", callbacks=[steps], **settings)  # same command: checkpoint-3
-    assert steps.seen == [4, 5, 6]
+    assert steps.steps == [4, 5, 6]
     assert losses(resumed.state.log_history) == pytest.approx(losses(straight.state.log_history), rel=1e-4)
     assert (tmp_path / "resumed" / EVAL_FILE).is_file()
     # The record describes the whole run, not only the steps trained after the resume (issue 15, item 4).
@@ -451,16 +431,6 @@ def test_fit_normalization_by_hand():
         {"offset": 2.5, "scale": (5 / 3) ** 0.5})
     with pytest.raises(ValueError, match="same score"):
         fit_normalization(torch.full((6,), 0.3))
-
-
-def test_every_shipped_reward_config_parses(repo):
-    configs = sorted((repo / "recipes/configs/reward").glob("*.yaml"))
-    assert {c.name for c in configs} >= {"tiny.yaml", "llama-8b-qlora.yaml"}
-    for cfg in configs:
-        # use_cpu: GPU configs ask for bf16, which transformers refuses to even parse on a CPU-only machine.
-        _, model_args, args = parse_config(DataArguments, ModelArguments, RewardArguments, args=["--config", str(cfg)],
-                                           overrides={"use_cpu": True})
-        assert model_args.use_peft and args.output_dir.startswith("outputs/")
 
 
 def test_recipe_runs_through_accelerate_launch(tiny_base, tmp_path):

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, load_recipe, losses
+from conftest import REPO, SFT_SHORT, Interrupt, StepRecorder, load_recipe, losses
 from peft import AutoPeftModelForCausalLM, PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 FAST = {
     "max_steps": 12, "per_device_train_batch_size": 8, "logging_steps": 1, "eval_strategy": "no",
@@ -91,40 +91,23 @@ def test_push_to_hub_fails_before_training_without_repo_id_or_token(tmp_path, mo
         run_sft("/no/such/model", tmp_path / "o", push_to_hub=True, hub_model_id="me/tiny-sft")
 
 
-class Interrupt(TrainerCallback):
-    def __init__(self, at_step):
-        self.at_step = at_step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.at_step:
-            raise KeyboardInterrupt("simulated interruption")
-
-
-class StepRecorder(TrainerCallback):
-    def __init__(self):
-        self.steps = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.steps.append(state.global_step)
-
-
-def test_resume_after_interruption_matches_uninterrupted_run(tiny_base, tmp_path):
-    settings = dict(max_steps=6, save_strategy="steps", save_steps=3, save_total_limit=None)
-    straight = run_sft(tiny_base, tmp_path / "straight", **settings)
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_base, sft_straight, tmp_path):
+    out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        run_sft(tiny_base, tmp_path / "resumed", callbacks=[Interrupt(at_step=4)], **settings)
-    assert (tmp_path / "resumed/checkpoint-3").is_dir() and not (tmp_path / "resumed/checkpoint-6").exists()
+        run_sft(tiny_base, out, callbacks=[Interrupt(at_step=5)], **SFT_SHORT)
+    assert (out / "checkpoint-4").is_dir() and not (out / "checkpoint-6").exists()
     recorder = StepRecorder()
-    # The same command again: it picks up checkpoint-3 by itself and trains only steps 4-6.
-    resumed = run_sft(tiny_base, tmp_path / "resumed", callbacks=[recorder], **settings)
-    assert recorder.steps == [4, 5, 6]
-    # The history of steps 1-3 comes back from the checkpoint; steps 4-6 are trained again after the resume.
+    # The same command again: it picks up checkpoint-4 by itself and trains only steps 5-6.
+    resumed = run_sft(tiny_base, out, callbacks=[recorder], **SFT_SHORT)
+    assert recorder.steps == [5, 6]
+    # The history of steps 1-4 comes back from the checkpoint; steps 5-6 are trained again after the resume.
     steps = [e["step"] for e in resumed.state.log_history if "loss" in e]
     assert steps == [1, 2, 3, 4, 5, 6]
-    assert losses(resumed.state.log_history) == pytest.approx(losses(straight.state.log_history), rel=1e-4)
+    straight = json.loads((sft_straight / "checkpoint-6/trainer_state.json").read_text())["log_history"]
+    assert losses(resumed.state.log_history) == pytest.approx(losses(straight), rel=1e-4)
     # The record describes the whole run, not only the steps trained after the resume (issue 15, item 4).
-    assert record_loss(tmp_path / "resumed") == pytest.approx(record_loss(tmp_path / "straight"), rel=1e-4)
-    assert record_loss(tmp_path / "resumed") != pytest.approx(sum(losses(resumed.state.log_history)[3:]) / 3)
+    assert record_loss(out) == pytest.approx(record_loss(sft_straight), rel=1e-4)
+    assert record_loss(out) != pytest.approx(sum(losses(resumed.state.log_history)[4:]) / 2)
 
 
 def record_loss(out):
