@@ -5,6 +5,7 @@ sharded by FSDP2, and DPO, GRPO and RLOO run under the same FSDP2 profile."""
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -290,14 +291,16 @@ def ppo_argv(sft, out, *extra):
 
 def test_ppo_recipe_under_fsdp2_resumes_exactly(sft_pair, tmp_path):
     """`accelerate launch --config_file accelerate_configs/cpu_fsdp2.yaml recipes/ppo.py`: 2 processes, weights
-    sharded. A run stopped at its checkpoint of update 2 and started again ends where the uninterrupted run does."""
+    sharded. A run stopped after its checkpoint of update 2 and started again ends where the uninterrupted run does."""
     sft, _ = sft_pair
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     launch(2, "recipes/ppo.py", ppo_argv(sft, straight, "--max_steps", "4", "--save_steps", "2"), profile=FSDP2)
-    launch(2, "recipes/ppo.py", ppo_argv(sft, resumed, "--max_steps", "2", "--save_steps", "2"), profile=FSDP2)
-    for out in (straight, resumed):
-        assert json.loads((out / "rlhf_kit_stage.json").read_text())["metrics"]["parallelism"] == "fsdp2 x 2"
+    assert json.loads((straight / "rlhf_kit_stage.json").read_text())["metrics"]["parallelism"] == "fsdp2 x 2"
+    # What a run killed during update 3 leaves: checkpoint-2 and nothing after it (one launch fewer than training a
+    # second run to update 2: the checkpoint is the same one).
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
     launch(2, "recipes/ppo.py", ppo_argv(sft, resumed, "--max_steps", "4", "--save_steps", "2"), profile=FSDP2)
+    assert json.loads((resumed / "rlhf_kit_stage.json").read_text())["metrics"]["parallelism"] == "fsdp2 x 2"
     assert processes_used(straight, global_batch=8 // 2) == 2
     checkpoint = resumed / "checkpoint-2"
     assert sorted(p.name for p in checkpoint.glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
