@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny random LLaMA and tokenizer saved like a Hub model, built offline once per session."""
+"""Shared fixtures, built offline once per session by the real recipes and saved like Hub models: a tiny LLaMA
+pretrained, fine-tuned and turned into a reward model, and the uninterrupted short SFT and PPO runs that the resume
+tests compare against; the callbacks that interrupt a run and record its steps."""
 
 import os
 import tempfile
@@ -12,6 +14,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 # Merged adapters are cached per session, not in the user's Hugging Face home.
 os.environ.setdefault("RLHF_KIT_CACHE", tempfile.mkdtemp(prefix="rlhf-kit-test-cache-"))
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -32,6 +36,31 @@ def read_jsonl(path, limit=None):
     return rows
 
 
+@contextlib.contextmanager
+def one_thread():
+    """The tiny model's ops are too small to split across threads, and when other processes share the cores,
+    OpenMP's spinning threads make training 10-20x slower (observed with torch 2.x on 2 shared vCPUs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    with one_thread():
+        yield
+
+
+@contextlib.contextmanager
+def trained_quietly():
+    """How the session's shared runs train: on one thread (see one_thread), their summaries kept off the output."""
+    with one_thread(), contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
 TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
               "num_key_value_heads": 1, "vocab_size": 512, "max_position_embeddings": 256}
 
@@ -44,11 +73,12 @@ def tiny_base(tmp_path_factory) -> str:
     later stage would have a learning signal to test.
     """
     path = tmp_path_factory.mktemp("tiny-base")
-    load_recipe("pretrain")(["--config", "recipes/configs/pretrain/tiny.yaml"], overrides={
-        **TINY_SHAPE, "output_dir": str(path), "max_steps": 60, "per_device_train_batch_size": 16,
-        "learning_rate": 3e-3, "warmup_steps": 5, "logging_steps": 20, "eval_strategy": "no", "save_strategy": "no",
-        "disable_tqdm": True, "report_to": "none",
-    })
+    with trained_quietly():
+        load_recipe("pretrain")(["--config", "recipes/configs/pretrain/tiny.yaml"], overrides={
+            **TINY_SHAPE, "output_dir": str(path), "max_steps": 60, "per_device_train_batch_size": 16,
+            "learning_rate": 3e-3, "warmup_steps": 5, "logging_steps": 20, "eval_strategy": "no",
+            "save_strategy": "no", "disable_tqdm": True, "report_to": "none",
+        })
     return str(path)
 
 
@@ -58,11 +88,8 @@ def tiny_sft(tiny_base, tmp_path_factory) -> str:
 
     The starting policy of the RL-stage tests (DPO, GRPO, RLOO, best-of-N). About 7 s.
     """
-    import contextlib
-    import io
-
     out = tmp_path_factory.mktemp("tiny-sft")
-    with contextlib.redirect_stdout(io.StringIO()):
+    with trained_quietly():
         load_recipe("sft")(["--config", "recipes/configs/sft/tiny.yaml"], overrides={
             "model_name_or_path": tiny_base, "output_dir": str(out), "use_peft": False, "max_steps": 200,
             "per_device_train_batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 0,
@@ -75,11 +102,8 @@ def tiny_sft(tiny_base, tmp_path_factory) -> str:
 def tiny_reward(tiny_sft, tmp_path_factory) -> str:
     """A LoRA reward model trained from `tiny_sft` by the reward recipe, as the pipeline does (held-out accuracy
     about 0.8, so it passes the gate). About 7 s."""
-    import contextlib
-    import io
-
     out = tmp_path_factory.mktemp("tiny-reward")
-    with contextlib.redirect_stdout(io.StringIO()):
+    with trained_quietly():
         load_recipe("reward")(["--config", "recipes/configs/reward/tiny.yaml"], overrides={
             "model_name_or_path": tiny_sft, "output_dir": str(out), "max_steps": 150,
             "per_device_train_batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 0, "eval_strategy": "no",
@@ -98,11 +122,8 @@ SFT_SHORT = {"max_steps": 6, "save_strategy": "steps", "save_steps": 2, "save_to
 def sft_straight(tiny_base, tmp_path_factory) -> Path:
     """An uninterrupted SFT_SHORT run from `tiny_base`, with checkpoints at steps 2, 4 and 6: the run that an
     interrupted, cut-off or disk-full one must match once resumed."""
-    import contextlib
-    import io
-
     out = tmp_path_factory.mktemp("sft-straight")
-    with contextlib.redirect_stdout(io.StringIO()):
+    with trained_quietly():
         load_recipe("sft")(["--config", "recipes/configs/sft/tiny.yaml"],
                            overrides={"model_name_or_path": tiny_base, "output_dir": str(out), **SFT_SHORT})
     return out
@@ -119,11 +140,8 @@ PPO_SHORT = {"max_steps": 4, "save_steps": 2, "save_total_limit": None, "per_dev
 def ppo_straight(tiny_sft, tiny_reward, tmp_path_factory) -> Path:
     """An uninterrupted PPO_SHORT run, with checkpoints at updates 2 and 4: the run that an interrupted or disk-full
     one must match once resumed."""
-    import contextlib
-    import io
-
     out = tmp_path_factory.mktemp("ppo-straight")
-    with contextlib.redirect_stdout(io.StringIO()):
+    with trained_quietly():
         load_recipe("ppo")(["--config", "recipes/configs/ppo/tiny.yaml"], overrides={
             "model_name_or_path": tiny_sft, "reward_model_path": tiny_reward, "output_dir": str(out), **PPO_SHORT})
     return out
@@ -149,15 +167,6 @@ class StepRecorder(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.steps.append(state.global_step)
-
-
-@pytest.fixture(scope="module")
-def single_thread():
-    """Tiny matmuls gain nothing from threads, and OpenMP spinning on shared cores slows everything down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

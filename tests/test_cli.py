@@ -8,6 +8,8 @@ from conftest import REPO
 
 
 def test_train_runs_a_stage_through_accelerate_and_says_what_to_run_next(tiny_base, tmp_path):
+    """`rlhf-kit train sft CONFIG` is `accelerate launch --config_file accelerate_config.yaml recipes/sft.py --config
+    CONFIG` (the pipeline's stages run the other recipes so)."""
     out = tmp_path / "sft"
     done = subprocess.run(
         [sys.executable, "-m", "rlhf_kit.cli", "train", "sft", "recipes/configs/sft/tiny.yaml",
@@ -16,6 +18,7 @@ def test_train_runs_a_stage_through_accelerate_and_says_what_to_run_next(tiny_ba
          "--accelerate_config", str(REPO / "accelerate_config.yaml")],
         cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "== sft finished" in done.stdout and (out / "adapter_model.safetensors").is_file()
     record = json.loads((out / "rlhf_kit_stage.json").read_text())
     assert record["stage"] == "sft" and record["config"]["max_steps"] == 2
     assert f"{REPO}/recipes/sft.py --config recipes/configs/sft/tiny.yaml" in done.stdout  # which recipe ran

@@ -38,13 +38,7 @@ TOKEN = "hf_exportTestSecret0123456789abcdef"
 CHAT = [[{"role": "user", "content": "Review the coffee, please! It's 3 o'clock."}]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and OpenMP spinning on 2 shared cores slows everything down.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The one-command pipeline, shortened: every stage through its recipe, resume at stage level, and the report."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -8,6 +9,7 @@ from conftest import REPO, TINY_SHAPE
 
 from rlhf_kit.config import ConfigError
 from rlhf_kit.pipeline import PipelineConfig, printable, report, run_pipeline, stage_command, stage_secrets
+from rlhf_kit.rewards import EVAL_FILE
 
 SHORT = {
     "pretrain": {**TINY_SHAPE, "vocab_size": 2048, "max_steps": 100, "per_device_train_batch_size": 16, "eval_strategy": "no",
@@ -22,21 +24,32 @@ STAGES = {stage: f"recipes/configs/{stage}/tiny.yaml" for stage in SHORT}
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline")
+    """The shortened pipeline, each stage launched as `rlhf-kit pipeline` launches it; returns its config, the
+    stages' status and the folder holding each stage process's output (<recipe>.log)."""
+    out, logs = tmp_path_factory.mktemp("pipeline"), tmp_path_factory.mktemp("pipeline-logs")
     config = PipelineConfig(
         output_dir=str(out),
         stages=STAGES,
         overrides=SHORT,
         evaluation={"num_prompts": 40, "max_new_tokens": 24, "temperature": 0.7, "task": "rlhf_kit.tasks.review"},
     )
-    status = run_pipeline(config, run=_run_in(REPO))
-    return config, status
+    status = run_pipeline(config, run=_launch_logged(REPO, logs))
+    return config, status, logs
 
 
-def _run_in(cwd):
+def _launch_logged(cwd, logs):
+    """Runs a stage's command with its output in logs/<recipe>.log, printed (for pytest to show) if the stage fails."""
     import subprocess
 
-    return lambda cmd, env: subprocess.call(cmd, cwd=cwd, env=env)
+    def run(cmd, env):
+        log = logs / f"{Path(cmd[cmd.index('--config') - 1]).stem}.log"
+        with log.open("w") as f:
+            code = subprocess.call(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        if code:
+            print(log.read_text()[-5000:])
+        return code
+
+    return run
 
 
 def test_stages_hand_outputs_forward(tmp_path):
@@ -77,7 +90,7 @@ def test_pipeline_config_errors(tmp_path):
 
 
 def test_pipeline_runs_and_rerun_skips_finished_stages(pipeline):
-    config, status = pipeline
+    config, status, _ = pipeline
     assert status == dict.fromkeys(STAGES, "ran")
     record = json.loads((config.stage_dir("ppo") / "rlhf_kit_stage.json").read_text())
     assert record["parent"]["stage"] == "sft"  # the lineage chain is recorded
@@ -89,8 +102,23 @@ def test_pipeline_runs_and_rerun_skips_finished_stages(pipeline):
     assert run_pipeline(config, run=must_not_run) == dict.fromkeys(STAGES, "skipped")
 
 
+def test_each_stage_runs_through_accelerate_launch_and_prints_its_summary(pipeline):
+    """`accelerate launch --config_file accelerate_config.yaml recipes/<stage>.py --config ...`, the command of the
+    pipeline and of `rlhf-kit train`, in a process of its own as users run it: each recipe ends with its summary and
+    leaves its outputs."""
+    config, _, logs = pipeline
+    printed = {stage: (logs / f"{stage}.log").read_text() for stage in STAGES}
+    for stage in STAGES:
+        assert f"== {stage} finished" in printed[stage], printed[stage][-3000:]
+    assert "== reward model on 300 held-out pairs" in printed["reward"]  # the whole shipped test split
+    assert (config.stage_dir("reward") / "adapter_model.safetensors").is_file()
+    assert (config.stage_dir("reward") / EVAL_FILE).is_file()
+    assert (config.stage_dir("ppo") / "adapter_model.safetensors").is_file()
+    assert (config.stage_dir("ppo") / "critic/value_head.safetensors").is_file()
+
+
 def test_report_orders_base_sft_ppo(pipeline):
-    config, _ = pipeline
+    config, _, _ = pipeline
     data = report(config)
     rows = data["rows"]
     # A few seconds of training teach the answer's shape and the stop token; reviewing the right item takes longer

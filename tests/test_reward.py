@@ -3,14 +3,11 @@
 import contextlib
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, Interrupt, StepRecorder, load_recipe, losses, read_jsonl
+from conftest import REPO, Interrupt, StepRecorder, load_recipe, losses, one_thread, read_jsonl
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
@@ -38,22 +35,7 @@ FAST = {
 TEST_PAIRS = read_jsonl(REPO / "data/preference/test.jsonl")
 
 
-@contextlib.contextmanager
-def one_thread():
-    """The tiny model's ops are too small to split across threads, and when other processes share the cores,
-    OpenMP's spinning threads make training 10-20x slower (observed with torch 2.x on 2 shared vCPUs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def run_reward(model, out, **overrides):
@@ -431,16 +413,3 @@ def test_fit_normalization_by_hand():
         {"offset": 2.5, "scale": (5 / 3) ** 0.5})
     with pytest.raises(ValueError, match="same score"):
         fit_normalization(torch.full((6,), 0.3))
-
-
-def test_recipe_runs_through_accelerate_launch(tiny_base, tmp_path):
-    out = tmp_path / "launched"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml",
-           "recipes/reward.py", "--config", "recipes/configs/reward/tiny.yaml", "--model_name_or_path", tiny_base,
-           "--output_dir", str(out), "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no",
-           "--disable_tqdm", "true", "--reference_pairs", "20"]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # see one_thread()
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "== reward model on 300 held-out pairs" in result.stdout and "== reward finished" in result.stdout
-    assert (out / "adapter_model.safetensors").is_file() and (out / EVAL_FILE).is_file()
