@@ -183,3 +183,33 @@ def load_recipe(name: str):
 
 def losses(log_history):
     return [entry["loss"] for entry in log_history if "loss" in entry]
+
+
+# ------------------------------------------------------------------------------------------------ data files
+
+
+@pytest.fixture
+def offline_private_cache(tmp_path, monkeypatch):
+    """No network, and each test's Arrow cache in its own tmp dir (datasets reads its cache root at call time)."""
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def system(text):
+    return {"role": "system", "content": text}
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)

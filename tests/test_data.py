@@ -5,6 +5,7 @@ from collections import Counter
 
 import datasets
 import pytest
+from conftest import assistant, system, user, write_jsonl
 
 from rlhf_kit.data.loading import (
     FORMATS,
@@ -18,29 +19,7 @@ from rlhf_kit.data.loading import (
 )
 
 
-@pytest.fixture(autouse=True)
-def offline_private_cache(tmp_path, monkeypatch):
-    # datasets reads its cache root at call time; keep each test's Arrow cache out of ~/.cache
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-def system(text):
-    return {"role": "system", "content": text}
-
-
-def write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
+pytestmark = pytest.mark.usefixtures("offline_private_cache")
 
 
 def write_csv(path, rows):

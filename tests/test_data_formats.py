@@ -7,33 +7,12 @@ import json
 
 import datasets
 import pytest
-from conftest import REPO, load_recipe, read_jsonl
+from conftest import REPO, assistant, load_recipe, read_jsonl, system, user, write_jsonl
 
 from rlhf_kit.data.loading import DataError, check_sources, load_data, parse_sources
 
 
-@pytest.fixture(autouse=True)
-def offline_private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-def system(text):
-    return {"role": "system", "content": text}
-
-
-def write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
+pytestmark = pytest.mark.usefixtures("offline_private_cache")
 
 
 HH_CHOSEN = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Review the tea.\n\nAssistant: The tea is great."
