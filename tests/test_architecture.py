@@ -78,8 +78,11 @@ def test_the_import_graph_has_no_cycle():
 
 
 def test_imports_flow_down_the_layers():
+    """Down only; across one layer only at the top (the CLI runs the pipeline and the plan): training, inference
+    and publishing meet only in what lies below them."""
     upward = [f"{a} imports {b}" for a, targets in sorted(import_graph().items()) for b in sorted(targets)
-              if group(a) != group(b) and layer(b) < layer(a) and group(b) != "rlhf_kit.tasks"]
+              if group(a) != group(b) and group(b) != "rlhf_kit.tasks"
+              and (layer(b) < layer(a) or (layer(b) == layer(a) and layer(a) > 0))]
     assert not upward, "imports against the layering of docs/architecture.md:\n" + "\n".join(upward)
 
 

@@ -8,6 +8,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,11 +18,9 @@ from ppo_update_worker import update_once
 from safetensors.torch import load_file
 
 from rlhf_kit.config import ConfigError, parse_config
-from rlhf_kit.data.loading import DataArguments
+from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.training.distributed import accumulation_steps, apply_global_batch_size, end_processes
-from rlhf_kit.model import ModelArguments
 from rlhf_kit.training.sft import SFTArguments
-from rlhf_kit.training.ppo.config import PPOConfig
 
 PROFILES = [REPO / "accelerate_config.yaml", *sorted((REPO / "accelerate_configs").glob("*.yaml"))]
 # Values for the placeholders of the multi-node launch line.
@@ -141,8 +140,7 @@ def test_profile_launch_line_dry_runs(profile):
     args, config_file, env, torchrun_config = dry_run(launch_argv(profile))
     # The recipe and its config named in the launch line exist and parse (use_cpu: bf16 configs on a CPU machine).
     assert (REPO / args.training_script).is_file()
-    stage_arguments = {"recipes/sft.py": SFTArguments, "recipes/ppo.py": PPOConfig}[args.training_script]
-    parse_config(DataArguments, ModelArguments, stage_arguments, args=args.training_script_args,
+    parse_config(*recipe_arguments(Path(args.training_script).stem), args=args.training_script_args,
                  overrides={"use_cpu": True})
 
     name = profile.stem
