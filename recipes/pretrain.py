@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, 
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data.loading import load_data
-from rlhf_kit.training.distributed import end_processes
+from rlhf_kit.training.distributed import apply_global_batch_size, end_processes
 from rlhf_kit.model import load_tokenizer
 from rlhf_kit.training.pretraining import pack_blocks, tiny_llama_config, train_tokenizer
 from rlhf_kit.publish.hub import publish_stage, take_over_push
@@ -22,6 +22,7 @@ from rlhf_kit.runs import format_summary, resume_checkpoint, train_and_save, wri
 
 def main(argv=None, overrides=None):
     args, training_args = parse_config(*recipe_arguments("pretrain"), args=argv, overrides=overrides)
+    apply_global_batch_size(training_args)  # gradient accumulation for this launch's process count
     push = take_over_push(training_args)  # fails now, not after training, without a repo id or token
     set_seed(training_args.seed)
     out = training_args.output_dir

@@ -17,7 +17,8 @@ _DATA, _MODEL, _REWARDS = "rlhf_kit.data.loading:DataArguments", "rlhf_kit.model
 
 # The config dataclasses of each recipe (recipes/<name>.py), in the order parse_config returns them.
 RECIPE_ARGUMENTS: dict[str, tuple[str, ...]] = {
-    "pretrain": ("rlhf_kit.training.pretraining:PretrainArguments", "transformers:TrainingArguments"),
+    "pretrain": ("rlhf_kit.training.pretraining:PretrainArguments",
+                 "rlhf_kit.training.pretraining:PretrainTrainingArguments"),
     "sft": (_DATA, _MODEL, "rlhf_kit.training.sft:SFTArguments"),
     "reward": (_DATA, _MODEL, "rlhf_kit.training.reward_model:RewardArguments"),
     "ppo": (_DATA, _MODEL, "rlhf_kit.training.ppo.config:PPOConfig", _REWARDS),

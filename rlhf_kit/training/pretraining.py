@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import LlamaConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast, TrainingArguments
 
 from rlhf_kit.model import IM_END, IM_START, PAD
+from rlhf_kit.training.settings import StageSettings
 
 EOS = "<|endoftext|>"
 SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
@@ -56,6 +57,12 @@ class PretrainArguments:
                 f"block_size ({self.block_size}) exceeds max_position_embeddings ({self.max_position_embeddings})."
             )
 
+
+
+@dataclass
+class PretrainTrainingArguments(StageSettings, TrainingArguments):
+    """transformers' TrainingArguments with the settings every rlhf-kit stage shares (bf16 when the hardware has it,
+    global_batch_size, no pinned memory without an accelerator)."""
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
     """Byte-level BPE (as in GPT-2 / LLaMA-3): every string is encodable, no unknown token."""
