@@ -20,11 +20,13 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+from rlhf_kit.errors import UserError
+
 # The resolved config saved beside a stage's outputs (and copied into an export); runs.py lists it with the other
 # files of a stage directory.
 CONFIG_FILE = "rlhf_kit_config.yaml"
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config key or value that cannot be used; raised before anything heavy is loaded."""
 
 

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from rlhf_kit.errors import UserError
 from rlhf_kit.model import IM_END, ModelArguments, is_adapter_dir, load_model
 from rlhf_kit.runs import EVAL_FILE, REWARD_FILE
 
@@ -46,7 +47,7 @@ Sample = str | list[dict[str, str]]
 RewardFunc = Callable[..., list[float]]
 
 
-class RewardGateError(ValueError):
+class RewardGateError(UserError):
     """The reward model is not fit to drive PPO; the message says what to fix and how to override."""
 
 

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
+from rlhf_kit.errors import UserError
+
 # How SFT finds the assistant's tokens (see `assistant_mask_source`).
 MARKERS, TRL_TEMPLATE, RENDERED = "markers", "trl", "rendered"
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError):
     """A chat template that cannot say which tokens are the assistant's; the message says what to do."""
 
 

@@ -49,6 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rlhf_kit.config import looks_like_path
+from rlhf_kit.errors import UserError
 
 FORMATS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
@@ -90,7 +91,7 @@ _FILES_ACCEPTED = (
 )
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A source or a row that cannot be used; the message names the source, row and field."""
 
 

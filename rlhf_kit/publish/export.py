@@ -36,6 +36,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_kit.config import CONFIG_FILE, ConfigError, save_config
+from rlhf_kit.errors import UserError
 from rlhf_kit.model import (IM_END, ModelArguments, adapter_base, is_adapter_dir, load_model, merged_model_dir,
                     merged_source)
 from rlhf_kit.publish.model_card import write_card
@@ -55,7 +56,7 @@ GGUF_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": (
               "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0")}
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A stage output that cannot be exported as asked; the message says what to do instead."""
 
 

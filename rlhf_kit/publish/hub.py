@@ -29,6 +29,7 @@ from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
 from rlhf_kit.config import ConfigError
+from rlhf_kit.errors import UserError
 from rlhf_kit.publish.export import ExportArguments, check_repo_id, check_stage_output, export
 from rlhf_kit.publish.model_card import render_card, write_card
 from rlhf_kit.runs import CARD_FILE, StageOutput, unpublished_patterns
@@ -40,7 +41,7 @@ TOKEN_HELP = ("log in with `hf auth login`, or set HF_TOKEN to a token with writ
 _TEXT = (".json", ".yaml", ".yml", ".md", ".txt", ".jinja", ".py", ".cfg", ".toml")
 
 
-class PushError(RuntimeError):
+class PushError(UserError, RuntimeError):
     """Pushing cannot proceed; the message says what to do."""
 
 
