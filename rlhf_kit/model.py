@@ -29,6 +29,7 @@ from transformers import (
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from rlhf_kit.config import ConfigError, looks_like_path
+from rlhf_kit.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +102,21 @@ class ModelArguments(ModelConfig):
             self.lora_target_parameters = [self.lora_target_parameters]
 
 
+# What a missing model directory is and how to make one: the tiny configs start from outputs/tiny-base.
+_MAKE_A_MODEL = ("A local model is the output_dir of an earlier stage: run that stage first (a base model from scratch: "
+                 "rlhf-kit train pretrain recipes/configs/pretrain/tiny.yaml; every stage in turn: rlhf-kit pipeline "
+                 "recipes/configs/pipeline/tiny.yaml), or give a Hub model id <namespace>/<name>.")
+
+
+class ModelNotFoundError(UserError, FileNotFoundError):
+    """A model path or id that is neither a local directory nor a loadable Hub model."""
+
+
 def check_model_source(name_or_path: str, key: str = "model_name_or_path") -> None:
     """Refuse a local model path that does not exist: transformers would report it as an invalid Hub repo id."""
     if looks_like_path(name_or_path) and not Path(name_or_path).expanduser().exists():
-        raise FileNotFoundError(f"{key}: {name_or_path} does not exist (working directory {os.getcwd()}); give a "
-                                "model directory (a stage's output_dir) or a Hub id <namespace>/<name>.")
+        raise ModelNotFoundError(f"{key}: {name_or_path} does not exist (working directory {os.getcwd()}). "
+                                 f"{_MAKE_A_MODEL}")
 
 
 def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -116,8 +127,8 @@ def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code:
         if Path(name_or_path).exists():
             raise
         # `outputs/sft` is both a relative path and a Hub id: say that neither was found.
-        raise OSError(f"{name_or_path} is not a local directory (working directory {os.getcwd()}) and could not be "
-                      f"loaded from the Hub either: {error}") from error
+        raise ModelNotFoundError(f"{name_or_path} is not a local directory (working directory {os.getcwd()}) and "
+                                 f"could not be loaded from the Hub either: {error}\n{_MAKE_A_MODEL}") from error
 
 
 def load_model_tokenizer(args: ModelArguments, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
