@@ -15,6 +15,7 @@ from transformers import set_seed
 
 from rlhf_kit.inference.best_of_n import write_best_of_n
 from rlhf_kit.config import parse_config, save_config, to_dict
+from rlhf_kit.errors import run_main
 from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data.loading import load_data
 from rlhf_kit.training.distributed import end_processes
@@ -60,5 +61,5 @@ def main(argv=None, overrides=None, callbacks=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a user error: its message, no traceback
     end_processes()  # every process done before any leaves; a live gloo group can abort the exit

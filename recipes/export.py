@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from rlhf_kit.config import parse_config
+from rlhf_kit.errors import run_main
 from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.publish.export import export
 from rlhf_kit.publish.hub import push_folder, require_token
@@ -48,4 +49,4 @@ def main(argv=None, overrides=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a user error: its message, no traceback

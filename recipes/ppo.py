@@ -12,6 +12,7 @@ card and the stage record. An interrupted run resumes from its last checkpoint w
 from transformers import set_seed
 
 from rlhf_kit.config import parse_config, save_config, to_dict
+from rlhf_kit.errors import run_main
 from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data.loading import load_data, row_char_limit
 from rlhf_kit.training.distributed import apply_global_batch_size, end_processes, parallelism
@@ -104,5 +105,5 @@ def load_full_critic(path, tokenizer, trust_remote_code):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a user error: its message, no traceback
     end_processes()  # every process done before any leaves; a live gloo group can abort the exit

@@ -11,6 +11,7 @@ continues pretraining that model instead (same packing, its own tokenizer).
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, LlamaForCausalLM, Trainer, set_seed
 
 from rlhf_kit.config import parse_config, save_config, to_dict
+from rlhf_kit.errors import run_main
 from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data.loading import load_data
 from rlhf_kit.training.distributed import apply_global_batch_size, end_processes
@@ -63,5 +64,5 @@ def main(argv=None, overrides=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a user error: its message, no traceback
     end_processes()  # every process done before any leaves; a live gloo group can abort the exit

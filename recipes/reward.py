@@ -13,6 +13,7 @@ from transformers import set_seed
 from trl import RewardTrainer
 
 from rlhf_kit.config import parse_config, save_config, to_dict
+from rlhf_kit.errors import run_main
 from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data.loading import detect_dataset_format, load_data, row_char_limit
 from rlhf_kit.training.distributed import apply_global_batch_size, end_processes
@@ -107,5 +108,5 @@ def main(argv=None, overrides=None, callbacks=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a user error: its message, no traceback
     end_processes()  # every process done before any leaves; a live gloo group can abort the exit

@@ -196,8 +196,10 @@ def _check_data(values: dict[str, Any], kind: str, produced: set[Path]) -> None:
 
 def launch_command(stage: str, accelerate_config: str) -> list[str]:
     """`accelerate launch --config_file <profile> recipes/<recipe>.py`, the way every stage runs (the pipeline's and
-    `rlhf-kit train`'s); the recipe's own arguments (`--config`, `--key value`) go after it."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
+    `rlhf-kit train`'s); the recipe's own arguments (`--config`, `--key value`) go after it. `--quiet`: a failed
+    recipe has said why (a user error in one line, a bug with its traceback), and without it accelerate adds a
+    traceback of its own launcher (CalledProcessError) or torchrun's ChildFailedError one."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", accelerate_config,
             str(recipe_path(RECIPE_OF.get(stage, stage)))]
 
 
@@ -213,6 +215,10 @@ def printable(cmd: list[str]) -> str:
     for previous, arg in zip(cmd, cmd[1:]):
         shown.append("***" if previous.startswith("--") and is_secret(previous[2:]) else arg)
     return " ".join(shown)
+
+
+class StageFailed(RuntimeError):
+    """A stage's command exited non-zero; the stage printed why (the pipeline's own traceback would add nothing)."""
 
 
 class StageStopped(RuntimeError):
@@ -297,7 +303,7 @@ def run_pipeline(
         log(f"[pipeline] {stage}: {printable(cmd[2:])}")
         code = run(cmd, {**os.environ, **stage_secrets(config, stage), IN_PIPELINE: "1"})
         if code != 0:
-            raise RuntimeError(f"Pipeline stage '{stage}' failed with exit code {code}; rerun to resume from it.")
+            raise StageFailed(f"Pipeline stage '{stage}' failed with exit code {code}; rerun to resume from it.")
         status[stage] = "ran"
     return status
 

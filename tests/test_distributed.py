@@ -66,7 +66,8 @@ def test_processes_that_would_each_train_alone_are_refused(monkeypatch):
 
 
 def test_a_launched_recipe_tears_its_process_group_down(tmp_path):
-    """Each launched recipe ends with end_processes: a gloo group left alive at exit can abort the interpreter's
+    """Each launched recipe runs main through run_main (a user error: its message, no traceback) and ends with
+    end_processes: a gloo group left alive at exit can abort the interpreter's
     finalization (SIGABRT, seen on CI in a finished FSDP2 GRPO run), so the group is destroyed after a barrier."""
     import ast
 
@@ -82,7 +83,7 @@ def test_a_launched_recipe_tears_its_process_group_down(tmp_path):
         guard = [node for node in ast.parse(recipe.read_text()).body
                  if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
         calls = [ast.unparse(statement) for statement in guard[0].body]
-        assert calls == ["main()", "end_processes()"], recipe.name
+        assert calls == ["run_main(main)", "end_processes()"], recipe.name
 
 
 # ------------------------------------------------------------------------------------------------ profiles
