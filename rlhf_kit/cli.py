@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from rlhf_kit.errors import DEBUG_ENV, USER_ERROR_EXIT, debugging, is_user_error
 from rlhf_kit.stages import TRAINING
 
 
@@ -23,7 +25,7 @@ def _init(ns: argparse.Namespace) -> int:
 
 def _pipeline(ns: argparse.Namespace) -> int:
     from rlhf_kit.config import ConfigError
-    from rlhf_kit.pipeline import PipelineConfig, StageStopped, run_pipeline
+    from rlhf_kit.pipeline import PipelineConfig, StageFailed, StageStopped, run_pipeline
     from rlhf_kit.resources import missing_shipped_file
 
     try:
@@ -32,11 +34,16 @@ def _pipeline(ns: argparse.Namespace) -> int:
             config.output_dir = ns.output_dir
         run_pipeline(config, force=ns.force, log=lambda line: print(line, flush=True))
     except ConfigError as e:  # a user error, checked before anything trains: the message says it all
+        if debugging():
+            raise
         print(f"rlhf-kit pipeline: {e}{missing_shipped_file(ns.config)}", file=sys.stderr)
         return 2
     except StageStopped as stop:
         print(f"rlhf-kit pipeline: {stop}", file=sys.stderr)
         return 128 + stop.signum  # the shell's convention for "ended by this signal"
+    except StageFailed as failed:  # the stage's own output, just above, says why
+        print(f"rlhf-kit pipeline: {failed}", file=sys.stderr)
+        return 1
     if config.evaluation and not ns.no_eval:
         from rlhf_kit.pipeline import report
 
@@ -171,6 +178,8 @@ def _plan(ns: argparse.Namespace) -> int:
         sharding = Sharding.from_profile(ns.profile, ns.num_gpus or max(len(gpus), 1))
         result = estimate(config, ns.stage or stage_of(ns.config), sharding)
     except ConfigError as e:
+        if debugging():
+            raise
         print(f"rlhf-kit plan: {e}", file=sys.stderr)
         return 2
     print(format_plan(result, gpus, sharding))
@@ -188,6 +197,9 @@ def _push(ns: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-kit", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of a user error (a bad config, data file or path) too, here and in "
+                             f"the recipes this command launches; so does the environment variable {DEBUG_ENV}=1")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init", help="copy the shipped recipes, configs, accelerate profiles and data into a directory, "
@@ -280,7 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    return ns.func(ns)
+    if ns.debug:
+        os.environ[DEBUG_ENV] = "1"  # for the recipes that `train` and `pipeline` launch, which inherit it
+    try:
+        return ns.func(ns)
+    except Exception as error:
+        # A user error is its message alone; a bug keeps its traceback.
+        if debugging() or not is_user_error(error):
+            raise
+        print(f"rlhf-kit {ns.command}: {error}", file=sys.stderr)
+        return USER_ERROR_EXIT
 
 
 if __name__ == "__main__":
