@@ -16,6 +16,7 @@ LAYERS = [
     {"rlhf_kit.rewards"},
     {"rlhf_kit.model", "rlhf_kit.runs", "rlhf_kit.data"},
     {"rlhf_kit.checkpoints", "rlhf_kit.config", "rlhf_kit.resources", "rlhf_kit.stages"},
+    {"rlhf_kit.errors"},
 ]
 
 
