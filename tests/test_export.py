@@ -152,6 +152,20 @@ def test_the_cards_chat_snippet_runs(sft, tmp_path):
     assert namespace["output"].shape[1] > namespace["inputs"]["input_ids"].shape[1]
 
 
+def test_the_cards_adapter_snippet_chats_and_stops_at_the_end_of_turn(sft, tmp_path):
+    """The adapter snippet, run as written: on the kit's base (whose generation config knows only its own EOS) it
+    must pass the chat's stop ids itself, or it never stops (issue 16, item 10)."""
+    out = tmp_path / "export"
+    run_export(sft, out, formats=["adapter"])
+    card = (out / "README.md").read_text()
+    snippet = re.search(r"### The LoRA adapter alone.*?```python\n(.*?)```", card, re.S).group(1)
+    namespace = {}
+    exec(snippet.replace("max_new_tokens=128", "max_new_tokens=40"), namespace)  # noqa: S102
+    generated = namespace["output"][0, namespace["inputs"]["input_ids"].shape[1]:].tolist()
+    im_end = namespace["tokenizer"].convert_tokens_to_ids("<|im_end|>")
+    assert im_end in namespace["stop"] and generated[-1] in namespace["stop"] and len(generated) < 40, generated
+
+
 def test_qlora_adapter_merges_into_a_full_precision_base(tiny_base, tmp_path):
     pytest.importorskip("bitsandbytes")
     stage = tmp_path / "qlora"
@@ -200,6 +214,13 @@ def test_gguf_f16_and_q8_0_load_back_through_transformers(tiny_base, sft, tmp_pa
         print(f"{gguf_type}: max |logit error| {error * scale:.4f} = {error:.2e} of max |logit| {scale:.2f}")
         assert error < tolerance[gguf_type]
         assert (got.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
+
+    # The card's transformers snippet, run as written: the file's own tokenizer and chat template, stopping at the end.
+    snippet = re.search(r"Or with transformers.*?```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+    namespace = {}
+    exec(snippet.replace("max_new_tokens=128", "max_new_tokens=40"), namespace)  # noqa: S102
+    generated = namespace["output"][0, namespace["inputs"]["input_ids"].shape[1]:].tolist()
+    assert generated[-1] == tokenizer.eos_token_id and len(generated) < 40, generated
 
     from gguf import GGUFReader
 
