@@ -5,6 +5,7 @@ import json
 import logging
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -445,6 +446,26 @@ def test_recipes_push_to_hub_is_taken_from_trainer(monkeypatch, tmp_path):
     assert take_over_push(TrainingArguments(output_dir=str(tmp_path), report_to="none")) is None
     with pytest.raises(ConfigError, match="hub_model_id"):
         take_over_push(TrainingArguments(output_dir=str(tmp_path), push_to_hub=True, report_to="none"))
+
+
+def test_an_adapter_on_a_relative_local_base_says_how_to_make_it_loadable(tiny_base, sft, tmp_path, monkeypatch,
+                                                                          caplog):
+    """`model_name_or_path: outputs/tiny-sft` is saved as the adapter's base as given: one slash, so it reads as a Hub
+    id and nothing warned that the pushed adapter cannot load anywhere (issue 16, item 10)."""
+    stage = tmp_path / "stage"
+    shutil.copytree(sft, stage, ignore=shutil.ignore_patterns("merged"))
+    monkeypatch.chdir(Path(tiny_base).parent.parent)
+    relative = f"{Path(tiny_base).parent.name}/{Path(tiny_base).name}"  # like outputs/tiny-sft
+    config = json.loads((stage / "adapter_config.json").read_text())
+    (stage / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": relative}))
+    with caplog.at_level(logging.WARNING):
+        run_export(stage, tmp_path / "export", formats=["adapter"])
+    assert f"relative (to the directory training ran in) local path {relative}" in caplog.text
+    assert "--base_model_id" in caplog.text and "formats: [merged]" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_export(stage, tmp_path / "export-2", formats=["adapter"], base_model_id="someone/tiny-base")
+    assert "local path" not in caplog.text
 
 
 def test_clear_errors_for_bad_stage_outputs(tiny_base, sft, tmp_path, monkeypatch):
