@@ -52,11 +52,10 @@ def main(argv=None, overrides=None, callbacks=None):
     if own_split:
         eval_data = load_data(data_args.eval_source, kind="preference", split=data_args.dataset_test_split,
                               seed=args.seed, max_chars=row_char_limit(args.max_length))
-    train_data, eval_data, held_out = hold_out(
-        train_data, eval_data, fraction=args.eval_holdout_fraction, seed=args.seed,
-        own_split=f"split '{data_args.dataset_test_split}' of {data_args.eval_source}")
+    train_data, eval_data, held_out = hold_out(train_data, eval_data, fraction=args.eval_holdout_fraction,
+                                               seed=args.seed)
     # The normalization reference: reference_dataset, else the held-out pairs (the training pairs if in-sample).
-    reference_source = args.reference_dataset or (data_args.eval_source if held_out.startswith("split")
+    reference_source = args.reference_dataset or (data_args.eval_source if held_out is None
                                                   else f"{data_args.dataset_name} ({held_out})")
     reference_data = eval_data
     if args.reference_dataset is not None:
@@ -96,12 +95,10 @@ def main(argv=None, overrides=None, callbacks=None):
     normalization = fit_normalization(reward_model.score(reference, batch_size=batch_size, normalize=False))
     reward_model.offset, reward_model.scale = normalization["offset"], normalization["scale"]
     report = evaluate_reward_model(reward_model, eval_data, buckets=args.calibration_buckets, batch_size=batch_size)
-    report["held_out"] = held_out
-
     metrics = {"train_loss": train_loss, **normalization, **dropped, "eval_accuracy": report["accuracy"],
                "eval_mean_margin": report["mean_margin"], "eval_calibration_error": report["calibration_error"]}
-    if not held_out.startswith("split"):  # said where it differs from the usual: pairs held out here, or none
-        metrics["eval_held_out"] = held_out
+    if held_out is not None:  # not the data's own test split: pairs held out here, or none (the gate reads this)
+        report["held_out"] = metrics["eval_held_out"] = held_out
     if trainer.is_world_process_zero():
         metadata = reward_metadata(model_args, base_model, normalization=normalization, report=report,
                                    reference={"source": str(reference_source), "samples": len(reference)},

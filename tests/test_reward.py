@@ -83,7 +83,7 @@ def samples(n=24):
 def test_reward_model_beats_chance_and_reports(trained):
     out, trainer = trained["out"], trained["trainer"]
     report = json.loads((out / EVAL_FILE).read_text())
-    assert report["pairs"] == 300
+    assert report["pairs"] == 300 and "held_out" not in report  # the data's own test split: the file as before
     assert report["accuracy"] > 0.7, report  # chance is 0.5; this run reaches about 0.8
     assert report["chosen"]["mean"] > report["rejected"]["mean"] and report["mean_margin"] > 0
     assert sum(b["pairs"] for b in report["calibration"]) == 300 and len(report["calibration"]) == 5
@@ -237,7 +237,7 @@ def test_a_single_preference_file_holds_out_pairs_for_the_report_and_the_gate(ti
     assert report["held_out"] == "auto 10% of train (20 of 200 pairs, seed 0)" and report["pairs"] == 20
     assert len(trainer.train_dataset) == 180
     # The pairs the report scored are exactly the ones training never saw.
-    _, held, _ = hold_out(load_data(str(single), kind="preference"), None, fraction=0.1, seed=0, own_split="")
+    _, held, _ = hold_out(load_data(str(single), kind="preference"), None, fraction=0.1, seed=0)
     key = RewardModel(trainer.model, trainer.processing_class).encode  # the ids TRL trained on
     trained_pairs = {(tuple(r["chosen_ids"]), tuple(r["rejected_ids"])) for r in trainer.train_dataset}
     held_pairs = {(tuple(key(c)), tuple(key(r))) for c, r in map(pair_samples, held)}

@@ -88,16 +88,16 @@ def read_whole(sources) -> bool:
                for source in parse_sources(sources))
 
 
-def hold_out(train_data, eval_data, *, fraction: float, seed: int, own_split: str):
-    """(train, eval, held_out): the pairs to train on, the pairs the report and PPO's gate score, and what those are.
+def hold_out(train_data, eval_data, *, fraction: float, seed: int):
+    """(train, eval, held_out): the pairs to train on, the pairs the report and PPO's gate score, and how those were
+    held out: None for the data's own held-out split `eval_data`, else what reward_eval.json records.
 
-    `eval_data` is the data's own held-out split (described by `own_split`), or None when it has none. Then
-    `fraction` of the training pairs (at least MIN_HELD_OUT_PAIRS), drawn with `seed`, are held out of training;
-    when the data cannot spare them (over half of it) or `fraction` is 0, the report is scored on the training pairs
-    and says IN_SAMPLE.
+    When `eval_data` is None (the data has no split of its own), `fraction` of the training pairs (at least
+    MIN_HELD_OUT_PAIRS), drawn with `seed`, are held out of training; when the data cannot spare them (over half of
+    it) or `fraction` is 0, the report is scored on the training pairs and says IN_SAMPLE.
     """
     if eval_data is not None:
-        return train_data, eval_data, own_split
+        return train_data, eval_data, None
     pairs = len(train_data)
     held = max(math.ceil(fraction * pairs), MIN_HELD_OUT_PAIRS)
     if fraction == 0 or held > pairs // 2:
@@ -218,7 +218,7 @@ def format_report(report: dict[str, Any], min_accuracy: float = DEFAULT_MIN_ACCU
             "training pairs (in-sample: the data has no test split and is too small to hold pairs out)"
     else:
         verdict = "" if report["accuracy"] >= min_accuracy else ": PPO will refuse this reward model"
-        auto = f" ({held_out}, held out of training)" if held_out and held_out.startswith("auto") else ""
+        auto = f" ({held_out}, held out of training)" if held_out else ""
         title = f"== reward model on {report['pairs']} held-out pairs{auto}"
     lines = [
         title,
