@@ -4,7 +4,9 @@
 
 The model (the SFT output, or a base) gets a new one-output `score` head that is trained and saved with the adapter.
 After training, the reward model is scored on a reference set to record the normalization (mean 0, std 1) and on the
-held-out split for the report that PPO's gate reads. The output directory holds the adapter (or full model), the
+held-out pairs for the report that PPO's gate reads: the data's test split, or, for a single file or data without one,
+eval_holdout_fraction of the training pairs held out of training (data too small for that is scored in-sample, which
+the report says and the gate refuses). The output directory holds the adapter (or full model), the
 tokenizer with its chat template, rlhf_kit_reward.json (normalization, base model), reward_eval.json (the report),
 the resolved config and the stage record. An interrupted run resumes from its last checkpoint when started again.
 """
@@ -23,11 +25,13 @@ from rlhf_kit.training.reward_model import (
     evaluate_reward_model,
     fit_normalization,
     format_report,
+    hold_out,
+    read_whole,
     reference_samples,
     reward_lora_config,
     reward_metadata,
 )
-from rlhf_kit.rewards import RewardModel, write_reward_files
+from rlhf_kit.rewards import IN_SAMPLE, RewardModel, write_reward_files
 from rlhf_kit.publish.hub import publish_stage, take_over_push
 from rlhf_kit.data.lengths import count_over_length, length_metrics
 from rlhf_kit.runs import format_summary, resume_checkpoint, train_and_save, write_stage
@@ -42,12 +46,19 @@ def main(argv=None, overrides=None, callbacks=None):
     # Data first: a bad row or a contradictory setting must fail before minutes of model loading.
     train_data = load_data(data_args.dataset_name, kind="preference", split=data_args.dataset_train_split,
                            seed=args.seed, max_chars=row_char_limit(args.max_length))
-    eval_data = load_data(data_args.eval_source, kind="preference", split=data_args.dataset_test_split, seed=args.seed,
-                          max_chars=row_char_limit(args.max_length))
-    # The normalization reference: reference_dataset, else the held-out split, else the training data.
-    reference_source = args.reference_dataset or (data_args.eval_source if eval_data is not None
-                                                  else data_args.dataset_name)
-    reference_data = eval_data if eval_data is not None else train_data
+    # The report and PPO's gate need pairs the model never trained on: the data's test split, else a seeded share of
+    # the training pairs. A file or glob has no splits (it would be read whole again), so it never counts as one.
+    own_split = data_args.eval_dataset_name is not None or not read_whole(data_args.dataset_name)
+    eval_data = None
+    if own_split:
+        eval_data = load_data(data_args.eval_source, kind="preference", split=data_args.dataset_test_split,
+                              seed=args.seed, max_chars=row_char_limit(args.max_length))
+    train_data, eval_data, held_out = hold_out(train_data, eval_data, fraction=args.eval_holdout_fraction,
+                                               seed=args.seed)
+    # The normalization reference: reference_dataset, else the held-out pairs (the training pairs if in-sample).
+    reference_source = args.reference_dataset or (data_args.eval_source if held_out is None
+                                                  else f"{data_args.dataset_name} ({held_out})")
+    reference_data = eval_data
     if args.reference_dataset is not None:
         reference_data = load_data(args.reference_dataset, kind="preference", split=data_args.dataset_test_split,
                                    seed=args.seed)
@@ -55,7 +66,7 @@ def main(argv=None, overrides=None, callbacks=None):
             raise ValueError(f"reference_dataset {args.reference_dataset} has no '{data_args.dataset_test_split}' "
                              "split; give a file (used whole) or a directory with that split.")
     conversational = detect_dataset_format(train_data, "preference").endswith("_conversational")
-    check_reward_setup(model_args, args, has_eval_data=eval_data is not None)
+    check_reward_setup(model_args, args, has_eval_data=held_out != IN_SAMPLE)
     resume = resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
 
     tokenizer = load_model_tokenizer(model_args, trust_remote_code=args.trust_remote_code)
@@ -70,7 +81,7 @@ def main(argv=None, overrides=None, callbacks=None):
         model=model,
         args=args,
         train_dataset=train_data,
-        eval_dataset=eval_data if args.eval_strategy != "no" else None,
+        eval_dataset=eval_data if args.eval_strategy != "no" and held_out != IN_SAMPLE else None,
         processing_class=tokenizer,
         peft_config=reward_lora_config(model_args, tokenizer, added),
         callbacks=callbacks,
@@ -84,14 +95,11 @@ def main(argv=None, overrides=None, callbacks=None):
     reference = reference_samples(reference_data, args.reference_pairs, args.seed)
     normalization = fit_normalization(reward_model.score(reference, batch_size=batch_size, normalize=False))
     reward_model.offset, reward_model.scale = normalization["offset"], normalization["scale"]
-    report = None
-    if eval_data is not None:
-        report = evaluate_reward_model(reward_model, eval_data, buckets=args.calibration_buckets, batch_size=batch_size)
-
-    metrics = {"train_loss": train_loss, **normalization, **dropped}
-    if report is not None:
-        metrics.update(eval_accuracy=report["accuracy"], eval_mean_margin=report["mean_margin"],
-                       eval_calibration_error=report["calibration_error"])
+    report = evaluate_reward_model(reward_model, eval_data, buckets=args.calibration_buckets, batch_size=batch_size)
+    metrics = {"train_loss": train_loss, **normalization, **dropped, "eval_accuracy": report["accuracy"],
+               "eval_mean_margin": report["mean_margin"], "eval_calibration_error": report["calibration_error"]}
+    if held_out is not None:  # not the data's own test split: pairs held out here, or none (the gate reads this)
+        report["held_out"] = metrics["eval_held_out"] = held_out
     if trainer.is_world_process_zero():
         metadata = reward_metadata(model_args, base_model, normalization=normalization, report=report,
                                    reference={"source": str(reference_source), "samples": len(reference)},
@@ -100,8 +108,7 @@ def main(argv=None, overrides=None, callbacks=None):
         save_config(args.output_dir, data_args, model_args, args)
         write_stage(args.output_dir, "reward", model=model_args.model_name_or_path, data=data_args.dataset_name,
                     config=to_dict(data_args, model_args, args), metrics=metrics)
-        if report is not None:
-            print(format_report(report))
+        print(format_report(report))
         publish_stage(args.output_dir, push)
         print(format_summary("reward", args.output_dir, metrics))
     return trainer

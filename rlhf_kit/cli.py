@@ -84,7 +84,8 @@ def _eval(ns: argparse.Namespace) -> int:
     import json
 
     from rlhf_kit.data.loading import load_data
-    from rlhf_kit.inference.evaluation import evaluate_policy, format_table, load_policy, load_task, win_rate
+    from rlhf_kit.inference.evaluation import (evaluate_policy, format_table, load_policy, load_task,
+                                                merged_copy_note, win_rate)
 
     task = load_task(ns.task)  # a typo fails before any model loads
     judges = {}
@@ -103,9 +104,15 @@ def _eval(ns: argparse.Namespace) -> int:
         reward_model = RewardModel.from_pretrained(ns.reward_model)
         judges["rm_win_rate"] = lambda p, r: reward_model.score_texts_for([p], [r]).item()
     reference = load_policy(ns.reference, "reference") if ns.reference else None
-    results = [evaluate_policy(load_policy(path), prompts, reward_model=reward_model, reference=reference, task=task,
-                               max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, seed=ns.seed)
-               for path in [ns.model] + ([ns.against] if ns.against else [])]
+    results = []
+    for path in [ns.model] + ([ns.against] if ns.against else []):  # one policy in memory at a time
+        policy = load_policy(path)
+        for note in filter(None, map(merged_copy_note, [policy] + ([reference] if path == ns.model and reference
+                                                                    else []))):
+            print(note, file=sys.stderr)
+        results.append(evaluate_policy(policy, prompts, reward_model=reward_model, reference=reference, task=task,
+                                       max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, seed=ns.seed))
+        del policy
     if ns.against:
         ours, theirs = results
         for column, judge in judges.items():

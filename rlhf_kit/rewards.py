@@ -39,6 +39,8 @@ from rlhf_kit.runs import EVAL_FILE, REWARD_FILE
 
 HEAD = "score"  # the one-output linear layer of transformers' *ForSequenceClassification models
 DEFAULT_MIN_ACCURACY = 0.6
+# reward_eval.json's "held_out" when the pairs scored are the training pairs (the data had none to spare).
+IN_SAMPLE = "in-sample"
 QUANTIZATION_KEYS = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "use_bnb_nested_quant",
                       "bnb_4bit_quant_storage")
 
@@ -352,6 +354,11 @@ def gate(reward_dir: str, policy_tokenizer: PreTrainedTokenizerBase, *, min_accu
         problems.append(f"{reward_dir} has no {EVAL_FILE}, so its held-out accuracy is unknown. Train it with "
                         "recipes/reward.py on preference data that has a test split (or set eval_dataset_name).")
         report = {}
+    elif report.get("held_out") == IN_SAMPLE:
+        problems.append(f"{EVAL_FILE} scores the reward model on its own training pairs (in-sample accuracy "
+                        f"{report['accuracy']:.3f} on {report['pairs']} pairs), which says nothing about new pairs. "
+                        "Train it on preference data with a test split (a directory with test.jsonl, or "
+                        "eval_dataset_name), or on enough pairs for eval_holdout_fraction to hold some out.")
     elif report["accuracy"] < min_accuracy:
         problems.append(f"held-out pairwise accuracy {report['accuracy']:.3f} on {report['pairs']} pairs is below "
                         f"min_accuracy {min_accuracy} (chance is 0.5): PPO would optimize mostly noise. Train the "

@@ -40,3 +40,26 @@ def test_a_named_task_adds_its_columns_and_a_bad_one_fails_first(tiny_sft, tmp_p
         load_task("rlhf_kit.tasks.reviews")
     with pytest.raises(ValueError, match="has no metrics or gold_score function"):
         load_task("json")
+
+
+def test_chat_and_eval_say_where_an_adapters_merged_copy_goes(sft_straight, tiny_sft, tmp_path, monkeypatch, capsys,
+                                                              single_thread):
+    """Generating from an adapter merges it into its base on disk (16 GB at 8B): both commands say where and how big
+    (issue 16, item 10); a full model writes nothing, so nothing is said."""
+    from rlhf_kit.inference.chat import chat
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RLHF_KIT_CACHE", str(cache))
+    written = []
+    chat(str(sft_straight), lines=["Say hello."], write=written.append, max_new_tokens=2, temperature=0)
+    merged = next(cache.rglob("config.json")).parent
+    size = sum(f.stat().st_size for f in merged.rglob("*") if f.is_file()) / 1e9
+    assert f"the merged model ({size:.2f} GB) is cached at {merged}" in written[0]
+
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text(json.dumps({"prompt": [{"role": "user", "content": "Say hello."}]}) + "\n")
+    capsys.readouterr()
+    assert cli(["eval", str(sft_straight), "--prompts", str(prompts), "--against", tiny_sft,
+                "--max_new_tokens", "2"]) == 0
+    said = capsys.readouterr().err
+    assert f"is cached at {merged}" in said and said.count("is cached at") == 1  # the full model: nothing to say

@@ -5,6 +5,7 @@ import json
 import logging
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,6 +153,20 @@ def test_the_cards_chat_snippet_runs(sft, tmp_path):
     assert namespace["output"].shape[1] > namespace["inputs"]["input_ids"].shape[1]
 
 
+def test_the_cards_adapter_snippet_chats_and_stops_at_the_end_of_turn(sft, tmp_path):
+    """The adapter snippet, run as written: on the kit's base (whose generation config knows only its own EOS) it
+    must pass the chat's stop ids itself, or it never stops (issue 16, item 10)."""
+    out = tmp_path / "export"
+    run_export(sft, out, formats=["adapter"])
+    card = (out / "README.md").read_text()
+    snippet = re.search(r"### The LoRA adapter alone.*?```python\n(.*?)```", card, re.S).group(1)
+    namespace = {}
+    exec(snippet.replace("max_new_tokens=128", "max_new_tokens=40"), namespace)  # noqa: S102
+    generated = namespace["output"][0, namespace["inputs"]["input_ids"].shape[1]:].tolist()
+    im_end = namespace["tokenizer"].convert_tokens_to_ids("<|im_end|>")
+    assert im_end in namespace["stop"] and generated[-1] in namespace["stop"] and len(generated) < 40, generated
+
+
 def test_qlora_adapter_merges_into_a_full_precision_base(tiny_base, tmp_path):
     pytest.importorskip("bitsandbytes")
     stage = tmp_path / "qlora"
@@ -200,6 +215,13 @@ def test_gguf_f16_and_q8_0_load_back_through_transformers(tiny_base, sft, tmp_pa
         print(f"{gguf_type}: max |logit error| {error * scale:.4f} = {error:.2e} of max |logit| {scale:.2f}")
         assert error < tolerance[gguf_type]
         assert (got.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
+
+    # The card's transformers snippet, run as written: the file's own tokenizer and chat template, stopping at the end.
+    snippet = re.search(r"Or with transformers.*?```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+    namespace = {}
+    exec(snippet.replace("max_new_tokens=128", "max_new_tokens=40"), namespace)  # noqa: S102
+    generated = namespace["output"][0, namespace["inputs"]["input_ids"].shape[1]:].tolist()
+    assert generated[-1] == tokenizer.eos_token_id and len(generated) < 40, generated
 
     from gguf import GGUFReader
 
@@ -424,6 +446,26 @@ def test_recipes_push_to_hub_is_taken_from_trainer(monkeypatch, tmp_path):
     assert take_over_push(TrainingArguments(output_dir=str(tmp_path), report_to="none")) is None
     with pytest.raises(ConfigError, match="hub_model_id"):
         take_over_push(TrainingArguments(output_dir=str(tmp_path), push_to_hub=True, report_to="none"))
+
+
+def test_an_adapter_on_a_relative_local_base_says_how_to_make_it_loadable(tiny_base, sft, tmp_path, monkeypatch,
+                                                                          caplog):
+    """`model_name_or_path: outputs/tiny-sft` is saved as the adapter's base as given: one slash, so it reads as a Hub
+    id and nothing warned that the pushed adapter cannot load anywhere (issue 16, item 10)."""
+    stage = tmp_path / "stage"
+    shutil.copytree(sft, stage, ignore=shutil.ignore_patterns("merged"))
+    monkeypatch.chdir(Path(tiny_base).parent.parent)
+    relative = f"{Path(tiny_base).parent.name}/{Path(tiny_base).name}"  # like outputs/tiny-sft
+    config = json.loads((stage / "adapter_config.json").read_text())
+    (stage / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": relative}))
+    with caplog.at_level(logging.WARNING):
+        run_export(stage, tmp_path / "export", formats=["adapter"])
+    assert f"relative (to the directory training ran in) local path {relative}" in caplog.text
+    assert "--base_model_id" in caplog.text and "formats: [merged]" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_export(stage, tmp_path / "export-2", formats=["adapter"], base_model_id="someone/tiny-base")
+    assert "local path" not in caplog.text
 
 
 def test_clear_errors_for_bad_stage_outputs(tiny_base, sft, tmp_path, monkeypatch):

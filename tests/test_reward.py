@@ -14,6 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trai
 from rlhf_kit.data.loading import load_data
 from rlhf_kit.training.reward_model import (
     fit_normalization,
+    hold_out,
     pair_samples,
     pairwise_report,
     reference_samples,
@@ -82,7 +83,7 @@ def samples(n=24):
 def test_reward_model_beats_chance_and_reports(trained):
     out, trainer = trained["out"], trained["trainer"]
     report = json.loads((out / EVAL_FILE).read_text())
-    assert report["pairs"] == 300
+    assert report["pairs"] == 300 and "held_out" not in report  # the data's own test split: the file as before
     assert report["accuracy"] > 0.7, report  # chance is 0.5; this run reaches about 0.8
     assert report["chosen"]["mean"] > report["rejected"]["mean"] and report["mean_margin"] > 0
     assert sum(b["pairs"] for b in report["calibration"]) == 300 and len(report["calibration"]) == 5
@@ -221,6 +222,48 @@ def test_gate_checks_tokenizer_compatibility_and_a_missing_report(trained, tmp_p
     AutoTokenizer.from_pretrained(out).save_pretrained(unevaluated)
     with pytest.raises(RewardGateError, match=f"has no {EVAL_FILE}"):
         gate(str(unevaluated), other_vocab)
+
+
+def test_a_single_preference_file_holds_out_pairs_for_the_report_and_the_gate(tiny_base, tmp_path):
+    """A single file has no test split: load_data would read it whole as 'test', so the report would score the
+    training pairs (issue 16, item 8). A seeded 10% is held out of training instead, and the report says so."""
+    rows = read_jsonl(REPO / "data/preference/train.jsonl")[:200]
+    single = tmp_path / "pairs.jsonl"
+    single.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, printed = tmp_path / "rm", io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        trainer = run_reward(tiny_base, out, dataset_name=str(single), max_steps=5, reference_pairs=20)
+    report = json.loads((out / EVAL_FILE).read_text())
+    assert report["held_out"] == "auto 10% of train (20 of 200 pairs, seed 0)" and report["pairs"] == 20
+    assert len(trainer.train_dataset) == 180
+    # The pairs the report scored are exactly the ones training never saw.
+    _, held, _ = hold_out(load_data(str(single), kind="preference"), None, fraction=0.1, seed=0)
+    key = RewardModel(trainer.model, trainer.processing_class).encode  # the ids TRL trained on
+    trained_pairs = {(tuple(r["chosen_ids"]), tuple(r["rejected_ids"])) for r in trainer.train_dataset}
+    held_pairs = {(tuple(key(c)), tuple(key(r))) for c, r in map(pair_samples, held)}
+    assert len(held_pairs) == 20 and not held_pairs & trained_pairs
+    assert len(trained_pairs | held_pairs) == 200  # and nothing was lost: every pair is in one of them
+    assert "== reward model on 20 held-out pairs (auto 10% of train (20 of 200 pairs, seed 0), held out of training)" \
+        in printed.getvalue()
+    stage = json.loads((out / "rlhf_kit_stage.json").read_text())
+    assert stage["metrics"]["eval_held_out"] == report["held_out"]
+
+
+def test_a_file_too_small_to_hold_out_is_reported_in_sample_and_the_gate_refuses_it(tiny_base, tmp_path):
+    small = tmp_path / "small.jsonl"  # 20 pairs: holding out the minimum 16 would leave too few to train on
+    shutil.copy(REPO / "data/examples/preference_implicit.jsonl", small)
+    out, printed = tmp_path / "rm", io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        run_reward(tiny_base, out, dataset_name=str(small), max_steps=3, per_device_train_batch_size=4,
+                   reference_pairs=20)
+    report = json.loads((out / EVAL_FILE).read_text())
+    assert report["held_out"] == "in-sample" and report["pairs"] == 20
+    assert "== reward model on its 20 training pairs (in-sample" in printed.getvalue()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    with pytest.raises(RewardGateError, match="scores the reward model on its own training pairs"):
+        gate(str(out), tokenizer, min_accuracy=0.0)
+    with pytest.warns(UserWarning, match="own training pairs"):
+        assert gate(str(out), tokenizer, min_accuracy=0.0, allow_weak_reward_model=True)["gate"]["overridden"]
 
 
 def test_tokenizer_compatibility_rules(trained):

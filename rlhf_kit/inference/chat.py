@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 import torch
 from transformers import TextStreamer
 
-from rlhf_kit.inference.evaluation import load_policy
+from rlhf_kit.inference.evaluation import load_policy, merged_copy_note
 from rlhf_kit.model import stop_token_ids
 
 HELP = "Type a message. /reset starts a new conversation, /exit (or Ctrl-D) quits."
@@ -19,7 +19,8 @@ def chat(model_path: str, *, lines: Iterable[str], write: Callable[[str], None],
     policy = load_policy(model_path)
     tok, model = policy.tokenizer, policy.model
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    write(f"rlhf-kit chat: {model_path}\n{HELP}\n")
+    note = merged_copy_note(policy)
+    write(f"rlhf-kit chat: {model_path}\n" + (f"({note})\n" if note else "") + f"{HELP}\n")
     for line in lines:
         text = line.strip()
         if text in ("/exit", "/quit"):

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, prepare_tokenizer, stop_token_ids
+from rlhf_kit.model import (ModelArguments, is_adapter_dir, load_model, load_tokenizer, merged_cache_path,
+                            prepare_tokenizer, stop_token_ids)
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Policy:
     name: str
     model: torch.nn.Module
     tokenizer: object
+    merged_copy: Path | None = None  # where an adapter's merged full model was written (it stays there, cached)
 
 
 @dataclass
@@ -46,14 +48,29 @@ class EvalResult:
 
 
 def load_policy(path: str, name: str | None = None) -> Policy:
-    """Any stage's output: a full model, or a LoRA adapter (merged into its base once, cached beside it).
+    """Any stage's output: a full model, or a LoRA adapter (merged into its base once and cached on disk, under
+    $RLHF_KIT_CACHE or $HF_HOME: `merged_copy` says where).
 
     A base model gets the same chat template SFT gives it, so base and SFT answer the very same prompts.
     """
     tokenizer = load_tokenizer(path)
     prepare_tokenizer(tokenizer)
     model = load_model(ModelArguments(model_name_or_path=path), tokenizer).eval()
-    return Policy(name or Path(path).name, model, tokenizer)
+    merged = merged_cache_path(path) if is_adapter_dir(path) else None
+    return Policy(name or Path(path).name, model, tokenizer, merged_copy=merged)
+
+
+def merged_copy_note(policy: Policy) -> str | None:
+    """One line saying where an adapter's merged copy went and how big it is (16 GB at 8B in bf16), or None.
+
+    The copy is kept on purpose: the next stage and the next `chat` / `eval` of the same adapter start from it
+    instead of merging again. But nobody expects `chat` to write a full model to disk, so the commands say so.
+    """
+    if policy.merged_copy is None or not policy.merged_copy.is_dir():
+        return None
+    size = sum(f.stat().st_size for f in policy.merged_copy.rglob("*") if f.is_file())
+    return (f"{policy.name}: the adapter was merged into its base for generation; the merged model ({size / 1e9:.2f} "
+            f"GB) is cached at {policy.merged_copy} (set RLHF_KIT_CACHE to move it; delete it to free the disk)")
 
 
 def load_task(name: str | None):

@@ -301,9 +301,14 @@ def export_adapter(source: ExportSource, out: Path, tokenizer, base_model_id: st
     config = dict(source.output.adapter_config)
     if base_model_id:
         config["base_model_name_or_path"] = base_model_id
-    elif _looks_local(config["base_model_name_or_path"]):
-        logger.warning("The exported adapter names its base by the local path %s; set base_model_id to the base's "
-                       "Hub id so that it loads elsewhere.", config["base_model_name_or_path"])
+    elif _looks_local(base := config["base_model_name_or_path"]) or Path(base).expanduser().is_dir():
+        # A relative path with one slash (`outputs/tiny-sft`) reads as a Hub id to PEFT: it fails wherever the
+        # adapter is downloaded, and even here from another working directory.
+        where = "absolute" if Path(base).expanduser().is_absolute() else "relative (to the directory training ran in)"
+        logger.warning("The exported adapter names its base by the %s local path %s, which nobody who downloads it "
+                       "has. Set base_model_id to the base's Hub id (export: base_model_id: <namespace>/<name>; "
+                       "rlhf-kit push: --base_model_id; for a PPO or reward adapter, the SFT model merged, once "
+                       "pushed), or export or push formats: [merged].", where, base)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     shutil.copyfile(source.path / "adapter_model.safetensors", out / "adapter_model.safetensors")
     tokenizer.save_pretrained(out)

@@ -18,9 +18,10 @@ from typing import Any
 import yaml
 
 from huggingface_hub import ModelCardData
+from transformers import AutoTokenizer
 
 from rlhf_kit.config import CONFIG_FILE
-from rlhf_kit.model import merged_source
+from rlhf_kit.model import merged_source, stop_token_ids
 from rlhf_kit.runs import CARD_FILE, EXPORT_FILE, REWARD_FILE, STAGE_FILE, StageOutput, library_versions, read_stage
 from rlhf_kit.stages import ONLINE_RL
 
@@ -203,7 +204,7 @@ def _usage(output: StageOutput, where: str, artifacts, steps, on_hub: bool) -> s
     if "merged" in artifacts:
         parts.append(_reward_snippet(where, on_hub) if artifacts["reward"] else _chat_snippet(output.path, where))
     if "adapter" in artifacts:
-        parts.append(_adapter_snippet(output.adapter_config, where, artifacts, steps))
+        parts.append(_adapter_snippet(output.adapter_config, where, artifacts, steps, output.path))
     if "gguf" in artifacts:
         parts.append(_gguf_snippet(where, artifacts["gguf"], on_hub))
     return "\n\n".join(parts)
@@ -257,7 +258,7 @@ print((raw - norm["offset"]) / norm["scale"])
 With rlhf-kit, from a local copy: `RewardModel.from_pretrained(<directory>).score([conversation])`."""
 
 
-def _adapter_snippet(config: dict[str, Any], where: str, artifacts, steps) -> str:
+def _adapter_snippet(config: dict[str, Any], where: str, artifacts, steps, path: Path) -> str:
     sub = artifacts["adapter"]
     base = config.get("base_model_name_or_path")
     subfolder = f', subfolder="{sub}"' if sub != "." else ""
@@ -268,6 +269,7 @@ def _adapter_snippet(config: dict[str, Any], where: str, artifacts, steps) -> st
     if not _is_hub_id(base):
         note = (f"\n\nThe adapter's base, `{base}`, is {_describe_local(base, steps)} on the machine that trained it: "
                 "load the adapter on that model, or use the merged model.")
+    chat = "" if reward else _adapter_chat(path / sub, base)
     return f"""### The LoRA adapter alone (plain PEFT)
 
 ```python
@@ -278,8 +280,25 @@ tokenizer = AutoTokenizer.from_pretrained("{where}"{subfolder})
 base = {auto}.from_pretrained("{base}"{extra})
 if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # tokens added for the chat template
     base.resize_token_embeddings(len(tokenizer))
-model = PeftModel.from_pretrained(base, "{where}"{subfolder})
+model = PeftModel.from_pretrained(base, "{where}"{subfolder}){chat}
 ```{note}"""
+
+
+def _adapter_chat(adapter_dir: Path, base: str) -> str:
+    """Generation lines for a causal adapter. The base's generation config knows only the base's EOS, not the chat
+    template's end of turn (<|im_end|>), so without explicit stop tokens the answer runs on to max_new_tokens."""
+    if not (adapter_dir / "tokenizer_config.json").is_file():
+        return ""
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    # The base's own EOS ids only when it is here to read: rendering a card must not need the network.
+    local_base = base if base and Path(base).is_dir() else None
+    stops = tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer, local_base))
+    return f"""
+messages = [{{"role": "user", "content": "Review the coffee."}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+stop = tokenizer.convert_tokens_to_ids({stops!r})  # the chat's end of turn: the base's generation config lacks it
+output = model.generate(**inputs, max_new_tokens=128, eos_token_id=stop)
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))"""
 
 
 def _describe_local(base: str, steps) -> str:
@@ -310,7 +329,18 @@ The chat template, the stop tokens and the tokenizer are inside each file.
 {fetch}llama-cli -m {files[-1]} -cnv
 ```
 
-Or with transformers: `AutoModelForCausalLM.from_pretrained("{where}", gguf_file="{files[0]}")`."""
+Or with transformers, which reads the tokenizer and its chat template from the file too:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{where}", gguf_file="{files[0]}")
+tokenizer = AutoTokenizer.from_pretrained("{where}", gguf_file="{files[0]}")
+messages = [{{"role": "user", "content": "Review the coffee."}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+output = model.generate(**inputs, max_new_tokens=128, eos_token_id=tokenizer.eos_token_id)  # the end of turn
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```"""
 
 
 def _files_section(output: StageOutput) -> str:

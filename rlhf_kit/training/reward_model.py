@@ -6,6 +6,9 @@ accuracy the gate reads is the accuracy of the scores PPO will see.
 
 from __future__ import annotations
 
+import glob
+import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +20,13 @@ from transformers import PreTrainedTokenizerBase
 from trl import RewardConfig
 
 from rlhf_kit.model import ModelArguments, lora_config
-from rlhf_kit.rewards import DEFAULT_MIN_ACCURACY, QUANTIZATION_KEYS, RewardModel, Sample
+from rlhf_kit.data.loading import parse_sources
+from rlhf_kit.rewards import DEFAULT_MIN_ACCURACY, IN_SAMPLE, QUANTIZATION_KEYS, RewardModel, Sample
 from rlhf_kit.training.settings import StageSettings, check_eval_data
+
+
+# Fewer held-out pairs make the gate's accuracy noise: its standard error at 16 pairs is already about 0.12.
+MIN_HELD_OUT_PAIRS = 16
 
 
 @dataclass
@@ -38,6 +46,14 @@ class RewardArguments(StageSettings, RewardConfig):
     calibration_buckets: int = field(
         default=5, metadata={"help": "Equal-count buckets of |reward margin| in the report's calibration table."}
     )
+    eval_holdout_fraction: float = field(
+        default=0.1,
+        metadata={"help": "When the preference data has no test split of its own (a single file or glob, which is "
+                  "read whole for every split, or a directory / Hub dataset without dataset_test_split) and no "
+                  "eval_dataset_name is set, this fraction of the training pairs (at least "
+                  f"{MIN_HELD_OUT_PAIRS}), drawn with seed, is held out of training for the report and PPO's gate. "
+                  "Data too small to spare them is scored in-sample, which the gate refuses. 0: never hold out."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -45,6 +61,8 @@ class RewardArguments(StageSettings, RewardConfig):
             raise ValueError(f"reference_pairs must be >= 1, got {self.reference_pairs}")
         if self.calibration_buckets < 1:
             raise ValueError(f"calibration_buckets must be >= 1, got {self.calibration_buckets}")
+        if not 0 <= self.eval_holdout_fraction < 1:
+            raise ValueError(f"eval_holdout_fraction must be in [0, 1), got {self.eval_holdout_fraction}")
 
 
 def check_reward_setup(model_args: ModelArguments, args: RewardArguments, has_eval_data: bool) -> None:
@@ -61,6 +79,31 @@ def check_reward_setup(model_args: ModelArguments, args: RewardArguments, has_ev
         raise ValueError("QLoRA keeps the LoRA and score-head weights in bfloat16 (TRL, after the QLoRA paper), "
                          "which float32 activations cannot enter: set bf16: true (and use_cpu: true on a machine "
                          "without a GPU), or dtype: bfloat16.")
+
+
+def read_whole(sources) -> bool:
+    """Whether a source of `sources` is a local file or glob: load_data reads those whole for every split, so the
+    data's "test split" would be its training pairs."""
+    return any(glob.has_magic(source.path) or os.path.isfile(os.path.expanduser(source.path))
+               for source in parse_sources(sources))
+
+
+def hold_out(train_data, eval_data, *, fraction: float, seed: int):
+    """(train, eval, held_out): the pairs to train on, the pairs the report and PPO's gate score, and how those were
+    held out: None for the data's own held-out split `eval_data`, else what reward_eval.json records.
+
+    When `eval_data` is None (the data has no split of its own), `fraction` of the training pairs (at least
+    MIN_HELD_OUT_PAIRS), drawn with `seed`, are held out of training; when the data cannot spare them (over half of
+    it) or `fraction` is 0, the report is scored on the training pairs and says IN_SAMPLE.
+    """
+    if eval_data is not None:
+        return train_data, eval_data, None
+    pairs = len(train_data)
+    held = max(math.ceil(fraction * pairs), MIN_HELD_OUT_PAIRS)
+    if fraction == 0 or held > pairs // 2:
+        return train_data, train_data, IN_SAMPLE
+    split = train_data.train_test_split(test_size=held, seed=seed)
+    return split["train"], split["test"], f"auto {fraction:.0%} of train ({held} of {pairs} pairs, seed {seed})"
 
 
 def reward_lora_config(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase,
@@ -169,9 +212,16 @@ def reward_metadata(model_args: ModelArguments, base_model: str, *, normalizatio
 
 def format_report(report: dict[str, Any], min_accuracy: float = DEFAULT_MIN_ACCURACY) -> str:
     """The held-out report as a table for the end of the stage."""
-    verdict = "" if report["accuracy"] >= min_accuracy else ": PPO will refuse this reward model"
+    held_out = report.get("held_out")
+    if held_out == IN_SAMPLE:
+        verdict, title = ": PPO will refuse this reward model", f"== reward model on its {report['pairs']} " \
+            "training pairs (in-sample: the data has no test split and is too small to hold pairs out)"
+    else:
+        verdict = "" if report["accuracy"] >= min_accuracy else ": PPO will refuse this reward model"
+        auto = f" ({held_out}, held out of training)" if held_out else ""
+        title = f"== reward model on {report['pairs']} held-out pairs{auto}"
     lines = [
-        f"== reward model on {report['pairs']} held-out pairs",
+        title,
         f"  accuracy {report['accuracy']:.3f} (chance 0.5; PPO's gate needs {min_accuracy} by default{verdict})",
         f"  mean margin {report['mean_margin']:.3f} raw, {report['normalized_mean_margin']:.3f} normalized",
         f"  chosen   reward {report['chosen']['mean']:+.3f} +- {report['chosen']['std']:.3f}",
