@@ -371,7 +371,14 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
     (out / "report.json").write_text(json.dumps(data, indent=2))
     md = [f"# rlhf-kit pipeline report ({len(prompts)} held-out prompts)", "", table, ""]
     if rm_eval:
-        md.append(f"Reward model on {rm_eval.get('pairs', '?')} held-out preference pairs (labelled by the gold "
+        # How the reward stage held its pairs out: no key for the data's own test split, a description for an
+        # automatic share of the training file, IN_SAMPLE when it could not (the accuracy is then the training pairs').
+        from rlhf_kit.rewards import IN_SAMPLE  # torch-heavy: loaded when a report is written, not at start-up
+
+        how = rm_eval.get("held_out")
+        kind = "training (in-sample, not held-out)" if how == IN_SAMPLE else "held-out"
+        source = f", {how}" if how and how != IN_SAMPLE else ""
+        md.append(f"Reward model on {rm_eval.get('pairs', '?')} {kind} preference pairs{source} (labelled by the gold "
                   f"annotator): accuracy {rm_eval.get('accuracy', float('nan')):.3f}.")
     plot = plot_ppo_training(config.stage_dir("ppo"), out / "ppo_training.png") if "ppo" in config.stages else None
     if plot:
