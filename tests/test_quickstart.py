@@ -8,9 +8,12 @@ a directory; the user's data is a few rows in the doc's formats; the Hub is test
 HF_ENDPOINT; every other command runs with HF_HUB_OFFLINE=1.
 """
 
+import contextlib
+import io
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -90,10 +93,27 @@ def plan_table() -> dict[str, tuple[str, str]]:
     return {f"recipes/configs/{config}": (peak, slack) for config, peak, slack in rows}
 
 
+IN_PROCESS = ("rlhf-kit plan ", "rlhf-kit init", "rlhf-kit eval ", "rlhf-kit chat ", "rlhf-kit export ")
+
+
+def run_in_process(run: str, work, monkeypatch) -> subprocess.CompletedProcess:
+    """`rlhf-kit ...` through the CLI's own entry point, in `work`, its stdout captured as a subprocess's would be."""
+    from rlhf_kit import cli
+
+    out = io.StringIO()
+    with monkeypatch.context() as m:
+        m.chdir(work)
+        m.setattr(sys, "stdin", io.StringIO("Review the tea.\n"))
+        with contextlib.redirect_stdout(out):
+            code = cli.main(shlex.split(run)[1:])
+    return subprocess.CompletedProcess(run, code or 0, out.getvalue(), "")
+
+
 @pytest.mark.slow
-def test_the_doc_runs_on_tiny_stand_ins(tiny_base, tmp_path):
-    """About 3 minutes on 2 shared cores, most of it 14 processes importing torch: the commands run as a user types
-    them, each in its own process."""
+def test_the_doc_runs_on_tiny_stand_ins(tiny_base, tmp_path, monkeypatch):
+    """The commands run as a user types them. Those that only read and write files in this process's way (plan,
+    init, eval, chat, export) run through `rlhf_kit.cli.main` in-process, which skips a torch import each; `train`
+    (it launches accelerate), `hf` and `push` (they talk to the fake Hub) each run in their own process."""
     model = family_model(tiny_base, "llama3.1", tmp_path / "hub-model")
     # What the doc says of Llama 3.1's template: no {% generation %} markers, so SFT finds the turns by rendering.
     assert assistant_mask_source(AutoTokenizer.from_pretrained(model)) == RENDERED
@@ -104,7 +124,9 @@ def test_the_doc_runs_on_tiny_stand_ins(tiny_base, tmp_path):
     assert commands[0] == "rlhf-kit init" and any(c.startswith("rlhf-kit push") for c in commands)
     base_env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
                 "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf-home"),
-                "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+                "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
+                # Merged adapters: the same cache for the processes and the in-process commands.
+                "RLHF_KIT_CACHE": str(tmp_path / "hf-home")}
     base_env.pop("HF_TOKEN", None)
     plans = plan_table()
     assert len(plans) == 3
@@ -116,8 +138,12 @@ def test_the_doc_runs_on_tiny_stand_ins(tiny_base, tmp_path):
             env = dict(online if uses_hub else base_env)
             if not run.startswith("hf auth login"):
                 env.pop("HF_TOKEN", None)  # after the login, the token comes from where it stored it
-            done = subprocess.run(["bash", "-c", run], cwd=work, env=env, capture_output=True, text=True,
-                                  input="Review the tea.\n" if run.startswith("rlhf-kit chat") else "")
+            if run.startswith(IN_PROCESS):
+                monkeypatch.setenv("RLHF_KIT_CACHE", env["RLHF_KIT_CACHE"])
+                done = run_in_process(run, work, monkeypatch)
+            else:
+                done = subprocess.run(["bash", "-c", run], cwd=work, env=env, capture_output=True, text=True,
+                                      input="Review the tea.\n" if run.startswith("rlhf-kit chat") else "")
             assert done.returncode == 0, f"{run}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
             if command in plans:  # the doc's numbers are the command's
                 peak, slack = plans[command]
