@@ -65,10 +65,11 @@ def test_dataset_resumes_exactly_and_trains_the_sft_recipe(tiny_sft, tiny_reward
     assert trainer.state.global_step == 2 and (tmp_path / "rft/adapter_model.safetensors").is_file()
 
 
-def test_cli_runs_the_recipe(tiny_sft, tiny_reward, tmp_path):
+def test_cli_runs_the_recipe(tiny_sft, tiny_reward, tmp_path, capsys):
     out = tmp_path / "cli"
     assert cli(["best-of-n", tiny_sft, "--config", "recipes/configs/best_of_n/tiny.yaml", "--reward_model_path",
                 tiny_reward, "--output_dir", str(out), "--num_prompts", "4", "--n", "2"]) == 0
     assert len((out / "train.jsonl").read_text().splitlines()) == 4
-    with pytest.raises(ValueError, match="Unknown command-line option '--num_prompt'"):
-        cli(["best-of-n", tiny_sft, "--config", "recipes/configs/best_of_n/tiny.yaml", "--num_prompt", "4"])
+    # A user error: one message, exit code 2, no traceback (tests/test_user_errors.py).
+    assert cli(["best-of-n", tiny_sft, "--config", "recipes/configs/best_of_n/tiny.yaml", "--num_prompt", "4"]) == 2
+    assert "Unknown command-line option '--num_prompt'" in capsys.readouterr().err
