@@ -19,7 +19,9 @@ from rlhf_kit.errors import DEBUG_ENV, is_user_error, run_main
 
 @pytest.fixture(autouse=True)
 def no_debug(monkeypatch):
-    monkeypatch.delenv(DEBUG_ENV, raising=False)  # and restored after a test that sets it (cli --debug does)
+    # Set (to off) rather than deleted: monkeypatch restores only what it set, and `cli --debug` writes os.environ
+    # itself, which would otherwise leak into every later test of the session.
+    monkeypatch.setenv(DEBUG_ENV, "0")
 
 
 def rlhf_kit_command(*argv, env=None):
