@@ -33,11 +33,8 @@ def _pipeline(ns: argparse.Namespace) -> int:
         if ns.output_dir:
             config.output_dir = ns.output_dir
         run_pipeline(config, force=ns.force, log=lambda line: print(line, flush=True))
-    except ConfigError as e:  # a user error, checked before anything trains: the message says it all
-        if debugging():
-            raise
-        print(f"rlhf-kit pipeline: {e}{missing_shipped_file(ns.config)}", file=sys.stderr)
-        return 2
+    except ConfigError as e:  # checked before anything trains; main() prints it, with how to get a shipped file
+        raise ConfigError(f"{e}{missing_shipped_file(ns.config)}") from e
     except StageStopped as stop:
         print(f"rlhf-kit pipeline: {stop}", file=sys.stderr)
         return 128 + stop.signum  # the shell's convention for "ended by this signal"
@@ -56,19 +53,17 @@ def _train(ns: argparse.Namespace) -> int:
     one `--accelerate_config` names), stopped with this command as the pipeline's stages are."""
     import os
 
+    from rlhf_kit.config import ConfigError
     from rlhf_kit.pipeline import StageStopped, launch_command, printable, run_stage
     from rlhf_kit.resources import DEFAULT_ACCELERATE_CONFIG, missing_shipped_file
 
     if missing_shipped_file(ns.config):  # before accelerate starts, which takes seconds to say the same less clearly
-        print(f"rlhf-kit train: config file {ns.config} does not exist.{missing_shipped_file(ns.config)}",
-              file=sys.stderr)
-        return 2
+        raise ConfigError(f"config file {ns.config} does not exist.{missing_shipped_file(ns.config)}")
     args, profile = list(ns.args), str(DEFAULT_ACCELERATE_CONFIG)
     if "--accelerate_config" in args:
         at = args.index("--accelerate_config")
         if at + 1 >= len(args):
-            print("rlhf-kit train: --accelerate_config needs a path to an accelerate profile", file=sys.stderr)
-            return 2
+            raise ConfigError("--accelerate_config needs a path to an accelerate profile")
         profile = args.pop(at + 1)
         args.pop(at)
     try:
@@ -174,21 +169,15 @@ def _best_of_n(ns: argparse.Namespace) -> int:
 
 def _plan(ns: argparse.Namespace) -> int:
     # No model, tokenizer or data is loaded: the estimate is arithmetic on the config and the model's shape.
-    from rlhf_kit.config import ConfigError, load_yaml
+    from rlhf_kit.config import load_yaml
     from rlhf_kit.plan import Sharding, estimate, format_plan, stage_of, visible_gpus
 
-    try:
-        config = load_yaml(ns.config)
-        if ns.model:
-            config["model_name_or_path"] = ns.model
-        gpus = visible_gpus()
-        sharding = Sharding.from_profile(ns.profile, ns.num_gpus or max(len(gpus), 1))
-        result = estimate(config, ns.stage or stage_of(ns.config), sharding)
-    except ConfigError as e:
-        if debugging():
-            raise
-        print(f"rlhf-kit plan: {e}", file=sys.stderr)
-        return 2
+    config = load_yaml(ns.config)  # a ConfigError is a user error: main() prints its message alone
+    if ns.model:
+        config["model_name_or_path"] = ns.model
+    gpus = visible_gpus()
+    sharding = Sharding.from_profile(ns.profile, ns.num_gpus or max(len(gpus), 1))
+    result = estimate(config, ns.stage or stage_of(ns.config), sharding)
     print(format_plan(result, gpus, sharding))
     return 0 if not gpus or all(result.needed <= total for _, total in gpus[: sharding.gpus]) else 1
 
