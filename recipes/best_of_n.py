@@ -10,6 +10,7 @@ prompts, prompt/completion for plain ones), so `recipes/sft.py --dataset_name <o
 order as they are done; a rerun with the same settings resumes after the last complete row.
 """
 
+import rlhf_kit  # noqa: F401  before transformers: bitsandbytes then never reaches the Hub (rlhf_kit/hub_kernels.py)
 import torch
 from transformers import set_seed
 

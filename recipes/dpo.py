@@ -11,6 +11,7 @@ The output directory holds the adapter (or full model), the tokenizer, the resol
 stage record. An interrupted run resumes from its last checkpoint when started again with the same output_dir.
 """
 
+import rlhf_kit  # noqa: F401  before transformers: bitsandbytes then never reaches the Hub (rlhf_kit/hub_kernels.py)
 from transformers import set_seed
 from trl import DPOTrainer
 

@@ -9,6 +9,7 @@ what the export stage loads), the critic in critic/, the tokenizer, completions.
 card and the stage record. An interrupted run resumes from its last checkpoint when started again.
 """
 
+import rlhf_kit  # noqa: F401  before transformers: bitsandbytes then never reaches the Hub (rlhf_kit/hub_kernels.py)
 from transformers import set_seed
 
 from rlhf_kit.config import parse_config, save_config, to_dict

@@ -8,6 +8,7 @@ continues pretraining that model instead (same packing, its own tokenizer).
 """
 
 
+import rlhf_kit  # noqa: F401  before transformers: bitsandbytes then never reaches the Hub (rlhf_kit/hub_kernels.py)
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, LlamaForCausalLM, Trainer, set_seed
 
 from rlhf_kit.config import parse_config, save_config, to_dict

@@ -11,6 +11,7 @@ tokenizer with its chat template, rlhf_kit_reward.json (normalization, base mode
 the resolved config and the stage record. An interrupted run resumes from its last checkpoint when started again.
 """
 
+import rlhf_kit  # noqa: F401  before transformers: bitsandbytes then never reaches the Hub (rlhf_kit/hub_kernels.py)
 from transformers import set_seed
 from trl import RewardTrainer
 

@@ -14,6 +14,7 @@ holds the policy adapter, the tokenizer, trainer_state.json (the log), the resol
 stage record. An interrupted run resumes from its last checkpoint when started again.
 """
 
+import rlhf_kit  # noqa: F401  before transformers: bitsandbytes then never reaches the Hub (rlhf_kit/hub_kernels.py)
 from transformers import set_seed
 from trl import RLOOTrainer
 

@@ -7,6 +7,7 @@ full model), the tokenizer with its chat template, the resolved config and the s
 resumes from its last checkpoint when started again with the same output_dir.
 """
 
+import rlhf_kit  # noqa: F401  before transformers: bitsandbytes then never reaches the Hub (rlhf_kit/hub_kernels.py)
 from transformers import set_seed
 from trl import SFTTrainer
 

@@ -16,7 +16,7 @@ LAYERS = [
     {"rlhf_kit.rewards"},
     {"rlhf_kit.model", "rlhf_kit.runs", "rlhf_kit.data"},
     {"rlhf_kit.checkpoints", "rlhf_kit.config", "rlhf_kit.resources", "rlhf_kit.stages"},
-    {"rlhf_kit.errors"},
+    {"rlhf_kit.errors", "rlhf_kit.hub_kernels"},
 ]
 
 
@@ -49,6 +49,8 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def layer(module: str) -> int:
+    if module == "rlhf_kit":  # the package itself: it only installs the import guard of hub_kernels
+        return 0
     for i, owners in enumerate(LAYERS):
         if any(module == owner or module.startswith(owner + ".") for owner in owners):
             return i
@@ -111,3 +113,22 @@ def test_a_cycle_is_caught(tmp_path, monkeypatch):
         assert "rlhf_kit.publish.a -> rlhf_kit.publish.b -> rlhf_kit.publish.a" in str(error)
     else:
         raise AssertionError("the cycle a -> b -> a was not reported")
+
+
+def test_every_recipe_imports_rlhf_kit_before_the_hugging_face_stack():
+    """transformers imports bitsandbytes, which fetches a Hub kernel at import unless rlhf_kit's guard is installed
+    first (rlhf_kit/hub_kernels.py): in every recipe, no transformers/trl/peft/accelerate/datasets import comes
+    before the first rlhf_kit import."""
+    stack = {"transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes"}
+    late = []
+    for recipe in sorted((PACKAGE.parent / "recipes").glob("*.py")):
+        for node in ast.parse(recipe.read_text()).body:
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            roots = {name.split(".")[0] for name in names}
+            if "rlhf_kit" in roots:
+                break
+            if roots & stack:
+                late.append(f"{recipe.name}: {sorted(roots & stack)} before rlhf_kit")
+                break
+    assert late == []

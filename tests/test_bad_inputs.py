@@ -660,6 +660,36 @@ def test_run_on_local_files_makes_no_network_call(guarded_pipeline):
     assert not log.exists(), log.read_text()[:3000]
 
 
+def _bitsandbytes_fetches_hub_kernels() -> bool:
+    """bitsandbytes asks the Hub for its CPU kernel at import only with `kernels` installed, on AVX512-BF16 CPUs."""
+    import importlib.util
+    if importlib.util.find_spec("kernels") is None or importlib.util.find_spec("bitsandbytes") is None:
+        return False
+    from bitsandbytes.functional import has_avx512bf16
+    return bool(has_avx512bf16())
+
+
+@pytest.mark.skipif(not _bitsandbytes_fetches_hub_kernels(), reason="bitsandbytes fetches no Hub kernel here")
+def test_importing_the_stack_after_rlhf_kit_opens_no_connection_and_prints_nothing(tmp_path):
+    """transformers 5.25 imports bitsandbytes, which fetched kernels-community/quantization-bitsandbytes from the Hub
+    at import (a publisher check, then a download of compiled code) and printed two warnings; after `import
+    rlhf_kit` nothing reaches the network or the console, and the Hub setting is left as the user had it."""
+    (tmp_path / "guard").mkdir()
+    (tmp_path / "guard" / "sitecustomize.py").write_text(NETWORK_GUARD)
+    offline = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY")
+    env = {k: v for k, v in os.environ.items() if k not in offline}
+    env.update(PYTHONPATH=f"{tmp_path / 'guard'}:{REPO}", NETWORK_LOG=str(tmp_path / "network.log"),
+               HF_HOME=str(tmp_path / "hf"))
+    script = ("import sys, rlhf_kit, transformers, peft\n"
+              "from huggingface_hub import constants\n"
+              "assert 'bitsandbytes' in sys.modules\n"
+              "print('offline', constants.HF_HUB_OFFLINE)")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (tmp_path / "network.log").exists(), (tmp_path / "network.log").read_text()[:2000]
+    assert done.stdout.strip() == "offline False" and done.stderr == ""
+
+
 def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     return {str(f.relative_to(directory)): (f.stat().st_size, f.stat().st_mtime_ns) for f in directory.rglob("*")}
 
