@@ -20,7 +20,7 @@ from rlhf_kit.errors import run_main
 from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data.loading import load_data
 from rlhf_kit.training.distributed import end_processes
-from rlhf_kit.inference.evaluation import Policy
+from rlhf_kit.inference.generation import Policy
 from rlhf_kit.model import load_model, load_model_tokenizer, prepare_tokenizer, stop_token_ids
 from rlhf_kit.rewards import load_reward_functions
 from rlhf_kit.runs import format_summary, write_stage

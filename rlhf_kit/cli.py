@@ -79,8 +79,8 @@ def _eval(ns: argparse.Namespace) -> int:
     import json
 
     from rlhf_kit.data.loading import load_data
-    from rlhf_kit.inference.evaluation import (evaluate_policy, format_table, load_policy, load_task,
-                                                merged_copy_note, win_rate)
+    from rlhf_kit.inference.evaluation import evaluate_policy, format_table, load_task, win_rate
+    from rlhf_kit.inference.generation import load_policy, merged_copy_note
 
     task = load_task(ns.task)  # a typo fails before any model loads
     judges = {}

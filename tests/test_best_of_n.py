@@ -9,7 +9,7 @@ from conftest import REPO, load_recipe
 from rlhf_kit.inference.best_of_n import best_of_n, evaluate_best_of_n, kl_bound
 from rlhf_kit.cli import main as cli
 from rlhf_kit.data.loading import detect_dataset_format, load_data
-from rlhf_kit.inference.evaluation import load_policy
+from rlhf_kit.inference.generation import load_policy
 from rlhf_kit.rewards import RewardSources, load_reward_functions
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -25,7 +25,7 @@ from trl.chat_template_utils import is_chat_template_stop_token_trained
 
 from rlhf_kit.inference.chat import chat
 from rlhf_kit.data.loading import load_data
-from rlhf_kit.inference.evaluation import generate, load_policy
+from rlhf_kit.inference.generation import Sampling, generate, load_policy
 
 from rlhf_kit.model import IM_END, IM_START, PAD, ModelArguments, is_fresh_merge, load_model, load_model_tokenizer, \
     load_tokenizer, lora_config, merge_key, merged_cache_path, merged_model_dir, prepare_tokenizer, stop_token_ids
@@ -115,7 +115,7 @@ def extra_eos_model(tiny_sft, tmp_path):
     first (greedy). The tokenizer does not list it, so only a stop set that reads the model's config ends there.
     Returns the directory and that token."""
     policy = load_policy(tiny_sft)
-    answer = generate(policy, [PROMPT], max_new_tokens=8, temperature=0, progress=False).response_ids[0]
+    answer = generate(policy, [PROMPT], sampling=Sampling(max_new_tokens=8, temperature=0), progress=False).response_ids[0]
     first = answer[0]
     assert len(answer) > 1 and first not in policy.model.generation_config.eos_token_id
     path = tmp_path / "extra-eos"
@@ -135,7 +135,7 @@ def test_every_inference_path_stops_on_the_models_own_eos(extra_eos_model, tmp_p
     # load_model writes it into the generation config, which export saves and TRL's GRPO/RLOO read.
     assert policy.model.generation_config.eos_token_id == expected
 
-    gens = generate(policy, [PROMPT], max_new_tokens=8, temperature=0, progress=False)  # evaluation
+    gens = generate(policy, [PROMPT], sampling=Sampling(max_new_tokens=8, temperature=0), progress=False)  # evaluation
     assert gens.response_ids == [[first]] and gens.stopped == [True]
     history = chat(path, lines=[PROMPT[-1]["content"]], write=lambda _: None, max_new_tokens=8, temperature=0)
     assert history[-1]["content"] == tok.decode([first]).strip()

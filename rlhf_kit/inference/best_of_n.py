@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rlhf_kit.inference.evaluation import Policy, generate
+from rlhf_kit.inference.generation import Policy, Sampling, generate
 from rlhf_kit.rewards import as_completions, call_reward_func
 
 DATA_FILE = "train.jsonl"
@@ -85,14 +85,15 @@ class Pick:
 def best_of_n(policy: Policy, prompts: list, *, n: int, reward_funcs: list, weights: list[float],
               columns: dict[str, list] | None = None, max_new_tokens: int = 64, temperature: float = 1.0,
               batch_size: int = 64, seed: int = 0) -> list[Pick]:
-    """Sample `n` completions for each prompt (one generate() batch of `batch_size` sequences at a time) and pick the
-    one with the highest weighted reward; ties go to the first sampled. `columns` are extra dataset columns, one value
-    per prompt, handed to the reward functions as TRL's trainers hand them (with `completion_ids`)."""
+    """Sample `n` completions for each prompt (num_return_sequences=n, `batch_size // n` prompts per generate()
+    call) and pick the one with the highest weighted reward; ties go to the first sampled. `columns` are extra dataset
+    columns, one value per prompt, handed to the reward functions as TRL's trainers hand them (with `completion_ids`).
+    """
     if len(reward_funcs) != len(weights):
         raise ValueError(f"{len(reward_funcs)} reward functions but {len(weights)} weights")
+    sampling = Sampling(n=n, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed)
+    gens = generate(policy, prompts, sampling=sampling, progress=False)
     repeated = [p for p in prompts for _ in range(n)]  # (P * n), the n samples of a prompt side by side
-    gens = generate(policy, repeated, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
-                    seed=seed, progress=False)
     completions = as_completions(repeated, gens.responses)
     extra = {k: [v for v in values for _ in range(n)] for k, values in (columns or {}).items()}
     extra["completion_ids"] = gens.response_ids  # the stop token kept, as the missing-stop penalty needs

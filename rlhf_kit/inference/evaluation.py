@@ -14,30 +14,10 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from rlhf_kit.model import (ModelArguments, is_adapter_dir, load_model, load_tokenizer, merged_cache_path,
-                            prepare_tokenizer, stop_token_ids)
-
-
-@dataclass
-class Policy:
-    name: str
-    model: torch.nn.Module
-    tokenizer: object
-    merged_copy: Path | None = None  # where an adapter's merged full model was written (it stays there, cached)
-
-
-@dataclass
-class Generations:
-    prompts: list
-    responses: list[str]
-    prompt_ids: list[list[int]]
-    response_ids: list[list[int]]
-    stopped: list[bool]
+from rlhf_kit.inference.generation import Policy, Sampling, generate
 
 
 @dataclass
@@ -45,32 +25,6 @@ class EvalResult:
     name: str
     metrics: dict[str, float]
     responses: list[str] = field(default_factory=list)
-
-
-def load_policy(path: str, name: str | None = None) -> Policy:
-    """Any stage's output: a full model, or a LoRA adapter (merged into its base once and cached on disk, under
-    $RLHF_KIT_CACHE or $HF_HOME: `merged_copy` says where).
-
-    A base model gets the same chat template SFT gives it, so base and SFT answer the very same prompts.
-    """
-    tokenizer = load_tokenizer(path)
-    prepare_tokenizer(tokenizer)
-    model = load_model(ModelArguments(model_name_or_path=path), tokenizer).eval()
-    merged = merged_cache_path(path) if is_adapter_dir(path) else None
-    return Policy(name or Path(path).name, model, tokenizer, merged_copy=merged)
-
-
-def merged_copy_note(policy: Policy) -> str | None:
-    """One line saying where an adapter's merged copy went and how big it is (16 GB at 8B in bf16), or None.
-
-    The copy is kept on purpose: the next stage and the next `chat` / `eval` of the same adapter start from it
-    instead of merging again. But nobody expects `chat` to write a full model to disk, so the commands say so.
-    """
-    if policy.merged_copy is None or not policy.merged_copy.is_dir():
-        return None
-    size = sum(f.stat().st_size for f in policy.merged_copy.rglob("*") if f.is_file())
-    return (f"{policy.name}: the adapter was merged into its base for generation; the merged model ({size / 1e9:.2f} "
-            f"GB) is cached at {policy.merged_copy} (set RLHF_KIT_CACHE to move it; delete it to free the disk)")
 
 
 def load_task(name: str | None):
@@ -87,38 +41,6 @@ def load_task(name: str | None):
         raise ValueError(f"task module '{name}' has no {' or '.join(missing)} function; a task provides "
                          "metrics(prompts, responses) and gold_score(prompt, response) (see rlhf_kit.tasks)")
     return module
-
-
-def _prompt_ids(tokenizer, prompt) -> list[int]:
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
-        "input_ids"
-    ]
-
-
-@torch.no_grad()
-def generate(policy: Policy, prompts: list, *, max_new_tokens: int = 32, temperature: float = 1.0,
-             batch_size: int = 32, seed: int = 0, progress: bool = True) -> Generations:
-    tok, model = policy.tokenizer, policy.model
-    stops = set(stop_token_ids(tok, model))
-    torch.manual_seed(seed)
-    out = Generations(prompts=list(prompts), responses=[], prompt_ids=[], response_ids=[], stopped=[])
-    for start in tqdm(range(0, len(prompts), batch_size), desc=f"generating ({policy.name})", disable=not progress):
-        ids = [_prompt_ids(tok, p) for p in prompts[start : start + batch_size]]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids])
-        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-        gen = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
-                             max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
-                             top_k=0, top_p=1.0, eos_token_id=sorted(stops), pad_token_id=tok.pad_token_id)
-        for prompt_ids, row in zip(ids, gen[:, width:].tolist()):
-            cut = next((i + 1 for i, t in enumerate(row) if t in stops), None)
-            response = row[:cut] if cut else row
-            out.prompt_ids.append(prompt_ids)
-            out.response_ids.append(response)
-            out.stopped.append(cut is not None)
-            out.responses.append(tok.decode(response, skip_special_tokens=True).strip())
-    return out
 
 
 @torch.no_grad()
@@ -143,7 +65,8 @@ def evaluate_policy(policy: Policy, prompts: list, *, reward_model=None, referen
                     task=None, max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0) -> EvalResult:
     """Sample one response per prompt and measure it: length and stops always, the reward model's score, the KL to
     `reference` and the columns of `task` (`load_task`) when given."""
-    gens = generate(policy, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    gens = generate(policy, prompts, sampling=sampling)
     metrics = {
         **(task.metrics(prompts, gens.responses) if task is not None else {}),
         "response_tokens": sum(map(len, gens.response_ids)) / len(prompts),

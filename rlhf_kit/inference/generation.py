@@ -1,0 +1,215 @@
+"""Generation from any stage's output: the one path every inference command takes (evaluation, best-of-N, chat,
+`rlhf-kit generate`), so a prompt is rendered, sampled, stopped and decoded the same way everywhere.
+
+    policy = load_policy("outputs/tiny/sft")
+    gens = generate(policy, ["Review the coffee."], sampling=Sampling(n=8, temperature=1.0))
+    gens.grouped()[0]  # the 8 responses to the first prompt
+
+A prompt is a string or a list of chat messages. By default it is rendered with the model's own chat template (a
+system message and few-shot examples become chat turns); with `Prompting(raw=True)` it is a document the model
+continues, for base models: no chat template, the examples written out before it as text. `n` samples per prompt are
+drawn in one batched `generate` call (`num_return_sequences`), with left padding and the KV cache; a sequence ends at
+the model's stop tokens (`model.stop_token_ids`) or at a stop string, which is cut off the response.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf_kit.model import (ModelArguments, is_adapter_dir, load_model, load_tokenizer, merged_cache_path,
+                            prepare_tokenizer, stop_token_ids)
+
+
+@dataclass
+class Policy:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    merged_copy: Path | None = None  # where an adapter's merged full model was written (it stays there, cached)
+
+
+def load_policy(path: str, name: str | None = None) -> Policy:
+    """Any stage's output: a full model, or a LoRA adapter (merged into its base once and cached on disk, under
+    $RLHF_KIT_CACHE or $HF_HOME: `merged_copy` says where).
+
+    A base model gets the same chat template SFT gives it, so base and SFT answer the very same prompts.
+    """
+    tokenizer = load_tokenizer(path)
+    prepare_tokenizer(tokenizer)
+    model = load_model(ModelArguments(model_name_or_path=path), tokenizer).eval()
+    merged = merged_cache_path(path) if is_adapter_dir(path) else None
+    return Policy(name or Path(path).name, model, tokenizer, merged_copy=merged)
+
+
+def merged_copy_note(policy: Policy) -> str | None:
+    """One line saying where an adapter's merged copy went and how big it is (16 GB at 8B in bf16), or None.
+
+    The copy is kept on purpose: the next stage and the next `chat` / `eval` of the same adapter start from it
+    instead of merging again. But nobody expects `chat` to write a full model to disk, so the commands say so.
+    """
+    if policy.merged_copy is None or not policy.merged_copy.is_dir():
+        return None
+    size = sum(f.stat().st_size for f in policy.merged_copy.rglob("*") if f.is_file())
+    return (f"{policy.name}: the adapter was merged into its base for generation; the merged model ({size / 1e9:.2f} "
+            f"GB) is cached at {policy.merged_copy} (set RLHF_KIT_CACHE to move it; delete it to free the disk)")
+
+
+@dataclass
+class Sampling:
+    """How responses are drawn. temperature 0 is greedy decoding (then n must be 1)."""
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut (plain softmax sampling, as PPO samples)
+    n: int = 1  # samples per prompt, drawn together with num_return_sequences
+    seed: int = 0
+    batch_size: int = 32  # sequences per generate() call: batch_size // n prompts at a time
+    stop: Sequence[str] = ()  # strings that end a response (besides the stop tokens); cut off the response
+
+    def __post_init__(self):
+        if self.n < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"n, batch_size and max_new_tokens must be >= 1, got {self.n}, {self.batch_size}, "
+                             f"{self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.temperature == 0 and self.n > 1:
+            raise ValueError(f"n={self.n} greedy samples would all be the same: give a temperature > 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop):
+            raise ValueError("a stop string cannot be empty")
+
+
+@dataclass
+class Prompting:
+    """What is put around each prompt before the model sees it.
+
+    system: a system message (chat) or a first line (raw).
+    template: the user's text is `template.format(prompt=...)`: "You are an expert reviewer. {prompt}".
+    few_shot: example (prompt, response) pairs put before the prompt: chat turns, or text in raw mode.
+    raw: no chat template; the prompt is a document for a base model to continue.
+    """
+
+    system: str | None = None
+    template: str | None = None
+    few_shot: Sequence[tuple[str, str]] = ()
+    raw: bool = False
+
+    def __post_init__(self):
+        if self.template is not None:
+            check_template(self.template)
+
+
+def check_template(template: str) -> None:
+    """A prompt template has exactly one field, `{prompt}` (literal braces doubled), else ValueError."""
+    import string
+
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:
+        raise ValueError(f"prompt template {template!r} is not a valid template ({e}); write literal braces as "
+                         "{{ and }}") from None
+    if fields != {"prompt"}:
+        raise ValueError(f"prompt template {template!r} must contain {{prompt}} and no other field (found "
+                         f"{sorted(fields) or 'none'})")
+
+
+def _text_of(prompt) -> str:
+    """The user text of a plain prompt, or of a conversation's last user message."""
+    if isinstance(prompt, str):
+        return prompt
+    return next((m["content"] for m in reversed(list(prompt)) if m["role"] == "user"), "")
+
+
+def render(tokenizer, prompt, prompting: Prompting | None = None) -> list[int]:
+    """The token ids the model is given for `prompt` (a string or chat messages), ready for the response."""
+    p = prompting or Prompting()
+    if p.raw:
+        lines = [p.system] if p.system else []
+        lines += [f"{_fill(p, q)}\n{a}\n" for q, a in p.few_shot]
+        text = "\n".join(lines + [f"{_fill(p, _text_of(prompt))}\n"])
+        return tokenizer(text, add_special_tokens=True)["input_ids"]
+    messages = [{"role": "user", "content": _fill(p, prompt)}] if isinstance(prompt, str) else list(prompt)
+    if p.template is not None and not isinstance(prompt, str):
+        messages = [*messages[:-1], {**messages[-1], "content": _fill(p, messages[-1]["content"])}]
+    shots = [m for q, a in p.few_shot for m in ({"role": "user", "content": _fill(p, q)},
+                                                 {"role": "assistant", "content": a})]
+    has_system = bool(messages) and messages[0]["role"] == "system"
+    head = messages[:1] if has_system else ([{"role": "system", "content": p.system}] if p.system else [])
+    messages = head + shots + messages[1 if has_system else 0:]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"]
+
+
+def _fill(p: Prompting, text: str) -> str:
+    return p.template.format(prompt=text) if p.template is not None else text
+
+
+@dataclass
+class Generations:
+    """`n` responses per prompt, flat and in prompt order: response i answers prompts[i // n]."""
+
+    prompts: list
+    responses: list[str]
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]  # the stop token kept (a stop string is not: it is cut off)
+    stopped: list[bool]  # whether the response ended at a stop token or stop string
+    n: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def grouped(self) -> list[list[str]]:
+        return [self.responses[i : i + self.n] for i in range(0, len(self.responses), self.n)]
+
+
+def _cut_at_stop_string(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+@torch.no_grad()
+def generate(policy: Policy, prompts: list, *, sampling: Sampling | None = None, prompting: Prompting | None = None,
+             logits_processor=None, streamer=None, progress: bool = True) -> Generations:
+    """`sampling.n` responses to each prompt. `logits_processor`: a list of transformers LogitsProcessors, or a
+    callable returning a fresh list per generate() call (constrained decoding keeps per-sequence state). `streamer`:
+    a transformers streamer, for one prompt and n=1 (chat)."""
+    s = sampling or Sampling()
+    tok, model = policy.tokenizer, policy.model
+    stops = set(stop_token_ids(tok, model))
+    torch.manual_seed(s.seed)
+    out = Generations(prompts=list(prompts), responses=[], prompt_ids=[], response_ids=[], stopped=[], n=s.n)
+    chunk = max(1, s.batch_size // s.n)
+    label = f"generating ({policy.name})"
+    for start in tqdm(range(0, len(prompts), chunk), desc=label, disable=not progress or len(prompts) <= chunk):
+        ids = [render(tok, p, prompting) for p in prompts[start : start + chunk]]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids])
+        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        processors = logits_processor() if callable(logits_processor) else logits_processor
+        gen = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
+                             max_new_tokens=s.max_new_tokens, do_sample=s.temperature > 0,
+                             temperature=s.temperature or None, top_k=s.top_k if s.temperature > 0 else None,
+                             top_p=s.top_p if s.temperature > 0 else None, num_return_sequences=s.n,
+                             eos_token_id=sorted(stops), pad_token_id=tok.pad_token_id,
+                             **({"stop_strings": list(s.stop), "tokenizer": tok} if s.stop else {}),
+                             **({"logits_processor": processors} if processors else {}),
+                             **({"streamer": streamer} if streamer is not None else {}))
+        for row_index, row in enumerate(gen[:, width:].tolist()):
+            cut = next((i + 1 for i, t in enumerate(row) if t in stops), None)
+            response = row[:cut] if cut else row
+            text = tok.decode(response, skip_special_tokens=True)
+            stopped = cut is not None
+            if s.stop:
+                text, hit = _cut_at_stop_string(text, s.stop)
+                stopped = stopped or hit
+            out.prompt_ids.append(ids[row_index // s.n])
+            out.response_ids.append(response)
+            out.stopped.append(stopped)
+            out.responses.append(text.strip())
+    return out
