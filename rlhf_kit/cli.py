@@ -79,7 +79,7 @@ def _eval(ns: argparse.Namespace) -> int:
     import json
 
     from rlhf_kit.data.loading import load_data
-    from rlhf_kit.inference.evaluation import evaluate_policy, format_table, load_task, win_rate
+    from rlhf_kit.inference.evaluation import SE, evaluate_policy, format_table, load_task, win_rate
     from rlhf_kit.inference.generation import load_policy, merged_copy_note
 
     task = load_task(ns.task)  # a typo fails before any model loads
@@ -112,7 +112,7 @@ def _eval(ns: argparse.Namespace) -> int:
         ours, theirs = results
         for column, judge in judges.items():
             ours.metrics[column] = win_rate(prompts, ours.responses, theirs.responses, judge)
-    columns = sorted({k for r in results for k in r.metrics})
+    columns = sorted({k for r in results for k in r.metrics if not k.endswith(SE)})  # the SEs print beside
     print(format_table(results, columns))
     if ns.output:
         with open(ns.output, "w") as f:

@@ -59,7 +59,10 @@ WIRING: dict[str, dict[str, str]] = {
 # `task` names a task module with a gold annotator (rlhf_kit.tasks.review for the shipped data): its metrics become
 # columns and its annotator judges the win rates; without one the report has the columns that apply to any prompts.
 EVALUATION_DEFAULTS = {"prompts": "data/prompts", "split": "test", "num_prompts": 100, "max_new_tokens": 32,
-                       "temperature": 1.0, "seed": 0, "task": None}
+                       "temperature": 1.0, "seed": 0, "task": None,
+                       # Inference-time rows (rlhf_kit.inference): best-of-n of the SFT policy by the reward model,
+                       # and the base model prompted as a document (raw), without and with few-shot examples.
+                       "best_of_n": None, "few_shot": None}
 
 
 @dataclass
@@ -353,6 +356,7 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
                                           missing_eos_penalty=stage.get("missing_eos_penalty"), task=task,
                                           max_new_tokens=settings["max_new_tokens"],
                                           temperature=settings["temperature"], seed=settings["seed"]))
+    results += _inference_rows(settings, policies, prompts, reward_model, task)
     sft = next((r for r in results if r.name == "sft"), None)
     for r in results:
         if sft is not None:
@@ -366,11 +370,17 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
     out = Path(config.output_dir)
     table = format_table(results, REPORT_COLUMNS)
     rm_eval = _reward_eval(config)
+    gains = _gains(results)
     data = {"prompts": len(prompts), "settings": settings, "rows": {r.name: r.metrics for r in results},
+            "gains": gains,
             "reward_model_heldout": rm_eval,
             "samples": {r.name: list(zip(map(str, prompts[:5]), r.responses[:5])) for r in results}}
     (out / "report.json").write_text(json.dumps(data, indent=2))
     md = [f"# rlhf-kit pipeline report ({len(prompts)} held-out prompts)", "", table, ""]
+    if gains:
+        md += ["Gains on the same prompts (mean difference ± paired standard error):", ""]
+        md += [f"- {g['row']} vs {g['baseline']}: {g['column']} {g['difference']:+.3f} ± {g['se']:.3f}" for g in gains]
+        md.append("")
     if rm_eval:
         # How the reward stage held its pairs out: no key for the data's own test split, a description for an
         # automatic share of the training file, IN_SAMPLE when it could not (the accuracy is then the training pairs').
@@ -387,6 +397,49 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
     (out / "report.md").write_text("\n".join(md) + "\n")
     log("\n".join(md))
     return data
+
+
+def _inference_rows(settings: dict[str, Any], policies: dict, prompts: list, reward_model, task) -> list:
+    """The report rows that use a model better without training it (see EVALUATION_DEFAULTS)."""
+    from rlhf_kit.inference.evaluation import evaluate_policy
+    from rlhf_kit.inference.generation import Prompting, load_few_shot
+
+    rows = []
+    sampled = {k: settings[k] for k in ("max_new_tokens", "temperature", "seed")}
+    if settings["best_of_n"] and "sft" in policies and reward_model is not None:
+        from rlhf_kit.inference.best_of_n import evaluate_best_of_n
+
+        n = int(settings["best_of_n"])
+        rows.append(evaluate_best_of_n(policies["sft"], prompts, n=n, reward_model=reward_model, task=task,
+                                       name=f"sft_best_of_{n}", **sampled))
+    if settings["few_shot"] and "base" in policies:
+        # A base model is not an assistant: given a document of examples it continues the pattern. One line each.
+        examples = load_few_shot(settings["few_shot"])
+        for name, shots in (("base_raw", ()), (f"base_raw_{len(examples)}_shot", examples)):
+            rows.append(evaluate_policy(policies["base"], prompts, task=task, reward_model=reward_model, name=name,
+                                        prompting=Prompting(raw=True, few_shot=shots), stop=["\n"], **sampled))
+    return rows
+
+
+# (row, the row it improves on, the column compared): inference-time methods against the policy they start from.
+_GAINS = [("sft_best_of_", "sft", "gold_score"), ("base_raw_", "base_raw", "format_rate"),
+          ("base_raw_", "base_raw", "gold_score")]
+
+
+def _gains(results: list) -> list[dict[str, Any]]:
+    from rlhf_kit.inference.evaluation import paired_difference
+
+    by_name = {r.name: r for r in results}
+    gains = []
+    for prefix, baseline, column in _GAINS:
+        for r in results:
+            base = by_name.get(baseline)
+            if (r.name.startswith(prefix) and r.name != baseline and base is not None
+                    and column in r.per_prompt and column in base.per_prompt):
+                difference, se = paired_difference(r, base, column)
+                gains.append({"row": r.name, "baseline": baseline, "column": column, "difference": difference,
+                              "se": se})
+    return gains
 
 
 def _reward_eval(config: PipelineConfig) -> dict[str, Any] | None:

@@ -63,3 +63,14 @@ def test_chat_and_eval_say_where_an_adapters_merged_copy_goes(sft_straight, tiny
                 "--max_new_tokens", "2"]) == 0
     said = capsys.readouterr().err
     assert f"is cached at {merged}" in said and said.count("is cached at") == 1  # the full model: nothing to say
+
+
+def test_standard_errors_and_paired_differences():
+    from rlhf_kit.inference.evaluation import EvalResult, paired_difference, standard_error
+
+    assert standard_error([1.0]) == 0.0
+    assert standard_error([0.0, 1.0, 0.0, 1.0]) == pytest.approx((1 / 3) ** 0.5 / 2)  # std (n-1) 0.577 / sqrt(4)
+    a = EvalResult("a", {"gold": 0.5}, per_prompt={"gold": [1.0, 0.0, 1.0, 0.0]})
+    b = EvalResult("b", {"gold": 0.25}, per_prompt={"gold": [1.0, 0.0, 0.0, 0.0]})
+    assert a.metrics["gold_se"] == pytest.approx(standard_error([1.0, 0.0, 1.0, 0.0]))
+    assert paired_difference(a, b, "gold") == pytest.approx((0.25, standard_error([0.0, 0.0, 1.0, 0.0])))

@@ -180,7 +180,7 @@ def evaluate_best_of_n(policy: Policy, prompts: list, *, n: int, reward_model, m
     the columns `evaluation.evaluate_policy` gives a trained policy. Its KL to `policy` is the analytic bound
     `kl_bound(n)`; its reward-model score is that of the picked completions, so it is optimistic by construction:
     the gold score says what the picks are worth. `task` (`evaluation.load_task`) adds its own columns."""
-    from rlhf_kit.inference.evaluation import EvalResult
+    from rlhf_kit.inference.evaluation import EvalResult, task_per_prompt
     from rlhf_kit.model import stop_token_ids
     from rlhf_kit.rewards import MissingStopPenalty, RewardModelFunction
 
@@ -190,11 +190,15 @@ def evaluate_best_of_n(policy: Policy, prompts: list, *, n: int, reward_model, m
     picks = best_of_n(policy, prompts, n=n, reward_funcs=funcs, weights=[1.0] * len(funcs),
                       max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     responses = [p.response for p in picks]
+    per_prompt = {**(task_per_prompt(task, prompts, responses) if task is not None else {}),
+                  "response_tokens": [float(p.lengths[p.best]) for p in picks],
+                  "stop_rate": [float(p.stopped[p.best]) for p in picks],
+                  "reward_model_score": [p.components["reward_model"][p.best] for p in picks]}
     metrics = {
         **(task.metrics(prompts, responses) if task is not None else {}),
-        "response_tokens": sum(p.lengths[p.best] for p in picks) / len(prompts),
-        "stop_rate": sum(p.stopped[p.best] for p in picks) / len(prompts),
-        "reward_model_score": sum(p.components["reward_model"][p.best] for p in picks) / len(prompts),
+        "response_tokens": sum(per_prompt["response_tokens"]) / len(prompts),
+        "stop_rate": sum(per_prompt["stop_rate"]) / len(prompts),
+        "reward_model_score": sum(per_prompt["reward_model_score"]) / len(prompts),
         "kl_to_reference": kl_bound(n),
     }
-    return EvalResult(name or f"best_of_{n}", metrics, responses)
+    return EvalResult(name or f"best_of_{n}", metrics, responses, per_prompt)

@@ -13,18 +13,51 @@ by T (the k1 estimator, unbiased for KL(pi_T || ref_T)).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from rlhf_kit.inference.generation import Policy, Sampling, generate
+from rlhf_kit.inference.generation import Policy, Prompting, Sampling, generate
 
 
 @dataclass
 class EvalResult:
+    """One model's row: the metrics, its responses, and each metric's value per prompt (for standard errors and paired
+    differences between rows that answered the same prompts)."""
+
     name: str
     metrics: dict[str, float]
     responses: list[str] = field(default_factory=list)
+    per_prompt: dict[str, list[float]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for column, values in self.per_prompt.items():
+            self.metrics.setdefault(f"{column}{SE}", standard_error(values))
+
+
+SE = "_se"  # suffix of a metric's standard error in EvalResult.metrics (and report.json)
+
+
+def standard_error(values: list[float]) -> float:
+    """Standard error of the mean of per-prompt values: sample std (n - 1) / sqrt(n); 0 for fewer than two."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
+def paired_difference(a: EvalResult, b: EvalResult, column: str) -> tuple[float, float]:
+    """Mean of a - b over the prompts both rows answered, and its standard error (paired: the same prompts)."""
+    diffs = [x - y for x, y in zip(a.per_prompt[column], b.per_prompt[column])]
+    return sum(diffs) / len(diffs), standard_error(diffs)
+
+
+def task_per_prompt(task, prompts: list, responses: list[str]) -> dict[str, list[float]]:
+    """The task's columns for each prompt alone (its metrics are means over prompts, so these average to them)."""
+    rows = [task.metrics([p], [r]) for p, r in zip(prompts, responses)]
+    return {column: [float(row[column]) for row in rows] for column in rows[0]} if rows else {}
 
 
 def load_task(name: str | None):
@@ -62,25 +95,34 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
 
 
 def evaluate_policy(policy: Policy, prompts: list, *, reward_model=None, reference: Policy | None = None,
-                    task=None, max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0) -> EvalResult:
+                    task=None, max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0,
+                    prompting: Prompting | None = None, stop: Sequence[str] = (), name: str | None = None
+                    ) -> EvalResult:
     """Sample one response per prompt and measure it: length and stops always, the reward model's score, the KL to
-    `reference` and the columns of `task` (`load_task`) when given."""
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    gens = generate(policy, prompts, sampling=sampling)
+    `reference` and the columns of `task` (`load_task`) when given, each with its standard error. `prompting` (a
+    system message, template, few-shot examples, raw document mode) and `stop` strings are generation's."""
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop=stop)
+    gens = generate(policy, prompts, sampling=sampling, prompting=prompting)
     metrics = {
         **(task.metrics(prompts, gens.responses) if task is not None else {}),
         "response_tokens": sum(map(len, gens.response_ids)) / len(prompts),
         "stop_rate": sum(gens.stopped) / len(prompts),
     }
+    per_prompt = {**(task_per_prompt(task, prompts, gens.responses) if task is not None else {}),
+                  "response_tokens": [float(len(ids)) for ids in gens.response_ids],
+                  "stop_rate": [float(x) for x in gens.stopped]}
     if reward_model is not None:
-        metrics["reward_model_score"] = reward_model.score_texts_for(prompts, gens.responses).mean().item()
+        scores = reward_model.score_texts_for(prompts, gens.responses)
+        metrics["reward_model_score"] = scores.mean().item()
+        per_prompt["reward_model_score"] = scores.tolist()
     if reference is not None:
         pad = policy.tokenizer.pad_token_id
         scale = temperature if temperature > 0 else 1.0  # greedy decoding: report the temperature-1 KL
         own = sequence_logprobs(policy.model, gens.prompt_ids, gens.response_ids, pad, temperature=scale)
         ref = sequence_logprobs(reference.model, gens.prompt_ids, gens.response_ids, pad, temperature=scale)
         metrics["kl_to_reference"] = (own - ref).mean().item()
-    return EvalResult(policy.name, metrics, gens.responses)
+        per_prompt["kl_to_reference"] = (own - ref).tolist()
+    return EvalResult(name or policy.name, metrics, gens.responses, per_prompt)
 
 
 def win_rate(prompts: list, ours: list[str], theirs: list[str], judge) -> float:
@@ -93,9 +135,10 @@ def win_rate(prompts: list, ours: list[str], theirs: list[str], judge) -> float:
 
 
 def format_table(results: list[EvalResult], columns: list[str]) -> str:
-    """A Markdown table, one row per model."""
+    """A Markdown table, one row per model; a value with a standard error reads `0.123 ± 0.045`."""
     lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for r in results:
-        cells = [f"{r.metrics[c]:.3f}" if c in r.metrics else "-" for c in columns]
+        cells = [("-" if c not in r.metrics else f"{r.metrics[c]:.3f}" +
+                  (f" ± {r.metrics[c + SE]:.3f}" if c + SE in r.metrics else "")) for c in columns]
         lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -121,6 +121,31 @@ def check_template(template: str) -> None:
                          f"{sorted(fields) or 'none'})")
 
 
+def load_few_shot(path: str) -> list[tuple[str, str]]:
+    """Few-shot examples from an SFT-format file (prompt/completion rows, or one-exchange `messages`), validated as
+    training data is (file, row and field named on a bad row): [(prompt, response), ...]."""
+    from rlhf_kit.data.loading import load_data
+
+    data = load_data(path, kind="sft")
+    if data is None or len(data) == 0:
+        raise ValueError(f"few-shot file {path} has no examples")
+    examples = []
+    for i, row in enumerate(data):
+        if "messages" in row:
+            turns = [m for m in row["messages"] if m["role"] in ("user", "assistant")]
+            if [m["role"] for m in turns] != ["user", "assistant"]:
+                raise ValueError(f"{path}, row {i + 1}: a few-shot example is one user message and one assistant "
+                                 f"answer; this row has roles {[m['role'] for m in row['messages']]}")
+            examples.append((turns[0]["content"], turns[1]["content"]))
+        else:
+            examples.append((_text_of(row["prompt"]), _text_of_answer(row["completion"])))
+    return examples
+
+
+def _text_of_answer(completion) -> str:
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
 def _text_of(prompt) -> str:
     """The user text of a plain prompt, or of a conversation's last user message."""
     if isinstance(prompt, str):
