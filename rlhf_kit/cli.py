@@ -83,6 +83,7 @@ def _eval(ns: argparse.Namespace) -> int:
     from rlhf_kit.inference.generation import load_policy, merged_copy_note
 
     task = load_task(ns.task)  # a typo fails before any model loads
+    constraint = _constraint(ns)
     judges = {}
     if task is not None:
         judges["gold_win_rate"] = task.gold_score
@@ -106,7 +107,13 @@ def _eval(ns: argparse.Namespace) -> int:
                                                                     else []))):
             print(note, file=sys.stderr)
         results.append(evaluate_policy(policy, prompts, reward_model=reward_model, reference=reference, task=task,
-                                       max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, seed=ns.seed))
+                                       max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, seed=ns.seed,
+                                       constraint=constraint))
+        cut = round((1 - results[-1].metrics.get("constraint_complete_rate", 1)) * len(prompts))
+        if cut:
+            print(f"{policy.name}: {cut} of {len(prompts)} responses reached --max_new_tokens {ns.max_new_tokens} "
+                  f"before their {constraint.kind} match was complete and do not match (constraint_complete_rate)",
+                  file=sys.stderr)
         del policy
     if ns.against:
         ours, theirs = results
@@ -123,6 +130,8 @@ def _eval(ns: argparse.Namespace) -> int:
 def _chat(ns: argparse.Namespace) -> int:
     from rlhf_kit.inference.chat import chat
 
+    constraint = _constraint(ns)  # a bad regex or schema file fails before the model loads
+
     def lines():
         while True:
             try:
@@ -131,8 +140,21 @@ def _chat(ns: argparse.Namespace) -> int:
                 return
 
     chat(ns.model, lines=lines(), write=lambda s: print(s, end="", flush=True),
-         max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, system=ns.system)
+         max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, system=ns.system, constraint=constraint)
     return 0
+
+
+def _add_constraint_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--regex", help="every response matches this regex (Rust syntax: no look-around)")
+    group.add_argument("--json_schema", metavar="FILE", help="every response is JSON valid under this schema file")
+    group.add_argument("--choices", help="every response is one of these comma-separated choices: yes,no,maybe")
+
+
+def _constraint(ns: argparse.Namespace):
+    from rlhf_kit.inference.constraints import Constraint
+
+    return Constraint.from_options(regex=ns.regex, json_schema=ns.json_schema, choices=ns.choices)
 
 
 def _run_recipe(recipe: str, argv: list[str], first_key: str, prog: str) -> int:
@@ -241,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="write the metrics as JSON here")
+    _add_constraint_flags(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("chat", help="chat in the terminal with any stage's output")
@@ -248,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--system", help="a system message")
+    _add_constraint_flags(p)
     p.set_defaults(func=_chat)
 
     # prefix_chars="+": every --key goes through to the recipe's strict config parser, not to argparse.

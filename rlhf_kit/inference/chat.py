@@ -6,15 +6,19 @@ from collections.abc import Callable, Iterable
 
 from transformers import TextStreamer
 
+from rlhf_kit.inference.constraints import Constraint
 from rlhf_kit.inference.generation import Sampling, generate, load_policy, merged_copy_note
 
 HELP = "Type a message. /reset starts a new conversation, /exit (or Ctrl-D) quits."
 
 
 def chat(model_path: str, *, lines: Iterable[str], write: Callable[[str], None], max_new_tokens: int = 128,
-         temperature: float = 0.7, system: str | None = None, seed: int = 0) -> list[dict[str, str]]:
-    """Answer each line of `lines` in one running conversation; returns the conversation."""
+         temperature: float = 0.7, system: str | None = None, seed: int = 0,
+         constraint: Constraint | None = None) -> list[dict[str, str]]:
+    """Answer each line of `lines` in one running conversation; returns the conversation. With a `constraint`
+    (`Constraint.from_options`) every reply matches it, or says it was cut short by max_new_tokens."""
     policy = load_policy(model_path)
+    processors = constraint.logits_processor(policy) if constraint is not None else None
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     note = merged_copy_note(policy)
     write(f"rlhf-kit chat: {model_path}\n" + (f"({note})\n" if note else "") + f"{HELP}\n")
@@ -32,6 +36,11 @@ def chat(model_path: str, *, lines: Iterable[str], write: Callable[[str], None],
         streamer = TextStreamer(policy.tokenizer, skip_prompt=True, skip_special_tokens=True)
         streamer.on_finalized_text = lambda chunk, stream_end=False: write(chunk + ("\n" if stream_end else ""))
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + turn)
-        reply = generate(policy, [history], sampling=sampling, streamer=streamer, progress=False).responses[0]
+        gens = generate(policy, [history], sampling=sampling, logits_processor=processors, streamer=streamer,
+                        progress=False)
+        reply = gens.responses[0]
+        if constraint is not None and not constraint.complete(policy, gens.response_ids)[0]:
+            write(f"(cut short at max_new_tokens={max_new_tokens}: the reply does not match the {constraint.kind} "
+                  "constraint)\n")
         history.append({"role": "assistant", "content": reply})
     return history

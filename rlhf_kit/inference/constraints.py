@@ -41,7 +41,8 @@ class Constraint:
     kind: str  # one of OPTIONS
     source: str  # the regex, the schema file or the choices as given, for messages
     grammar: str  # llguidance's grammar
-    _vocabulary: tuple = field(default=(None, None), init=False, repr=False, compare=False)  # (tokenizer, its LLTokenizer)
+    # (a tokenizer, its LLTokenizer): built once, reused by every call for the same policy
+    _vocabulary: tuple = field(default=(None, None), init=False, repr=False, compare=False)
 
     @classmethod
     def from_options(cls, regex: str | None = None, json_schema: str | Path | dict | None = None,
@@ -106,24 +107,20 @@ class GrammarMask(LogitsProcessor):
     def __init__(self, vocabulary: llguidance.LLTokenizer, grammar: str):
         self.vocabulary, self.grammar = vocabulary, grammar
         self.matchers: list[llguidance.LLMatcher] = []
-        self.ended: set[int] = set()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if not self.matchers:  # the first step: input_ids (rows, prompt) holds no response token yet
             self.matchers = [llguidance.LLMatcher(self.vocabulary, self.grammar) for _ in range(len(input_ids))]
             self.bitmask = torch.zeros((len(input_ids), (scores.shape[-1] + 31) // 32), dtype=torch.int32)
         else:
-            for row, (matcher, token) in enumerate(zip(self.matchers, input_ids[:, -1].tolist())):
-                # A stopped matcher allows only a stop token, which ends the row; transformers pads a row that has
-                # ended. A rejected token is such padding after a stop string ended the row.
-                if row not in self.ended and not matcher.is_stopped() and not matcher.consume_token(token):
-                    self.ended.add(row)
+            for matcher, token in zip(self.matchers, input_ids[:, -1].tolist()):
+                # A stopped matcher allows only the stop tokens: its match is complete, or it rejected a token,
+                # which can only be the padding transformers appends to a row that ended (a stop string ended it).
+                if not matcher.is_stopped():
+                    matcher.consume_token(token)
         for row, matcher in enumerate(self.matchers):
-            if row in self.ended:
-                self.bitmask[row] = -1  # all bits set: the row's tokens are discarded anyway
-            else:
-                words = self.bitmask[row]
-                matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
+            words = self.bitmask[row]
+            matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
         allowed = ((self.bitmask[:, :, None] >> _BIT) & 1).flatten(1)[:, : scores.shape[-1]]  # (rows, vocab)
         return scores.masked_fill(allowed.to(scores.device) == 0, float("-inf"))
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rlhf_kit.inference.constraints import Constraint
 from rlhf_kit.inference.generation import Policy, Prompting, Sampling, generate
 
 
@@ -96,13 +97,18 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
 
 def evaluate_policy(policy: Policy, prompts: list, *, reward_model=None, reference: Policy | None = None,
                     task=None, max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0,
-                    prompting: Prompting | None = None, stop: Sequence[str] = (), name: str | None = None
-                    ) -> EvalResult:
+                    prompting: Prompting | None = None, stop: Sequence[str] = (), name: str | None = None,
+                    constraint: Constraint | None = None) -> EvalResult:
     """Sample one response per prompt and measure it: length and stops always, the reward model's score, the KL to
     `reference` and the columns of `task` (`load_task`) when given, each with its standard error. `prompting` (a
-    system message, template, few-shot examples, raw document mode) and `stop` strings are generation's."""
+    system message, template, few-shot examples, raw document mode) and `stop` strings are generation's.
+
+    With a `constraint` (`Constraint.from_options`) every response is generated to match it, and
+    `constraint_complete_rate` says how many do: those that max_new_tokens cut short do not. The KL is then that of
+    the two unconstrained models on the constrained samples."""
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop=stop)
-    gens = generate(policy, prompts, sampling=sampling, prompting=prompting)
+    processors = constraint.logits_processor(policy) if constraint is not None else None
+    gens = generate(policy, prompts, sampling=sampling, prompting=prompting, logits_processor=processors)
     metrics = {
         **(task.metrics(prompts, gens.responses) if task is not None else {}),
         "response_tokens": sum(map(len, gens.response_ids)) / len(prompts),
@@ -111,6 +117,10 @@ def evaluate_policy(policy: Policy, prompts: list, *, reward_model=None, referen
     per_prompt = {**(task_per_prompt(task, prompts, gens.responses) if task is not None else {}),
                   "response_tokens": [float(len(ids)) for ids in gens.response_ids],
                   "stop_rate": [float(x) for x in gens.stopped]}
+    if constraint is not None:
+        complete = [float(x) for x in constraint.complete(policy, gens.response_ids)]
+        metrics["constraint_complete_rate"] = sum(complete) / len(prompts)
+        per_prompt["constraint_complete_rate"] = complete
     if reward_model is not None:
         scores = reward_model.score_texts_for(prompts, gens.responses)
         metrics["reward_model_score"] = scores.mean().item()
