@@ -62,7 +62,8 @@ EVALUATION_DEFAULTS = {"prompts": "data/prompts", "split": "test", "num_prompts"
                        "temperature": 1.0, "seed": 0, "task": None,
                        # Inference-time rows (rlhf_kit.inference): best-of-n of the SFT policy by the reward model,
                        # and the base model prompted as a document (raw), without and with few-shot examples.
-                       "best_of_n": None, "few_shot": None}
+                       # `constrained`: every model again with decoding constrained to the task's ANSWER_REGEX.
+                       "best_of_n": None, "few_shot": None, "constrained": False}
 
 
 @dataclass
@@ -418,12 +419,22 @@ def _inference_rows(settings: dict[str, Any], policies: dict, prompts: list, rew
         for name, shots in (("base_raw", ()), (f"base_raw_{len(examples)}_shot", examples)):
             rows.append(evaluate_policy(policies["base"], prompts, task=task, reward_model=reward_model, name=name,
                                         prompting=Prompting(raw=True, few_shot=shots), stop=["\n"], **sampled))
+    if settings["constrained"] and getattr(task, "ANSWER_REGEX", None):
+        from rlhf_kit.inference.constraints import Constraint
+
+        # The answer's shape by construction, for any model (the base included); the gold score says what it costs.
+        constraint = Constraint.from_options(regex=task.ANSWER_REGEX)
+        for name, policy in policies.items():
+            rows.append(evaluate_policy(policy, prompts, task=task, reward_model=reward_model, constraint=constraint,
+                                        name=f"{name}_constrained", **sampled))
     return rows
 
 
 # (row, the row it improves on, the column compared): inference-time methods against the policy they start from.
 _GAINS = [("sft_best_of_", "sft", "gold_score"), ("base_raw_", "base_raw", "format_rate"),
           ("base_raw_", "base_raw", "gold_score")]
+_GAINS += [(f"{name}_constrained", name, column) for name in ("base", "sft", "ppo", "grpo", "rloo", "dpo", "rft")
+           for column in ("shape_rate", "gold_score")]
 
 
 def _gains(results: list) -> list[dict[str, Any]]:

@@ -133,18 +133,23 @@ def test_report_orders_base_sft_ppo(pipeline):
 
 
 def test_report_adds_inference_rows_with_standard_errors_and_paired_gains(pipeline):
-    """best-of-n of the SFT policy and the base model prompted as a document (raw, with and without few-shot
-    examples), each metric with its standard error, and the gains over the row each starts from with a paired SE."""
+    """best-of-n of the SFT policy, the base model prompted as a document (raw, with and without few-shot examples)
+    and every model with constrained decoding, each metric with its standard error, and the gains over the row each
+    starts from with a paired SE."""
     import dataclasses
 
     from rlhf_kit.inference.best_of_n import kl_bound
 
     config, _, _ = pipeline
     config = dataclasses.replace(config, evaluation={
-        **config.evaluation, "num_prompts": 16, "best_of_n": 2, "few_shot": "data/few_shot/review.jsonl"})
+        **config.evaluation, "num_prompts": 16, "best_of_n": 2, "few_shot": "data/few_shot/review.jsonl",
+        "constrained": True})
     data = report(config)
     rows = data["rows"]
-    assert {"sft_best_of_2", "base_raw", "base_raw_3_shot"} <= set(rows)
+    assert {"sft_best_of_2", "base_raw", "base_raw_3_shot", "base_constrained", "ppo_constrained"} <= set(rows)
+    # Constrained decoding gives the answer's shape to every model, the barely trained base included.
+    assert rows["base"]["shape_rate"] < 0.5
+    assert all(rows[f"{m}_constrained"]["shape_rate"] == 1.0 for m in ("base", "sft", "ppo"))
     assert rows["sft_best_of_2"]["kl_to_reference"] == pytest.approx(kl_bound(2))
     for name in ("sft", "sft_best_of_2", "base_raw_3_shot"):
         assert 0 <= rows[name]["gold_score_se"] < 1 and "format_rate_se" in rows[name]
@@ -156,6 +161,7 @@ def test_report_adds_inference_rows_with_standard_errors_and_paired_gains(pipeli
         rows["base_raw_3_shot"]["format_rate"] - rows["base_raw"]["format_rate"])
     md = (config.stage_dir("sft").parent / "report.md").read_text()
     assert "| sft_best_of_2 |" in md and " ± " in md and "sft_best_of_2 vs sft: gold_score" in md
+    assert gains[("base_constrained", "shape_rate")]["difference"] > 0.5
 
 
 def test_rl_alternatives_and_rejection_sampling_are_wired_from_sft_and_reward(tmp_path):

@@ -82,6 +82,10 @@ Split = Literal["train", "test"]
 Text = str | Sequence[Mapping[str, str]]
 
 _RESPONSE = re.compile(r"The ([a-z]+) is ([a-z]+(?: and [a-z]+)*)\.")
+# The answer's shape as a regex over the task's words, for constrained decoding (`rlhf-kit generate --regex`, the
+# report's `constrained` rows): every match has `has_review_shape`; 1-4 adjectives, so a match is always short.
+ANSWER_REGEX = (f"The ({'|'.join(ITEMS)}) is ({'|'.join(ADJECTIVES)})"
+                f"( and ({'|'.join(ADJECTIVES)})){{0,3}}\\.")
 _TEMPLATE_PATTERNS = tuple(
     re.compile(re.escape(t.split("{item}")[0]) + "([a-z]+)" + re.escape(t.split("{item}")[1]))
     for t in TEMPLATES
