@@ -278,24 +278,27 @@ def build_parser() -> argparse.ArgumentParser:
                "and --reward_funcs; vote = self-consistency, the majority answer (--answer_pattern), ties going to "
                "the answer sampled first (needs --n >= 2). Python: rlhf_kit.inference.batch.generate_responses.")
     p.add_argument("model", help="a stage output directory (full model or LoRA adapter) or a model directory")
-    p.add_argument("--prompts", required=True, help="prompt data: a file, a directory with <split>.jsonl, or a Hub "
-                                                    "dataset")
-    p.add_argument("--output", required=True, help="the JSONL file to write (appended to when resuming)")
+    p.add_argument("--prompts", required=True, metavar="DATA",
+                   help="prompt data (a `prompt` column): a file, a directory with <split>.jsonl, or a Hub dataset")
+    p.add_argument("--output", required=True, metavar="FILE",
+                   help="the JSONL file to write, appended to when resuming (settings in FILE.meta.json)")
     p.add_argument("--split", default="train", help="the split of a directory or Hub dataset (default: train)")
-    p.add_argument("--num_prompts", type=int, help="only the first this many prompts")
-    p.add_argument("--n", type=int, default=1, help="samples per prompt, drawn in one batched call (default: 1)")
+    p.add_argument("--num_prompts", type=int, metavar="N", help="only the first N prompts")
+    p.add_argument("--n", type=int, default=1, metavar="K",
+                   help="samples per prompt, drawn in one batched call (default: 1)")
     p.add_argument("--select", choices=["first", "reward", "vote"], default="first",
                    help="how the response of a prompt is chosen among its --n samples (default: first)")
     p.add_argument("--reward_model", help="select reward: a reward stage output to score with")
     p.add_argument("--reward_funcs", nargs="+", metavar="MODULE:FUNCTION",
                    help="select reward: reward functions (prompts=..., completions=...) -> scores")
-    p.add_argument("--reward_weights", nargs="+", type=float,
+    p.add_argument("--reward_weights", nargs="+", type=float, metavar="W",
                    help="select reward: one weight per source, the reward model first (default: 1 each)")
-    p.add_argument("--answer_pattern", help="select vote: a regex whose first group (or match) is the answer, or "
-                                            "MODULE:FUNCTION; default: the whole response")
-    p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (then --n must be 1)")
-    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--answer_pattern", metavar="PATTERN",
+                   help="select vote: a regex whose first group (or match) is the answer, or MODULE:FUNCTION; "
+                        "default: the whole response")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="most new tokens per response (default: 64)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy, then --n must be 1 (default: 1)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (default: 1, off)")
     p.add_argument("--seed", type=int, default=0,
                    help="sampling seed; each chunk of prompts adds the index of its first prompt (default: 0)")
     p.add_argument("--batch_size", type=int, default=32,

@@ -180,19 +180,20 @@ def test_generate_samples_as_evaluate_policy_does(tiny_sft, tmp_path):
     rows = generate_responses(policy, prompts, max_new_tokens=16, seed=3)
     assert [r["response"] for r in rows] == evaluated and "responses" not in rows[0]
     chunked = generate_responses(policy, prompts, max_new_tokens=16, seed=3, batch_size=4)
-    assert [r["response"] for r in chunked] == [
-        response for start in range(0, 10, 4)
-        for response in evaluate_policy(policy, prompts[start : start + 4], max_new_tokens=16, seed=3 + start).responses]
+    per_chunk = [evaluate_policy(policy, prompts[start : start + 4], max_new_tokens=16, seed=3 + start).responses
+                 for start in range(0, 10, 4)]
+    assert [r["response"] for r in chunked] == [response for chunk in per_chunk for response in chunk]
 
     out = tmp_path / "out.jsonl"
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts])
-    assert cli(["generate", tiny_sft, "--prompts", data, "--output", str(out), "--max_new_tokens", "16", "--seed", "3"]) == 0
+    assert cli(["generate", tiny_sft, "--prompts", data, "--output", str(out), "--max_new_tokens", "16",
+                "--seed", "3"]) == 0
     assert [json.loads(line)["response"] for line in out.read_text().splitlines()] == evaluated
 
 
 @pytest.mark.parametrize("flags,message", [
     (["--prompt_template", "{tpl}"], "prompt template file {tpl}: "),
-    (["--few_shot", "{shots}"], "few-shot file {shots}: row 2: field 'completion' must be a non-empty string"),
+    (["--few_shot", "{shots}"], "few-shot examples: {shots}: row 2: field 'completion'"),
     (["--n", "4", "--select", "vote", "--answer_pattern", "is (\\w+"], "answer pattern 'is (\\\\w+' is not a valid"),
     (["--answer_pattern", "is (\\w+)", "--n", "4"], "an answer pattern is only used with select vote"),
     (["--select", "vote"], "select vote needs n >= 2"),

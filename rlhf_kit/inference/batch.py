@@ -141,39 +141,41 @@ def read_template(path: str | Path) -> str:
 
 
 def read_few_shot(path: str | Path) -> list[tuple[str, str]]:
-    """Few-shot examples from a JSONL file of {"prompt": ..., "completion": ...} rows, both strings: each error names
-    the file, the row and the field."""
+    """Few-shot examples from a data file of plain prompt/completion rows (`{"prompt": "...", "completion": "..."}`),
+    read and validated as SFT data is: an error names the file, the row and the field."""
+    from rlhf_kit.data.loading import DataError, detect_dataset_format, load_data
+
+    if not Path(path).is_file():
+        raise UserError(f"few-shot file {path} does not exist")
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"few-shot file {path} cannot be read: {e}") from None
-    pairs = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"few-shot file {path}: row {number} is not valid JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"few-shot file {path}: row {number} must be an object with 'prompt' and 'completion'")
-        for key in ("prompt", "completion"):
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                got = "missing" if key not in row else f"got {json.dumps(row[key])[:60]}"
-                raise UserError(f"few-shot file {path}: row {number}: field '{key}' must be a non-empty string "
-                                f"({got}); each row is {{\"prompt\": \"...\", \"completion\": \"...\"}}")
-        pairs.append((row["prompt"], row["completion"]))
-    if not pairs:
-        raise UserError(f"few-shot file {path} has no rows; each row is {{\"prompt\": \"...\", \"completion\": \"...\"}}")
-    return pairs
+        rows = load_data(str(path), kind="sft")
+    except DataError as e:
+        raise UserError(f"few-shot examples: {e}") from None
+    fmt = detect_dataset_format(rows, "sft")
+    if fmt != "prompt_completion":
+        raise UserError(f"few-shot file {path} holds '{fmt}' rows; give plain prompt/completion rows: "
+                        '{"prompt": "...", "completion": "..."}')
+    return list(zip(rows["prompt"], rows["completion"]))
 
 
 def _columns(prompts) -> tuple[list, dict[str, list]]:
-    """The prompts and their extra columns (which reward functions receive), from a list or a prompt dataset."""
+    """The prompts and their extra columns (which reward functions receive), from a list or a prompt dataset; a
+    list is checked as a prompt file's rows are (a string, or chat messages ending with a user turn)."""
+    from rlhf_kit.data.loading import RowError, validate_row
+
     if isinstance(prompts, (list, tuple)):
+        for i, prompt in enumerate(prompts):
+            try:
+                validate_row({"prompt": prompt}, "prompt" if isinstance(prompt, str) else "prompt_conversational")
+            except RowError as e:
+                raise UserError(f"prompts[{i}]: {e}") from None
         return list(prompts), {}
-    data = prompts.to_dict() if hasattr(prompts, "to_dict") else dict(prompts)
-    return list(data["prompt"]), {k: list(v) for k, v in data.items() if k != "prompt"}
+    table = prompts.to_dict() if hasattr(prompts, "column_names") else prompts  # a Dataset, or {column: values}
+    if not isinstance(table, dict) or "prompt" not in table:
+        one = " (one prompt: put it in a list)" if isinstance(prompts, str) else ""
+        raise UserError(f"prompts must be a list of prompts or a dataset with a 'prompt' column, got "
+                        f"{type(prompts).__name__}{one}")
+    return list(table["prompt"]), {k: list(v) for k, v in table.items() if k != "prompt"}
 
 
 def _load(model: str | Policy, job: Job) -> tuple[Policy, list, list[float]]:
@@ -268,6 +270,8 @@ def generate_file(model: str | Policy, prompts, output: str | Path, *, constrain
             **run.settings()}
     meta = json.loads(json.dumps(meta))  # as it reads back from the file: tuples as lists
     done = _check_resume(out, meta)
+    if done == len(prompts):  # nothing left to do: no model to load
+        return {"output": str(out), "rows": done, "new_rows": 0, "seconds": 0.0, "tokens": 0, "tokens_per_s": 0.0}
     policy, funcs, weights = _load(model, run)
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}{META_SUFFIX}").write_text(json.dumps(meta, indent=2) + "\n")
