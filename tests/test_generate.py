@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import pytest
+import torch
 from conftest import REPO, write_jsonl
 
 from rlhf_kit.cli import main as cli
@@ -189,6 +191,34 @@ def test_generate_samples_as_evaluate_policy_does(tiny_sft, tmp_path):
     assert cli(["generate", tiny_sft, "--prompts", data, "--output", str(out), "--max_new_tokens", "16",
                 "--seed", "3"]) == 0
     assert [json.loads(line)["response"] for line in out.read_text().splitlines()] == evaluated
+
+
+@dataclass
+class OnlyToken:
+    """A stand-in for `constraints.Constraint`: every sampled token is `token` (a fresh processor per call)."""
+
+    token: int
+
+    def logits_processor(self, policy):
+        def only(input_ids, scores):
+            allowed = torch.full_like(scores, float("-inf"))
+            allowed[:, self.token] = 0.0
+            return allowed
+
+        return lambda: [only]
+
+
+def test_a_constraint_shapes_every_sample_and_is_part_of_the_recorded_settings(tiny_sft, tmp_path):
+    policy = load_policy(tiny_sft)
+    eos = policy.tokenizer.eos_token_id
+    out = tmp_path / "out.jsonl"
+    generate_file(policy, PROMPTS.select(range(3)), out, n=2, max_new_tokens=8, constraint=OnlyToken(eos),
+                  progress=False)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["responses"] for r in rows] == [["", ""]] * 3  # the stop token at once, for both samples
+    assert json.loads((tmp_path / "out.jsonl.meta.json").read_text())["constraint"] == f"OnlyToken(token={eos})"
+    with pytest.raises(ValueError, match="constraint was"):
+        generate_file(policy, PROMPTS.select(range(3)), out, n=2, max_new_tokens=8, constraint=OnlyToken(eos + 1))
 
 
 @pytest.mark.parametrize("flags,message", [

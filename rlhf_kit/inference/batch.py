@@ -39,10 +39,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from rlhf_kit.data.loading import DataError, RowError, detect_dataset_format, load_data, validate_row
 from rlhf_kit.errors import UserError
 from rlhf_kit.inference.best_of_n import completed_rows, rerank
 from rlhf_kit.inference.generation import Policy, Prompting, Sampling, check_template, generate, load_policy
 from rlhf_kit.inference.selection import answer_extractor, majority_vote
+from rlhf_kit.model import load_tokenizer, prepare_tokenizer
+from rlhf_kit.rewards import RewardSources, import_reward_func, load_reward_functions
+from rlhf_kit.rewards import reward_weights as check_reward_weights
 
 SELECT = ("first", "reward", "vote")
 RAW_STOP = ("\n",)  # the default stop of raw prompting: one-line answers
@@ -101,10 +105,11 @@ class Job:
 
 
 def make_job(*, n: int = 1, select: str = "first", max_new_tokens: int = 64, temperature: float = 1.0,
-        top_p: float = 1.0, seed: int = 0, batch_size: int = 32, stop: Sequence[str] = (),
-        system: str | None = None, template: str | None = None, few_shot: Sequence[tuple[str, str]] | str | Path = (),
-        raw: bool = False, reward_model: str | None = None, reward_funcs: Sequence[str] = (),
-        reward_weights: Sequence[float] | None = None, answer_pattern: str | None = None, constraint=None) -> Job:
+             top_p: float = 1.0, seed: int = 0, batch_size: int = 32, stop: Sequence[str] = (),
+             system: str | None = None, template: str | None = None,
+             few_shot: Sequence[tuple[str, str]] | str | Path = (), raw: bool = False, reward_model: str | None = None,
+             reward_funcs: Sequence[str] = (), reward_weights: Sequence[float] | None = None,
+             answer_pattern: str | None = None, constraint=None) -> Job:
     """The checked settings of a run; any mistake raises ValueError here, before a model loads. `few_shot` is a list
     of (prompt, completion) pairs or a JSONL file of prompt/completion rows (`read_few_shot`)."""
     if n < 1:
@@ -116,11 +121,8 @@ def make_job(*, n: int = 1, select: str = "first", max_new_tokens: int = 64, tem
     prompting = Prompting(system=system, template=template, few_shot=tuple(map(tuple, few_shot)), raw=raw)
     selection = Selection(select, reward_model, tuple(reward_funcs), reward_weights, answer_pattern)
     selection.check(n)
-    if selection.mode == "reward":
-        from rlhf_kit.rewards import import_reward_func, reward_weights as check_weights
-
-        # Imported and counted now: a typo fails here, not after the models load.
-        check_weights(bool(reward_model), [import_reward_func(f) for f in reward_funcs], reward_weights)
+    if selection.mode == "reward":  # imported and counted now: a typo fails here, not after the models load
+        check_reward_weights(bool(reward_model), [import_reward_func(f) for f in reward_funcs], reward_weights)
     extract = answer_extractor(answer_pattern) if selection.mode == "vote" else None
     return Job(sampling, prompting, selection, constraint, extract)
 
@@ -143,8 +145,6 @@ def read_template(path: str | Path) -> str:
 def read_few_shot(path: str | Path) -> list[tuple[str, str]]:
     """Few-shot examples from a data file of plain prompt/completion rows (`{"prompt": "...", "completion": "..."}`),
     read and validated as SFT data is: an error names the file, the row and the field."""
-    from rlhf_kit.data.loading import DataError, detect_dataset_format, load_data
-
     if not Path(path).is_file():
         raise UserError(f"few-shot file {path} does not exist")
     try:
@@ -161,8 +161,6 @@ def read_few_shot(path: str | Path) -> list[tuple[str, str]]:
 def _columns(prompts) -> tuple[list, dict[str, list]]:
     """The prompts and their extra columns (which reward functions receive), from a list or a prompt dataset; a
     list is checked as a prompt file's rows are (a string, or chat messages ending with a user turn)."""
-    from rlhf_kit.data.loading import RowError, validate_row
-
     if isinstance(prompts, (list, tuple)):
         for i, prompt in enumerate(prompts):
             try:
@@ -183,9 +181,6 @@ def _load(model: str | Policy, job: Job) -> tuple[Policy, list, list[float]]:
     policy loads: a failing gate costs a tokenizer load, not a model load)."""
     funcs, weights = [], []
     if job.selection.mode == "reward":
-        from rlhf_kit.model import load_tokenizer, prepare_tokenizer
-        from rlhf_kit.rewards import RewardSources, load_reward_functions
-
         tokenizer = model.tokenizer if isinstance(model, Policy) else load_tokenizer(model)
         if not isinstance(model, Policy):
             prepare_tokenizer(tokenizer)
@@ -222,7 +217,7 @@ def _chunks(policy: Policy, prompts: list, columns: dict[str, list], job: Job, f
                 vote = majority_vote(answers)
                 row.update(response=responses[vote.index], selected=vote.index, answers=answers,
                            answer=vote.answer, votes=vote.counts)
-        # Generated tokens, the stop token included; a sequence ended by a stop string is padded after it.
+        # Generated tokens, the stop token included; the padding after a sequence ended by a stop string is not.
         tokens = sum(len(ids) - _trailing(ids, pad) for ids in gens.response_ids)
         yield start, rows, tokens
 
