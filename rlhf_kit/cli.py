@@ -154,6 +154,9 @@ def _generate(ns: argparse.Namespace) -> int:
     if ns.num_prompts is not None:
         prompts = prompts.select(range(min(ns.num_prompts, len(prompts))))
     summary = generate_file(ns.model, prompts, ns.output, **settings)
+    if not summary["new_rows"]:
+        print(f"rlhf-kit generate: {summary['output']} already holds all {summary['rows']} rows; nothing to do")
+        return 0
     print(f"rlhf-kit generate: {summary['rows']} rows in {summary['output']} ({summary['new_rows']} new) in "
           f"{summary['seconds']:.1f} s, {summary['tokens']} tokens generated, {summary['tokens_per_s']:.0f} tokens/s")
     return 0
