@@ -135,33 +135,6 @@ def _chat(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(ns: argparse.Namespace) -> int:
-    """`rlhf_kit.inference.batch.generate_file` on a prompt dataset: everything is checked before a model loads."""
-    from rlhf_kit.data.loading import load_data
-    from rlhf_kit.errors import UserError
-    from rlhf_kit.inference.batch import generate_file, make_job, read_template
-
-    settings = dict(n=ns.n, select=ns.select, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
-                    top_p=ns.top_p, seed=ns.seed, batch_size=ns.batch_size, stop=ns.stop or (), system=ns.system,
-                    template=read_template(ns.prompt_template) if ns.prompt_template else None,
-                    few_shot=ns.few_shot or (), raw=ns.raw, reward_model=ns.reward_model,
-                    reward_funcs=ns.reward_funcs or (), reward_weights=ns.reward_weights,
-                    answer_pattern=ns.answer_pattern)
-    make_job(**settings)  # flags first: a mistake there should not wait for the data to load
-    prompts = load_data(ns.prompts, kind="prompt", split=ns.split)
-    if prompts is None:
-        raise UserError(f"--prompts {ns.prompts} has no '{ns.split}' split; give --split")
-    if ns.num_prompts is not None:
-        prompts = prompts.select(range(min(ns.num_prompts, len(prompts))))
-    summary = generate_file(ns.model, prompts, ns.output, **settings)
-    if not summary["new_rows"]:
-        print(f"rlhf-kit generate: {summary['output']} already holds all {summary['rows']} rows; nothing to do")
-        return 0
-    print(f"rlhf-kit generate: {summary['rows']} rows in {summary['output']} ({summary['new_rows']} new) in "
-          f"{summary['seconds']:.1f} s, {summary['tokens']} tokens generated, {summary['tokens_per_s']:.0f} tokens/s")
-    return 0
-
-
 def _run_recipe(recipe: str, argv: list[str], first_key: str, prog: str) -> int:
     """Run `recipes/<recipe>.py` itself, so the subcommand and `python recipes/<recipe>.py` cannot drift apart.
 
@@ -192,6 +165,33 @@ def _export(ns: argparse.Namespace) -> int:
 def _best_of_n(ns: argparse.Namespace) -> int:
     return _run_recipe("best_of_n", list(ns.args), "--model_name_or_path",
                        "rlhf-kit best-of-n [MODEL] [--config YAML] [--key value ...]")
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    """`rlhf_kit.inference.batch.generate_file` on a prompt dataset: everything is checked before a model loads."""
+    from rlhf_kit.data.loading import load_data
+    from rlhf_kit.errors import UserError
+    from rlhf_kit.inference.batch import generate_file, make_job, read_template
+
+    settings = dict(n=ns.n, select=ns.select, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
+                    top_p=ns.top_p, seed=ns.seed, batch_size=ns.batch_size, stop=ns.stop or (), system=ns.system,
+                    template=read_template(ns.prompt_template) if ns.prompt_template else None,
+                    few_shot=ns.few_shot or (), raw=ns.raw, reward_model=ns.reward_model,
+                    reward_funcs=ns.reward_funcs or (), reward_weights=ns.reward_weights,
+                    answer_pattern=ns.answer_pattern)
+    make_job(**settings)  # flags first: a mistake there should not wait for the data to load
+    prompts = load_data(ns.prompts, kind="prompt", split=ns.split)
+    if prompts is None:
+        raise UserError(f"--prompts {ns.prompts} has no '{ns.split}' split; give --split")
+    if ns.num_prompts is not None:
+        prompts = prompts.select(range(min(ns.num_prompts, len(prompts))))
+    summary = generate_file(ns.model, prompts, ns.output, **settings)
+    if not summary["new_rows"]:
+        print(f"rlhf-kit generate: {summary['output']} already holds all {summary['rows']} rows; nothing to do")
+        return 0
+    print(f"rlhf-kit generate: {summary['rows']} rows in {summary['output']} ({summary['new_rows']} new) in "
+          f"{summary['seconds']:.1f} s, {summary['tokens']} tokens generated, {summary['tokens_per_s']:.0f} tokens/s")
+    return 0
 
 
 def _plan(ns: argparse.Namespace) -> int:
@@ -270,6 +270,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the metrics as JSON here")
     p.set_defaults(func=_eval)
 
+    p = sub.add_parser("chat", help="chat in the terminal with any stage's output")
+    p.add_argument("model")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--system", help="a system message")
+    p.set_defaults(func=_chat)
+
+    # prefix_chars="+": every --key goes through to the recipe's strict config parser, not to argparse.
+    p = sub.add_parser("export", prefix_chars="+", add_help=False,
+                       help="adapter / merged / GGUF export of a stage output, with its model card (recipes/export.py)")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_export)
+
+    # prefix_chars="+": every --key goes through to the recipe's strict config parser, not to argparse.
+    p = sub.add_parser("best-of-n", prefix_chars="+", add_help=False,
+                       help="sample N answers per prompt, keep the reward model's favourite: an SFT dataset for "
+                            "rejection-sampling fine-tuning (recipes/best_of_n.py)")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_best_of_n)
+
     p = sub.add_parser(
         "generate", help="responses to every prompt of a dataset, K samples each and one selected, to a JSONL file",
         description="Batched generation over a prompt dataset (TRL prompt format, plain or conversational) from any "
@@ -317,26 +337,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", metavar="STR",
                    help="a string that ends a response, cut off it (repeatable); the model's stop tokens always do")
     p.set_defaults(func=_generate)
-
-    p = sub.add_parser("chat", help="chat in the terminal with any stage's output")
-    p.add_argument("model")
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--system", help="a system message")
-    p.set_defaults(func=_chat)
-
-    # prefix_chars="+": every --key goes through to the recipe's strict config parser, not to argparse.
-    p = sub.add_parser("export", prefix_chars="+", add_help=False,
-                       help="adapter / merged / GGUF export of a stage output, with its model card (recipes/export.py)")
-    p.add_argument("args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_export)
-
-    # prefix_chars="+": every --key goes through to the recipe's strict config parser, not to argparse.
-    p = sub.add_parser("best-of-n", prefix_chars="+", add_help=False,
-                       help="sample N answers per prompt, keep the reward model's favourite: an SFT dataset for "
-                            "rejection-sampling fine-tuning (recipes/best_of_n.py)")
-    p.add_argument("args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_best_of_n)
 
     p = sub.add_parser("plan", help="estimate a recipe config's peak GPU memory per process, before loading anything")
     p.add_argument("config", help="a recipe YAML, e.g. recipes/configs/sft/llama-8b-qlora.yaml")
