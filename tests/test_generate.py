@@ -223,7 +223,7 @@ def test_a_constraint_shapes_every_sample_and_is_part_of_the_recorded_settings(t
 
 @pytest.mark.parametrize("flags,message", [
     (["--prompt_template", "{tpl}"], "prompt template file {tpl}: "),
-    (["--few_shot", "{shots}"], "few-shot examples: {shots}: row 2: field 'completion'"),
+    (["--few_shot", "{shots}"], "{shots}: row 2: field 'completion'"),
     (["--n", "4", "--select", "vote", "--answer_pattern", "is (\\w+"], "answer pattern 'is (\\\\w+' is not a valid"),
     (["--answer_pattern", "is (\\w+)", "--n", "4"], "an answer pattern is only used with select vote"),
     (["--select", "vote"], "select vote needs n >= 2"),
