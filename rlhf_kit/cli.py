@@ -1,4 +1,4 @@
-"""The `rlhf-kit` command: init, pipeline, train, eval, chat, export, push, plan."""
+"""The `rlhf-kit` command: init, pipeline, train, eval, generate, chat, export, push, plan."""
 
 from __future__ import annotations
 
@@ -189,6 +189,33 @@ def _best_of_n(ns: argparse.Namespace) -> int:
                        "rlhf-kit best-of-n [MODEL] [--config YAML] [--key value ...]")
 
 
+def _generate(ns: argparse.Namespace) -> int:
+    """`rlhf_kit.inference.batch.generate_file` on a prompt dataset: everything is checked before a model loads."""
+    from rlhf_kit.data.loading import load_data
+    from rlhf_kit.errors import UserError
+    from rlhf_kit.inference.batch import generate_file, make_job, read_template
+
+    settings = dict(n=ns.n, select=ns.select, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
+                    top_p=ns.top_p, seed=ns.seed, batch_size=ns.batch_size, stop=ns.stop or (), system=ns.system,
+                    template=read_template(ns.prompt_template) if ns.prompt_template else None,
+                    few_shot=ns.few_shot or (), raw=ns.raw, reward_model=ns.reward_model,
+                    reward_funcs=ns.reward_funcs or (), reward_weights=ns.reward_weights,
+                    answer_pattern=ns.answer_pattern)
+    make_job(**settings)  # flags first: a mistake there should not wait for the data to load
+    prompts = load_data(ns.prompts, kind="prompt", split=ns.split)
+    if prompts is None:
+        raise UserError(f"--prompts {ns.prompts} has no '{ns.split}' split; give --split")
+    if ns.num_prompts is not None:
+        prompts = prompts.select(range(min(ns.num_prompts, len(prompts))))
+    summary = generate_file(ns.model, prompts, ns.output, **settings)
+    if not summary["new_rows"]:
+        print(f"rlhf-kit generate: {summary['output']} already holds all {summary['rows']} rows; nothing to do")
+        return 0
+    print(f"rlhf-kit generate: {summary['rows']} rows in {summary['output']} ({summary['new_rows']} new) in "
+          f"{summary['seconds']:.1f} s, {summary['tokens']} tokens generated, {summary['tokens_per_s']:.0f} tokens/s")
+    return 0
+
+
 def _plan(ns: argparse.Namespace) -> int:
     # No model, tokenizer or data is loaded: the estimate is arithmetic on the config and the model's shape.
     from rlhf_kit.config import load_yaml
@@ -286,6 +313,54 @@ def build_parser() -> argparse.ArgumentParser:
                             "rejection-sampling fine-tuning (recipes/best_of_n.py)")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_best_of_n)
+
+    p = sub.add_parser(
+        "generate", help="responses to every prompt of a dataset, K samples each and one selected, to a JSONL file",
+        description="Batched generation over a prompt dataset (TRL prompt format, plain or conversational) from any "
+                    "stage output, merged model or local model directory, with the model's chat template and stop "
+                    "tokens. Each output line holds the prompt, the selected response, and with --n > 1 all "
+                    "responses and every score used. A rerun resumes an interrupted file; one written with other "
+                    "settings is refused.",
+        epilog="select: first = the first sample; reward = best-of-N, the highest weighted score of --reward_model "
+               "and --reward_funcs; vote = self-consistency, the majority answer (--answer_pattern), ties going to "
+               "the answer sampled first (needs --n >= 2). Python: rlhf_kit.inference.batch.generate_responses.")
+    p.add_argument("model", help="a stage output directory (full model or LoRA adapter) or a model directory")
+    p.add_argument("--prompts", required=True, metavar="DATA",
+                   help="prompt data (a `prompt` column): a file, a directory with <split>.jsonl, or a Hub dataset")
+    p.add_argument("--output", required=True, metavar="FILE",
+                   help="the JSONL file to write, appended to when resuming (settings in FILE.meta.json)")
+    p.add_argument("--split", default="train", help="the split of a directory or Hub dataset (default: train)")
+    p.add_argument("--num_prompts", type=int, metavar="N", help="only the first N prompts")
+    p.add_argument("--n", type=int, default=1, metavar="K",
+                   help="samples per prompt, drawn in one batched call (default: 1)")
+    p.add_argument("--select", choices=["first", "reward", "vote"], default="first",
+                   help="how the response of a prompt is chosen among its --n samples (default: first)")
+    p.add_argument("--reward_model", help="select reward: a reward stage output to score with")
+    p.add_argument("--reward_funcs", nargs="+", metavar="MODULE:FUNCTION",
+                   help="select reward: reward functions (prompts=..., completions=...) -> scores")
+    p.add_argument("--reward_weights", nargs="+", type=float, metavar="W",
+                   help="select reward: one weight per source, the reward model first (default: 1 each)")
+    p.add_argument("--answer_pattern", metavar="PATTERN",
+                   help="select vote: a regex whose first group (or match) is the answer, or MODULE:FUNCTION; "
+                        "default: the whole response")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="most new tokens per response (default: 64)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy, then --n must be 1 (default: 1)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (default: 1, off)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed; each chunk of prompts adds the index of its first prompt (default: 0)")
+    p.add_argument("--batch_size", type=int, default=32,
+                   help="sequences per generate call: batch_size // n prompts at a time (default: 32)")
+    p.add_argument("--system", metavar="TEXT", help="a system message (with --raw: a first line)")
+    p.add_argument("--prompt_template", metavar="FILE",
+                   help='a text file holding a template with one {prompt} field: "You are an expert reviewer. '
+                        '{prompt}"')
+    p.add_argument("--few_shot", metavar="FILE", help="a JSONL file of prompt/completion examples, put before each "
+                                                       "prompt as chat turns (with --raw: as text)")
+    p.add_argument("--raw", action="store_true", help="no chat template (base models): the prompt is a document to "
+                                                      "continue; without --stop, a response ends at a newline")
+    p.add_argument("--stop", action="append", metavar="STR",
+                   help="a string that ends a response, cut off it (repeatable); the model's stop tokens always do")
+    p.set_defaults(func=_generate)
 
     p = sub.add_parser("plan", help="estimate a recipe config's peak GPU memory per process, before loading anything")
     p.add_argument("config", help="a recipe YAML, e.g. recipes/configs/sft/llama-8b-qlora.yaml")

@@ -1,2 +1,3 @@
-"""Using a model: generating from a policy and scoring it (`evaluation`), best-of-N sampling (`best_of_n`) and the
-interactive chat (`chat`)."""
+"""Using a model: generating from a policy and scoring it (`evaluation`), best-of-N sampling (`best_of_n`), responses
+to a whole prompt dataset with sample-and-select (`batch`, behind `rlhf-kit generate`) and the interactive chat
+(`chat`)."""

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rlhf_kit.inference.generation import Policy, Sampling, generate
+from rlhf_kit.inference.generation import Generations, Policy, Sampling, generate
 from rlhf_kit.rewards import as_completions, call_reward_func
 
 DATA_FILE = "train.jsonl"
@@ -93,6 +93,16 @@ def best_of_n(policy: Policy, prompts: list, *, n: int, reward_funcs: list, weig
         raise ValueError(f"{len(reward_funcs)} reward functions but {len(weights)} weights")
     sampling = Sampling(n=n, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed)
     gens = generate(policy, prompts, sampling=sampling, progress=False)
+    return rerank(gens, reward_funcs=reward_funcs, weights=weights, columns=columns)
+
+
+def rerank(gens: Generations, *, reward_funcs: list, weights: list[float],
+           columns: dict[str, list] | None = None) -> list[Pick]:
+    """Score the `gens.n` responses of each prompt with the weighted reward functions and pick the best of each
+    (ties: the first sampled). The scoring half of `best_of_n`, for responses sampled with any settings."""
+    if len(reward_funcs) != len(weights):
+        raise ValueError(f"{len(reward_funcs)} reward functions but {len(weights)} weights")
+    prompts, n = gens.prompts, gens.n
     repeated = [p for p in prompts for _ in range(n)]  # (P * n), the n samples of a prompt side by side
     completions = as_completions(repeated, gens.responses)
     extra = {k: [v for v in values for _ in range(n)] for k, values in (columns or {}).items()}
