@@ -200,7 +200,7 @@ def _generate(ns: argparse.Namespace) -> int:
                     template=read_template(ns.prompt_template) if ns.prompt_template else None,
                     few_shot=ns.few_shot or (), raw=ns.raw, reward_model=ns.reward_model,
                     reward_funcs=ns.reward_funcs or (), reward_weights=ns.reward_weights,
-                    answer_pattern=ns.answer_pattern)
+                    answer_pattern=ns.answer_pattern, constraint=_constraint(ns))
     make_job(**settings)  # flags first: a mistake there should not wait for the data to load
     prompts = load_data(ns.prompts, kind="prompt", split=ns.split)
     if prompts is None:
@@ -360,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "continue; without --stop, a response ends at a newline")
     p.add_argument("--stop", action="append", metavar="STR",
                    help="a string that ends a response, cut off it (repeatable); the model's stop tokens always do")
+    _add_constraint_flags(p)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("plan", help="estimate a recipe config's peak GPU memory per process, before loading anything")

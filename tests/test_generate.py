@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import REPO, write_jsonl
+from conftest import REPO, read_jsonl, write_jsonl
 
 from rlhf_kit.cli import main as cli
 from rlhf_kit.data.loading import load_data
@@ -232,8 +232,9 @@ def test_a_constraint_shapes_every_sample_and_is_part_of_the_recorded_settings(t
     (["--n", "0"], "n (samples per prompt) must be >= 1"),
     (["--n", "4", "--temperature", "0"], "greedy samples would all be the same"),
     (["--prompts", "{tpl}"], "{tpl}"),
+    (["--regex", "The (coffee"], "regex 'The (coffee' cannot constrain generation"),
 ], ids=["template", "few-shot row", "pattern", "pattern without vote", "vote of one", "reward without source",
-        "reward function", "n", "greedy n", "prompts"])
+        "reward function", "n", "greedy n", "prompts", "regex"])
 def test_a_bad_flag_or_file_is_one_line_before_any_model_loads(flags, message, tmp_path, capsys):
     tpl = tmp_path / "template.txt"
     tpl.write_text("Answer this: {question}\n")
@@ -247,3 +248,18 @@ def test_a_bad_flag_or_file_is_one_line_before_any_model_loads(flags, message, t
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("rlhf-kit generate: ") and fill(message) in err, err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_the_command_constrains_every_sample_to_a_regex(tiny_base, tmp_path):
+    """`--regex` on the barely trained base model: every one of n samples per prompt has the review's shape."""
+    import re
+
+    from rlhf_kit.tasks.review import ANSWER_REGEX, has_review_shape
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Review the {item}."} for item in
+                                                         ("tea", "coffee", "hat")])
+    out = tmp_path / "out.jsonl"
+    assert cli(["generate", tiny_base, "--prompts", prompts, "--output", str(out), "--n", "3", "--regex",
+                ANSWER_REGEX, "--max_new_tokens", "32"]) == 0
+    samples = [r for row in read_jsonl(out) for r in row["responses"]]
+    assert len(samples) == 9 and all(re.fullmatch(ANSWER_REGEX, r) and has_review_shape(r) for r in samples)

@@ -39,10 +39,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from rlhf_kit.data.loading import DataError, RowError, detect_dataset_format, load_data, validate_row
+from rlhf_kit.data.loading import RowError, validate_row
 from rlhf_kit.errors import UserError
 from rlhf_kit.inference.best_of_n import completed_rows, rerank
-from rlhf_kit.inference.generation import Policy, Prompting, Sampling, check_template, generate, load_policy
+from rlhf_kit.inference.generation import (Policy, Prompting, Sampling, check_template, generate, load_few_shot,
+                                          load_policy)
 from rlhf_kit.inference.selection import answer_extractor, majority_vote
 from rlhf_kit.model import load_tokenizer, prepare_tokenizer
 from rlhf_kit.rewards import RewardSources, import_reward_func, load_reward_functions
@@ -111,11 +112,11 @@ def make_job(*, n: int = 1, select: str = "first", max_new_tokens: int = 64, tem
              reward_funcs: Sequence[str] = (), reward_weights: Sequence[float] | None = None,
              answer_pattern: str | None = None, constraint=None) -> Job:
     """The checked settings of a run; any mistake raises ValueError here, before a model loads. `few_shot` is a list
-    of (prompt, completion) pairs or a JSONL file of prompt/completion rows (`read_few_shot`)."""
+    of (prompt, completion) pairs or a JSONL file of prompt/completion rows (`generation.load_few_shot`)."""
     if n < 1:
         raise UserError(f"n (samples per prompt) must be >= 1, got {n}")
     if isinstance(few_shot, (str, Path)):
-        few_shot = read_few_shot(few_shot)
+        few_shot = load_few_shot(few_shot)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed,
                         batch_size=batch_size, stop=tuple(stop) or (RAW_STOP if raw else ()))
     prompting = Prompting(system=system, template=template, few_shot=tuple(map(tuple, few_shot)), raw=raw)
@@ -140,22 +141,6 @@ def read_template(path: str | Path) -> str:
     except ValueError as e:
         raise UserError(f"prompt template file {path}: {e}") from None
     return text
-
-
-def read_few_shot(path: str | Path) -> list[tuple[str, str]]:
-    """Few-shot examples from a data file of plain prompt/completion rows (`{"prompt": "...", "completion": "..."}`),
-    read and validated as SFT data is: an error names the file, the row and the field."""
-    if not Path(path).is_file():
-        raise UserError(f"few-shot file {path} does not exist")
-    try:
-        rows = load_data(str(path), kind="sft")
-    except DataError as e:
-        raise UserError(f"few-shot examples: {e}") from None
-    fmt = detect_dataset_format(rows, "sft")
-    if fmt != "prompt_completion":
-        raise UserError(f"few-shot file {path} holds '{fmt}' rows; give plain prompt/completion rows: "
-                        '{"prompt": "...", "completion": "..."}')
-    return list(zip(rows["prompt"], rows["completion"]))
 
 
 def _columns(prompts) -> tuple[list, dict[str, list]]:

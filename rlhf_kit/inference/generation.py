@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from rlhf_kit.data.loading import DataError, load_data
+from rlhf_kit.errors import UserError
 from rlhf_kit.model import (ModelArguments, is_adapter_dir, load_model, load_tokenizer, merged_cache_path,
                             prepare_tokenizer, stop_token_ids)
 
@@ -124,17 +126,20 @@ def check_template(template: str) -> None:
 def load_few_shot(path: str) -> list[tuple[str, str]]:
     """Few-shot examples from an SFT-format file (prompt/completion rows, or one-exchange `messages`), validated as
     training data is (file, row and field named on a bad row): [(prompt, response), ...]."""
-    from rlhf_kit.data.loading import load_data
-
-    data = load_data(path, kind="sft")
+    if not Path(path).exists():
+        raise UserError(f"few-shot file {path} does not exist")
+    try:
+        data = load_data(str(path), kind="sft")
+    except DataError as e:
+        raise UserError(f"few-shot examples: {e}") from None
     if data is None or len(data) == 0:
-        raise ValueError(f"few-shot file {path} has no examples")
+        raise UserError(f"few-shot file {path} has no examples")
     examples = []
     for i, row in enumerate(data):
         if "messages" in row:
             turns = [m for m in row["messages"] if m["role"] in ("user", "assistant")]
             if [m["role"] for m in turns] != ["user", "assistant"]:
-                raise ValueError(f"{path}, row {i + 1}: a few-shot example is one user message and one assistant "
+                raise UserError(f"{path}, row {i + 1}: a few-shot example is one user message and one assistant "
                                  f"answer; this row has roles {[m['role'] for m in row['messages']]}")
             examples.append((turns[0]["content"], turns[1]["content"]))
         else:
