@@ -40,11 +40,13 @@ def load_policy(path: str, name: str | None = None) -> Policy:
     """Any stage's output: a full model, or a LoRA adapter (merged into its base once and cached on disk, under
     $RLHF_KIT_CACHE or $HF_HOME: `merged_copy` says where).
 
-    A base model gets the same chat template SFT gives it, so base and SFT answer the very same prompts.
+    A base model gets the same chat template SFT gives it, so base and SFT answer the very same prompts. With GPUs the
+    model is placed on them (`device_map="auto"`: spread over several when it does not fit on one); else on the CPU.
     """
     tokenizer = load_tokenizer(path)
     prepare_tokenizer(tokenizer)
-    model = load_model(ModelArguments(model_name_or_path=path), tokenizer).eval()
+    placement = "auto" if torch.cuda.is_available() else None
+    model = load_model(ModelArguments(model_name_or_path=path), tokenizer, device_map=placement).eval()
     merged = merged_cache_path(path) if is_adapter_dir(path) else None
     return Policy(name or Path(path).name, model, tokenizer, merged_copy=merged)
 
