@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -254,7 +255,9 @@ def generate_file(model: str | Policy, prompts, output: str | Path, *, constrain
         return {"output": str(out), "rows": done, "new_rows": 0, "seconds": 0.0, "tokens": 0, "tokens_per_s": 0.0}
     policy, funcs, weights = _load(model, run)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{out}{META_SUFFIX}").write_text(json.dumps(meta, indent=2) + "\n")
+    staged = Path(f"{out}{META_SUFFIX}.tmp")  # written whole, then renamed: a kill never leaves half a record
+    staged.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(staged, f"{out}{META_SUFFIX}")
     began, tokens, new = time.perf_counter(), 0, 0
     with tqdm(total=len(prompts), initial=done, desc="generate", unit="prompt", disable=not progress) as bar:
         # A rerun regenerates a partly written chunk exactly (same boundaries, same seed) and appends what is missing.
