@@ -1,4 +1,5 @@
-"""Write the shipped datasets of the synthetic review task (see data/README.md).
+"""Write the shipped datasets of the synthetic review task and of its questions with a checkable answer (see
+data/README.md).
 
     python data/make_datasets.py                 # rewrite data/ in place
     python data/make_datasets.py --out /tmp/d    # somewhere else
@@ -23,6 +24,7 @@ from pathlib import Path
 # So `python data/make_datasets.py` works from a fresh checkout without `pip install -e .`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rlhf_kit.tasks import answers  # noqa: E402
 from rlhf_kit.tasks import review as task  # noqa: E402
 
 SYSTEM_FRACTION = 0.1  # share of SFT conversations that open with a system message
@@ -62,6 +64,16 @@ def preference_rows(rng: random.Random, n: int, split: task.Split) -> list[dict]
 
 def prompt_rows(rng: random.Random, n: int, split: task.Split) -> list[dict]:
     return [{"prompt": [user(p)], "item": task.item_of(p)} for p in task.rl_prompts(rng, n, split)]
+
+
+# --- the questions with a one-word answer (rlhf_kit.tasks.answers), for self-consistency --------
+def answers_sft_rows(rng: random.Random, n: int, split: task.Split) -> list[dict]:
+    return [{"messages": [user(p), assistant(a)]} for p, a in answers.examples(rng, n, split)]
+
+
+def answers_prompt_rows(rng: random.Random, n: int, split: task.Split) -> list[dict]:
+    # The gold answer rides along as a column, as `item` does in prompts/: reward functions receive it.
+    return [{"prompt": [user(p)], "answer": a} for p, a in answers.examples(rng, n, split)]
 
 
 # --- small examples of every other accepted format --------------------------
@@ -113,6 +125,8 @@ def to_csv(rows: list[dict]) -> str:
 
 SIZES = {"pretrain": (4000, 200), "sft": (2000, 200), "preference": (3000, 300), "prompts": (1000, 100)}
 STAGE_ROWS = {"pretrain": pretrain_rows, "sft": sft_rows, "preference": preference_rows, "prompts": prompt_rows}
+ANSWERS_SIZES = {"sft": (2000, 200), "prompts": (1000, 100)}
+ANSWERS_ROWS = {"sft": answers_sft_rows, "prompts": answers_prompt_rows}
 EXAMPLES = (sft_prompt_completion, sft_prompt_completion_conversational, sft_text,
             preference_implicit, preference_standard, prompts_standard)
 
@@ -128,6 +142,10 @@ def build_files(seed: int = 0) -> dict[str, str]:
     for stage, (n_train, n_test) in SIZES.items():
         for split, n in (("train", n_train), ("test", n_test)):
             files[f"{stage}/{split}.jsonl"] = to_jsonl(STAGE_ROWS[stage](rng(f"{stage}/{split}"), n, split))
+    for kind, (n_train, n_test) in ANSWERS_SIZES.items():
+        for split, n in (("train", n_train), ("test", n_test)):
+            name = f"answers/{kind}/{split}.jsonl"
+            files[name] = to_jsonl(ANSWERS_ROWS[kind](rng(name), n, split))
     for build in EXAMPLES:
         files[f"examples/{build.__name__}.jsonl"] = to_jsonl(build(rng(f"examples/{build.__name__}")))
     # Same key as the JSONL file, so the CSV holds the same rows in the other format.
