@@ -20,6 +20,7 @@ import torch
 
 from rlhf_kit.inference.constraints import Constraint
 from rlhf_kit.inference.generation import Policy, Prompting, Sampling, generate
+from rlhf_kit.inference.selection import Vote, answer_extractor, majority_vote
 
 
 @dataclass
@@ -133,6 +134,58 @@ def evaluate_policy(policy: Policy, prompts: list, *, reward_model=None, referen
         metrics["kl_to_reference"] = (own - ref).mean().item()
         per_prompt["kl_to_reference"] = (own - ref).tolist()
     return EvalResult(name or policy.name, metrics, gens.responses, per_prompt)
+
+
+@dataclass
+class VoteResult(EvalResult):
+    """The majority-vote row of `evaluate_self_consistency`: besides the kept responses, each prompt's vote and its n
+    samples, from which every number of the three rows can be recomputed."""
+
+    votes: list[Vote] = field(default_factory=list)
+    samples: list[list[str]] = field(default_factory=list)
+
+
+def evaluate_self_consistency(policy: Policy, prompts: list, *, task, n: int = 8, answer_pattern: str | None = None,
+                              max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0) -> list[EvalResult]:
+    """Exact match of one sampled answer against the majority vote over `n` (self-consistency, Wang et al. 2022,
+    https://arxiv.org/abs/2203.11171), for a `task` whose metrics include ``exact_match``. Three rows, all read from
+    the same `n` samples per prompt, so their differences are paired by prompt:
+
+    - ``<policy>_one_sample``: each prompt's first sample, what sampling once gives;
+    - ``<policy>_first_answer_of_<n>``: each prompt's first sample with an answer (`answer_extractor(answer_pattern)`
+      finds one), what resampling until the answer is readable gives. A vote skips unreadable samples too, so the
+      vote's gain over this row is the part that the majority itself brings;
+    - ``<policy>_vote_of_<n>``: the sample `majority_vote` keeps, with ``gain_vs_one_sample`` and
+      ``gain_vs_first_answer`` (each with its paired standard error) and ``pass_at_n``, the share of prompts where any
+      sample is right: the most any way of choosing among them could reach.
+
+    Every task column has its standard error (`standard_error`: for a 0/1 exact match, sqrt(p (1 - p) / (N - 1))).
+    """
+    if n < 2:
+        raise ValueError(f"self-consistency votes among n >= 2 samples, got n={n}")
+    extract = answer_extractor(answer_pattern)
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, n=n)
+    groups = generate(policy, prompts, sampling=sampling).grouped()
+    votes = [majority_vote([extract(r) for r in group]) for group in groups]
+    picks = {"one_sample": [group[0] for group in groups],
+             f"first_answer_of_{n}": [next((r for r in group if extract(r) is not None), group[0]) for group in groups],
+             f"vote_of_{n}": [group[vote.index] for group, vote in zip(groups, votes)]}
+    rows = []
+    for label, responses in picks.items():
+        row_type = VoteResult if label.startswith("vote") else EvalResult
+        rows.append(row_type(f"{policy.name}_{label}", task.metrics(prompts, responses), responses,
+                             task_per_prompt(task, prompts, responses)))
+    if "exact_match" not in rows[0].metrics:
+        raise ValueError(f"task {task.__name__} reports no exact_match, which self-consistency measures; its metrics "
+                         f"are {sorted(rows[0].metrics)}")
+    one, first_answer, vote = rows
+    vote.votes, vote.samples = votes, groups
+    for baseline, row in (("one_sample", one), ("first_answer", first_answer)):
+        vote.metrics[f"gain_vs_{baseline}"], vote.metrics[f"gain_vs_{baseline}{SE}"] = paired_difference(
+            vote, row, "exact_match")
+    vote.metrics["pass_at_n"] = sum(any(task.metrics([p], [r])["exact_match"] for r in group)
+                                    for p, group in zip(prompts, groups)) / len(prompts)
+    return rows
 
 
 def win_rate(prompts: list, ours: list[str], theirs: list[str], judge) -> float:
