@@ -33,6 +33,7 @@ from typing import Any
 
 from rlhf_kit.config import SECRET_ENV, ConfigError, check_keys, is_secret, load_yaml, looks_like_path, parse_config
 from rlhf_kit.data.loading import check_sources, load_data, row_char_limit
+from rlhf_kit.inference.selection import answer_extractor
 from rlhf_kit.resources import missing_shipped_file, recipe_path
 from rlhf_kit.runs import IN_PIPELINE, read_stage
 from rlhf_kit.stages import DATA_KIND, PIPELINE, recipe_arguments
@@ -63,7 +64,11 @@ EVALUATION_DEFAULTS = {"prompts": "data/prompts", "split": "test", "num_prompts"
                        # Inference-time rows (rlhf_kit.inference): best-of-n of the SFT policy by the reward model,
                        # and the base model prompted as a document (raw), without and with few-shot examples.
                        # `constrained`: every model again with decoding constrained to the task's ANSWER_REGEX.
-                       "best_of_n": None, "few_shot": None, "constrained": False}
+                       "best_of_n": None, "few_shot": None, "constrained": False,
+                       # `vote_n`, for a task with a checkable answer (exact_match): a self-consistency section, one
+                       # sampled answer against the majority vote of vote_n, answers read by `answer_pattern`
+                       # (a regex or module:function, rlhf_kit.inference.selection.answer_extractor).
+                       "vote_n": None, "answer_pattern": None}
 
 
 @dataclass
@@ -171,6 +176,14 @@ def check_pipeline(config: PipelineConfig) -> None:
             check_sources(settings["prompts"], "prompt", settings["split"])
         except ValueError as error:
             raise ConfigError(f"evaluation prompts: {error}") from None
+        vote_n = settings["vote_n"]
+        if vote_n is not None and (type(vote_n) is not int or vote_n < 2 or not settings["task"]):
+            raise ConfigError(f"evaluation vote_n must be a whole number >= 2, with a task whose metrics include "
+                              f"exact_match; got vote_n={vote_n!r}, task={settings['task']!r}")
+        try:
+            answer_extractor(settings["answer_pattern"])
+        except ValueError as error:
+            raise ConfigError(f"evaluation answer_pattern: {error}") from None
 
 
 def _is_produced(value: str, produced: set[Path]) -> bool:
@@ -376,6 +389,7 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
             "gains": gains,
             "reward_model_heldout": rm_eval,
             "samples": {r.name: list(zip(map(str, prompts[:5]), r.responses[:5])) for r in results}}
+    consistency_md = _self_consistency_rows(policies, prompts, task, settings, data) if settings["vote_n"] else []
     (out / "report.json").write_text(json.dumps(data, indent=2))
     md = [f"# rlhf-kit pipeline report ({len(prompts)} held-out prompts)", "", table, ""]
     if gains:
@@ -395,6 +409,7 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
     plot = plot_ppo_training(config.stage_dir("ppo"), out / "ppo_training.png") if "ppo" in config.stages else None
     if plot:
         md.append(f"\n![gold and reward-model score against KL during PPO]({plot.name})")
+    md += consistency_md
     (out / "report.md").write_text("\n".join(md) + "\n")
     log("\n".join(md))
     return data
@@ -451,6 +466,29 @@ def _gains(results: list) -> list[dict[str, Any]]:
                 gains.append({"row": r.name, "baseline": baseline, "column": column, "difference": difference,
                               "se": se})
     return gains
+
+
+CONSISTENCY_COLUMNS = ["exact_match", "gain_vs_one_sample", "gain_vs_first_answer", "pass_at_n", "answer_rate"]
+
+
+def _self_consistency_rows(policies: dict, prompts: list, task, settings: dict[str, Any], data: dict) -> list[str]:
+    """Self-consistency for every trained policy (the base model is not asked): exact match of one sampled answer, of
+    the first readable one and of the majority vote of `vote_n`, from the same samples (`evaluate_self_consistency`).
+    Adds the rows to the report's data under "self_consistency" and returns its Markdown section."""
+    from rlhf_kit.inference.evaluation import evaluate_self_consistency, format_table
+
+    results = [row for name, policy in policies.items() if name != "base"
+               for row in evaluate_self_consistency(policy, prompts, task=task, n=settings["vote_n"],
+                                                    answer_pattern=settings["answer_pattern"],
+                                                    max_new_tokens=settings["max_new_tokens"],
+                                                    temperature=settings["temperature"], seed=settings["seed"])]
+    data["self_consistency"] = {r.name: r.metrics for r in results}
+    data["samples"].update({r.name: list(zip(map(str, prompts[:5]), r.responses[:5])) for r in results})
+    return ["", f"## Self-consistency: one sampled answer vs the majority vote of {settings['vote_n']}", "",
+            f"Exact match on the same {len(prompts)} prompts and samples at temperature {settings['temperature']} "
+            "(± standard error; a gain's is paired by prompt). first_answer: each prompt's first sample with an "
+            "answer, since the vote skips samples without one too; pass_at_n: any of the samples is right.", "",
+            format_table(results, CONSISTENCY_COLUMNS)]
 
 
 def _reward_eval(config: PipelineConfig) -> dict[str, Any] | None:
