@@ -38,6 +38,8 @@ from collections.abc import Sequence
 from rlhf_kit.tasks.review import ITEMS, NEGATIVE, POSITIVE, SENTIMENT, Split, Text, _content
 
 ANSWERS = ("positive", "negative")
+# The answer as a regex, for constrained decoding (`rlhf-kit generate --regex`, the report's `constrained` rows).
+ANSWER_REGEX = "(positive|negative)"
 QUESTIONS: tuple[str, ...] = (
     "Is this review positive or negative? {review}",
     "{review} Is this review positive or negative?",
