@@ -193,12 +193,14 @@ def test_report_adds_the_self_consistency_section(answers_sft, tiny_base, tmp_pa
     monkeypatch.chdir(REPO)
     (tmp_path / "pretrain").symlink_to(tiny_base)
     (tmp_path / "sft").symlink_to(answers_sft)
-    config = pipeline_config(tmp_path, num_prompts=6, max_new_tokens=4, vote_n=3,
-                             answer_pattern="rlhf_kit.tasks.answers:answer_of")
+    config = pipeline_config(tmp_path, num_prompts=6, max_new_tokens=12, vote_n=3,
+                             answer_pattern="rlhf_kit.tasks.answers:answer_of", constrained=True)
     data = report(config)
+    # The task's ANSWER_REGEX holds constrained decoding to the two answers: every such response is one.
+    assert data["rows"]["sft_constrained"]["answer_rate"] == data["rows"]["base_constrained"]["answer_rate"] == 1.0
     # The base model is not asked.
     assert list(data["self_consistency"]) == ["sft_one_sample", "sft_first_answer_of_3", "sft_vote_of_3"]
-    assert set(data["rows"]) == {"base", "sft"}  # the main table is unchanged
+    assert set(data["rows"]) == {"base", "sft", "base_constrained", "sft_constrained"}  # the main table as ever
     md = (tmp_path / "report.md").read_text()
     assert "## Self-consistency: one sampled answer vs the majority vote of 3" in md
     assert "| sft_vote_of_3 |" in md and "| gain_vs_one_sample | gain_vs_first_answer |" in md and " ± " in md
