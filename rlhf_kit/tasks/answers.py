@@ -8,8 +8,8 @@ with one word::
 The review has 1, 3 or 5 distinct adjectives, each positive or negative (no neutral ones), and the answer is the
 sentiment of the majority: an odd count, so there is never a tie. A model must know which of 30 adjectives are
 positive (SFT is the only place it can learn it: the pretraining corpus uses them without sentiment) and count them,
-which a tiny model learns only partly in a short SFT: after the 70 steps of `recipes/configs/sft/tiny-answers.yaml`
-a sampled answer is right for most prompts with a chance between one half and one, and near one half only on the
+which a tiny model learns only partly in a short SFT: after the 70 steps of `recipes/configs/sft/tiny-answers.yaml`,
+one sampled answer is right with a chance between one half and one on most prompts, and about one half on the
 closest reviews (3 against 2). Between one half and one is where a majority vote over several sampled answers
 (self-consistency) beats a single sample, so the pipeline `recipes/configs/pipeline/tiny-answers.yaml` measures it
 here.
@@ -35,6 +35,7 @@ import re
 import zlib
 from collections.abc import Sequence
 
+# The review task's vocabulary, and its reader of a prompt or response given as a string or as chat messages.
 from rlhf_kit.tasks.review import ITEMS, NEGATIVE, POSITIVE, SENTIMENT, Split, Text, _content
 
 ANSWERS = ("positive", "negative")
