@@ -146,6 +146,10 @@ def build_files(seed: int = 0) -> dict[str, str]:
         for split, n in (("train", n_train), ("test", n_test)):
             name = f"answers/{kind}/{split}.jsonl"
             files[name] = to_jsonl(ANSWERS_ROWS[kind](rng(name), n, split))
+    # Few-shot examples for prompting the base model as a document (the report's base_raw rows): the first three SFT
+    # training demonstrations, as prompt/completion rows.
+    first = [json.loads(line)["messages"] for line in files["sft/train.jsonl"].splitlines()[:3]]
+    files["few_shot/review.jsonl"] = to_jsonl({"prompt": m[0]["content"], "completion": m[1]["content"]} for m in first)
     for build in EXAMPLES:
         files[f"examples/{build.__name__}.jsonl"] = to_jsonl(build(rng(f"examples/{build.__name__}")))
     # Same key as the JSONL file, so the CSV holds the same rows in the other format.
