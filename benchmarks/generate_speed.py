@@ -2,7 +2,7 @@
 
     python benchmarks/generate_speed.py                      # tiny + 512x8 random models, n=1 and n=8, 1 thread
     python benchmarks/generate_speed.py --sft outputs/tiny/sft --shapes 512x8 --n 1,8 --prompts 16 --repeats 3
-    python benchmarks/generate_speed.py --shapes 512x8 --n 1 --few-shot 8      # long prompts that repeat text
+    python benchmarks/generate_speed.py --sft outputs/tiny/sft --shapes 512x8 --n 8 --few-shot 8 --prefill-once
 
 rlhf-kit's side is `rlhf_kit.inference.generation.generate` as every inference command calls it: prompts rendered
 with the chat template, `batch_size` sequences per `model.generate` call (n samples per prompt through
@@ -23,7 +23,9 @@ as the pretraining recipe trains the embedded model's (byte-level BPE, a tenth o
 A random model almost never samples its stop token, so its responses run to `--max-new-tokens`; the trained model
 stops early, at lengths that differ within a batch, which is where batching wastes steps on finished sequences.
 
-`--few-shot K` puts K examples (from data/sft) before each prompt as chat turns: long contexts that repeat text.
+`--few-shot K` puts K examples (from data/sft) before each prompt as chat turns: long prompts, where computing each
+prompt n times (num_return_sequences) costs most of the time. `--prefill-once` also times rlhf-kit with
+`Sampling(prefill_once=True)`: each prompt computed once, its KV cache shared by its n samples.
 """
 
 import argparse
@@ -46,7 +48,8 @@ def main():
     parser.add_argument("--prompts", type=int, default=16, help="prompts from data/prompts/test.jsonl")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32, help="rlhf-kit's sequences per generate() call")
-    parser.add_argument("--few-shot", type=int, default=0, help="examples before each prompt (long repeated context)")
+    parser.add_argument("--few-shot", type=int, default=0, help="examples before each prompt (long prompts)")
+    parser.add_argument("--prefill-once", action="store_true", help="also time Sampling(prefill_once=True)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a shared box)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results to this file")
@@ -136,10 +139,14 @@ def measure(label: str, sides: dict, prompts: list, shots: list, n: int, args) -
     from rlhf_kit.inference.generation import Prompting, Sampling, generate
 
     prompting = Prompting(few_shot=shots)
-    sampling = Sampling(n=n, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    runs = {"plain loop": lambda p: plain_loop(sides, p, shots, n, args.max_new_tokens),
-            "rlhf-kit": lambda p: sum(map(len, generate(sides["policy"], p, sampling=sampling, prompting=prompting,
-                                                        progress=False).response_ids))}
+    def rlhf_kit(prompts, **options):
+        sampling = Sampling(n=n, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, **options)
+        gens = generate(sides["policy"], prompts, sampling=sampling, prompting=prompting, progress=False)
+        return sum(map(len, gens.response_ids))
+
+    runs = {"plain loop": lambda p: plain_loop(sides, p, shots, n, args.max_new_tokens), "rlhf-kit": rlhf_kit}
+    if args.prefill_once:
+        runs["prefill once"] = lambda p: rlhf_kit(p, prefill_once=True)
     for run in runs.values():  # warm-up: the first generate() call of a process pays one-time set-up
         run(prompts[:2])
     timings = {kind: [] for kind in runs}
