@@ -14,6 +14,7 @@ the model's stop tokens (`model.stop_token_ids`) or at a stop string, which is c
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from rlhf_kit.model import (ModelArguments, is_adapter_dir, load_model, load_tokenizer, merged_cache_path,
                             prepare_tokenizer, stop_token_ids)
@@ -73,9 +75,10 @@ class Sampling:
     batch_size: int = 32  # sequences per generate() call: batch_size // n prompts at a time
     stop: Sequence[str] = ()  # strings that end a response (besides the stop tokens); cut off the response
     # Run each prompt through the model once and give its KV cache to its n samples, instead of computing the
-    # prompt n times (what num_return_sequences does). Opt-in: same distribution, but a different random stream and
-    # batch shapes, so not the same samples as the default. Pays with n > 1 and long prompts (few-shot): 3.7-4.2x
-    # at n=8 with 8 examples on CPU (benchmarks/generate_speed.py).
+    # prompt n times (what num_return_sequences does). The random draws are the default's, so are the samples up to
+    # float rounding of the prompt computed in a smaller batch (equal in the tests). Opt-in all the same: the
+    # default path's outputs stay bit for bit. Pays with n > 1 and long prompts (few-shot): about 3x at n=8 with 8
+    # examples on CPU (benchmarks/generate_speed.py).
     prefill_once: bool = False
 
     def __post_init__(self):
@@ -230,12 +233,12 @@ def _prefill_once(model, input_ids, attention, n: int):
     arguments that replace num_return_sequences: the filled cache. The last prompt token stays out of the cache:
     generate() starts from one new token.
     """
-    from transformers import DynamicCache
-
     cache = DynamicCache(config=model.config)
     if input_ids.shape[1] > 1:
         positions = (attention.cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt starts at position 0
+        # Only the cache is wanted: logits over every prompt position would be (B, T, vocab), gigabytes at 128k vocab.
+        head = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         model(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1],
-              cache=cache, use_cache=True, logits_to_keep=1)
+              cache=cache, use_cache=True, **head)
         cache.batch_repeat_interleave(n)
     return input_ids.repeat_interleave(n, 0), attention.repeat_interleave(n, 0), {"cache": cache}
