@@ -145,7 +145,7 @@ def measure(label: str, sides: dict, prompts: list, shots: list, n: int, args) -
         return sum(map(len, gens.response_ids))
 
     runs = {"plain loop": lambda p: plain_loop(sides, p, shots, n, args.max_new_tokens), "rlhf-kit": rlhf_kit}
-    if args.prefill_once:
+    if args.prefill_once and n > 1:  # with one sample per prompt it is the default path
         runs["prefill once"] = lambda p: rlhf_kit(p, prefill_once=True)
     for run in runs.values():  # warm-up: the first generate() call of a process pays one-time set-up
         run(prompts[:2])

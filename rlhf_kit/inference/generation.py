@@ -200,7 +200,7 @@ def generate(policy: Policy, prompts: list, *, sampling: Sampling | None = None,
         input_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids]).to(model.device)
         attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids]).to(model.device)
         samples = {"num_return_sequences": s.n}
-        if s.prefill_once:
+        if s.prefill_once and s.n > 1:  # one sample per prompt: nothing to share, one forward call less
             input_ids, attention, samples = _prefill_once(model, input_ids, attention, s.n)
         processors = logits_processor() if callable(logits_processor) else logits_processor
         gen = model.generate(input_ids=input_ids, attention_mask=attention, **samples,
