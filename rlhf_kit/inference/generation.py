@@ -14,6 +14,7 @@ the model's stop tokens (`model.stop_token_ids`) or at a stop string, which is c
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from rlhf_kit.data.loading import DataError, load_data
 from rlhf_kit.errors import UserError
@@ -76,6 +78,12 @@ class Sampling:
     seed: int = 0
     batch_size: int = 32  # sequences per generate() call: batch_size // n prompts at a time
     stop: Sequence[str] = ()  # strings that end a response (besides the stop tokens); cut off the response
+    # Run each prompt through the model once and give its KV cache to its n samples, instead of computing the
+    # prompt n times (what num_return_sequences does). The random draws are the default's, so are the samples up to
+    # float rounding of the prompt computed in a smaller batch (equal in the tests). Opt-in all the same: the
+    # default path's outputs stay bit for bit. Pays with n > 1 and long prompts (few-shot): 3.1-3.5x over a
+    # plain loop at n=8 with 8 examples on CPU, where batching alone gives 1.1x (benchmarks/generate_speed.py).
+    prefill_once: bool = False
 
     def __post_init__(self):
         if self.n < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
@@ -221,13 +229,16 @@ def generate(policy: Policy, prompts: list, *, sampling: Sampling | None = None,
     for start in tqdm(range(0, len(prompts), chunk), desc=label, disable=not progress or len(prompts) <= chunk):
         ids = [render(tok, p, prompting) for p in prompts[start : start + chunk]]
         width = max(map(len, ids))
-        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids])
-        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids]).to(model.device)
+        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids]).to(model.device)
+        samples = {"num_return_sequences": s.n}
+        if s.prefill_once and s.n > 1:  # one sample per prompt: nothing to share, one forward call less
+            input_ids, attention, samples = _prefill_once(model, input_ids, attention, s.n)
         processors = logits_processor() if callable(logits_processor) else logits_processor
-        gen = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
+        gen = model.generate(input_ids=input_ids, attention_mask=attention, **samples,
                              max_new_tokens=s.max_new_tokens, do_sample=s.temperature > 0,
                              temperature=s.temperature or None, top_k=s.top_k if s.temperature > 0 else None,
-                             top_p=s.top_p if s.temperature > 0 else None, num_return_sequences=s.n,
+                             top_p=s.top_p if s.temperature > 0 else None,
                              eos_token_id=sorted(stops), pad_token_id=tok.pad_token_id,
                              **({"stop_strings": list(s.stop), "tokenizer": tok} if s.stop else {}),
                              **({"logits_processor": processors} if processors else {}),
@@ -245,3 +256,21 @@ def generate(policy: Policy, prompts: list, *, sampling: Sampling | None = None,
             out.stopped.append(stopped)
             out.responses.append(text.strip())
     return out
+
+
+def _prefill_once(model, input_ids, attention, n: int):
+    """The prompts (B, T), left-padded, run through the model once; their KV cache repeated for n samples each.
+
+    Returns the inputs repeated to (B * n, T) in num_return_sequences' order (prompt-major) and the generate()
+    arguments that replace num_return_sequences: the filled cache. The last prompt token stays out of the cache:
+    generate() starts from one new token.
+    """
+    cache = DynamicCache(config=model.config)
+    if input_ids.shape[1] > 1:
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt starts at position 0
+        # Only the cache is wanted: logits over every prompt position would be (B, T, vocab), gigabytes at 128k vocab.
+        head = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        model(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1],
+              cache=cache, use_cache=True, **head)
+        cache.batch_repeat_interleave(n)
+    return input_ids.repeat_interleave(n, 0), attention.repeat_interleave(n, 0), {"cache": cache}
