@@ -200,7 +200,8 @@ def _generate(ns: argparse.Namespace) -> int:
                     template=read_template(ns.prompt_template) if ns.prompt_template else None,
                     few_shot=ns.few_shot or (), raw=ns.raw, reward_model=ns.reward_model,
                     reward_funcs=ns.reward_funcs or (), reward_weights=ns.reward_weights,
-                    answer_pattern=ns.answer_pattern, constraint=_constraint(ns))
+                    answer_pattern=ns.answer_pattern, constraint=_constraint(ns), reflect=ns.reflect,
+                    reflect_min_score=ns.reflect_min_score)
     make_job(**settings)  # flags first: a mistake there should not wait for the data to load
     prompts = load_data(ns.prompts, kind="prompt", split=ns.split)
     if prompts is None:
@@ -360,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "continue; without --stop, a response ends at a newline")
     p.add_argument("--stop", action="append", metavar="STR",
                    help="a string that ends a response, cut off it (repeatable); the model's stop tokens always do")
+    p.add_argument("--reflect", type=int, default=0, metavar="K",
+                   help="after a response is kept, ask the model whether it meets the request (yes/no); on no, sample "
+                        "the prompt again, up to K times; the transcript is kept in the row's 'reflection'")
+    p.add_argument("--reflect_min_score", type=float, metavar="X",
+                   help="with --select reward and --reflect: the judge is the kept response's reward score (>= X)")
     _add_constraint_flags(p)
     p.set_defaults(func=_generate)
 

@@ -233,8 +233,10 @@ def test_a_constraint_shapes_every_sample_and_is_part_of_the_recorded_settings(t
     (["--n", "4", "--temperature", "0"], "greedy samples would all be the same"),
     (["--prompts", "{tpl}"], "{tpl}"),
     (["--regex", "The (coffee"], "regex 'The (coffee' cannot constrain generation"),
+    (["--reflect", "1", "--reflect_min_score", "0.5"], "it needs select reward and reflect >= 1"),
+    (["--reflect", "1", "--raw"], "cannot be asked about its answer"),
 ], ids=["template", "few-shot row", "pattern", "pattern without vote", "vote of one", "reward without source",
-        "reward function", "n", "greedy n", "prompts", "regex"])
+        "reward function", "n", "greedy n", "prompts", "regex", "reflect score without reward", "reflect raw"])
 def test_a_bad_flag_or_file_is_one_line_before_any_model_loads(flags, message, tmp_path, capsys):
     tpl = tmp_path / "template.txt"
     tpl.write_text("Answer this: {question}\n")
@@ -263,3 +265,43 @@ def test_the_command_constrains_every_sample_to_a_regex(tiny_base, tmp_path):
                 ANSWER_REGEX, "--max_new_tokens", "32"]) == 0
     samples = [r for row in read_jsonl(out) for r in row["responses"]]
     assert len(samples) == 9 and all(re.fullmatch(ANSWER_REGEX, r) and has_review_shape(r) for r in samples)
+
+
+def test_reflection_by_reward_score_retries_rejected_answers_and_keeps_the_transcript(tiny_sft):
+    """--reflect 2 --reflect_min_score 0.5 with the gold annotator as the reward: a kept response scoring below 0.5 is
+    drawn again (up to twice); the transcript holds every kept response with its score and verdict."""
+    from rlhf_kit.tasks.review import gold_score
+
+    policy, prompts = load_policy(tiny_sft), PROMPTS.select(range(16))
+    settings = dict(n=2, select="reward", reward_funcs=["rlhf_kit.tasks.review:gold"], max_new_tokens=12)
+    plain = generate_responses(policy, prompts, **settings)
+    rows = generate_responses(policy, prompts, **settings, reflect=2, reflect_min_score=0.5)
+    for before, row in zip(plain, rows):
+        steps = row["reflection"]
+        assert steps[0]["response"] == before["response"]  # the first draw is the run without reflection
+        assert steps[-1]["response"] == row["response"] and 1 <= len(steps) <= 3
+        assert [s["verdict"] for s in steps[:-1]] == ["no"] * (len(steps) - 1)
+        assert steps[-1]["verdict"] == "yes" or len(steps) == 3
+        for step in steps:
+            assert step["score"] == pytest.approx(gold_score(row["prompt"], step["response"]))
+            assert step["verdict"] == ("yes" if step["score"] >= 0.5 else "no")
+    passing = lambda rs: sum(gold_score(r["prompt"], r["response"]) >= 0.5 for r in rs)  # noqa: E731
+    assert any(len(r["reflection"]) > 1 and r["reflection"][-1]["verdict"] == "yes" for r in rows)
+    assert passing(rows) > passing(plain)
+
+
+def test_reflection_by_the_model_asks_it_and_holds_its_reply_to_yes_or_no(tiny_sft, tmp_path):
+    """The model judges its own answer: its greedy reply is held to yes/no; a no is followed by one more draw."""
+    out = tmp_path / "out.jsonl"
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Review the {item}."} for item in
+                                                         ("tea", "coffee", "hat", "park")])
+    assert cli(["generate", tiny_sft, "--prompts", prompts, "--output", str(out), "--reflect", "1",
+                "--max_new_tokens", "16"]) == 0
+    rows = read_jsonl(out)
+    for row in rows:
+        verdicts = [s["verdict"] for s in row["reflection"]]
+        assert set(verdicts) <= {"yes", "no"} and verdicts[0] in ("yes", "no")
+        assert len(verdicts) == (1 if verdicts[0] == "yes" else 2)
+        assert row["response"] == row["reflection"][-1]["response"]
+    assert json.loads((tmp_path / "out.jsonl.meta.json").read_text())["reflection"] == {"rounds": 1,
+                                                                                        "min_score": None}

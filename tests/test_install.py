@@ -89,8 +89,9 @@ def test_an_installed_wheel_runs_the_shipped_pipeline_from_an_empty_directory(ve
     log = _run([rlhf_kit, "pipeline", "short.yaml"], cwd=tmp_path)
 
     out = tmp_path / config["output_dir"]
+    # The inference rows too: the few-shot examples (data/few_shot) and the task's answer regex come with the wheel.
     assert (out / "report.md").is_file() and set(yaml.safe_load((out / "report.json").read_text())["rows"]) == {
-        "base", "sft"}
+        "base", "sft", "base_raw", "base_raw_3_shot", "base_constrained", "sft_constrained"}
     assert all((out / stage / "rlhf_kit_stage.json").is_file() for stage in SHORT)
     # The log names the recipe each stage ran: the installed package's copy.
     assert f"{where[1]}/recipes/sft.py" in log

@@ -21,6 +21,14 @@ byte for byte the file an uninterrupted run writes. The first chunk is seeded wi
 `first` and the same seed, each chunk's responses are those `evaluate_policy(chunk, seed=seed + start)` samples.
 `<output>.meta.json` records the settings and prompts a file was written from; a rerun with others is refused.
 
+Reflection (`reflect=K`): after a response is kept, a judge says whether it meets the request. By default the judge
+is the model itself, asked REFLECT_QUESTION after its answer, its reply greedy and held to "yes" or "no" by a
+constraint; with `reflect_min_score=X` and select reward, the kept response's reward score is the judge (passes at
+>= X). On "no" the prompt is sampled again (all n samples, selected as before, with a fixed seed per retry), up to K
+times; each row's `reflection` lists every response it kept, with its verdict (and score), the last one its final
+`response`. A model that has not learned to judge its own answers (the tiny one) says what it says: the reward score
+is the more reliable judge where there is a reward model.
+
 With `raw=True` (base models: no chat template, the prompt is a document to continue, few-shot examples written
 before it as "question\\nanswer" paragraphs) and no `stop`, a response ends at the first newline (`RAW_STOP`): the
 examples teach a one-line answer, and a base model would otherwise go on to write the next question itself.
@@ -84,6 +92,32 @@ class Selection:
 
 
 @dataclass
+class Reflection:
+    """A second look at each kept response (see the module docstring): up to `rounds` new draws for a prompt whose
+    response the judge rejects. The judge is the model itself, asked REFLECT_QUESTION after its answer and held to
+    "yes" or "no"; with `min_score` (select reward) it is the kept response's reward score instead."""
+
+    rounds: int = 0
+    min_score: float | None = None
+
+    def check(self, selection: Selection, prompting: Prompting) -> None:
+        if self.rounds < 0:
+            raise UserError(f"reflect (rounds of retries) must be >= 0, got {self.rounds}")
+        if self.min_score is not None and (selection.mode != "reward" or not self.rounds):
+            raise UserError("reflect_min_score makes the reward score the judge of a reflection: it needs select "
+                            "reward and reflect >= 1")
+        if self.rounds and self.min_score is None and prompting.raw:
+            raise UserError("a base model prompted as a raw document cannot be asked about its answer: drop --raw, "
+                            "or judge by the reward score (select reward with --reflect_min_score)")
+
+
+# Asked after the model's answer when the model is its own judge; its reply is held to "yes" or "no".
+REFLECT_QUESTION = "Does your answer fully meet the request? Answer yes or no."
+# Retry r of the chunk starting at prompt i is sampled with seed + i + r * RETRY_SEEDS: fixed, so a file resumes.
+RETRY_SEEDS = 1_000_003
+
+
+@dataclass
 class Job:
     """Everything that decides the rows: checked as a whole, before any model loads, and recorded with a file."""
 
@@ -92,6 +126,7 @@ class Job:
     selection: Selection
     constraint: Any = None  # rlhf_kit.inference.constraints.Constraint, or None
     extract: Any = field(default=None, repr=False)  # the vote's answer extractor, built by `make_job`
+    reflection: Reflection = field(default_factory=Reflection)
 
     @property
     def chunk(self) -> int:
@@ -103,7 +138,10 @@ class Job:
         selection = {**asdict(self.selection), "reward_funcs": list(self.selection.reward_funcs)}
         # A constraint is recorded by its repr, memory addresses left out (they differ from run to run).
         constraint = None if self.constraint is None else re.sub(r" at 0x[0-9a-fA-F]+", "", repr(self.constraint))
-        return {"sampling": sampling, "prompting": prompting, "selection": selection, "constraint": constraint}
+        settings = {"sampling": sampling, "prompting": prompting, "selection": selection, "constraint": constraint}
+        if self.reflection.rounds:  # only when used: files written before reflection existed still resume
+            settings["reflection"] = asdict(self.reflection)
+        return settings
 
 
 def make_job(*, n: int = 1, select: str = "first", max_new_tokens: int = 64, temperature: float = 1.0,
@@ -111,7 +149,8 @@ def make_job(*, n: int = 1, select: str = "first", max_new_tokens: int = 64, tem
              system: str | None = None, template: str | None = None,
              few_shot: Sequence[tuple[str, str]] | str | Path = (), raw: bool = False, reward_model: str | None = None,
              reward_funcs: Sequence[str] = (), reward_weights: Sequence[float] | None = None,
-             answer_pattern: str | None = None, constraint=None) -> Job:
+             answer_pattern: str | None = None, constraint=None, reflect: int = 0,
+             reflect_min_score: float | None = None) -> Job:
     """The checked settings of a run; any mistake raises ValueError here, before a model loads. `few_shot` is a list
     of (prompt, completion) pairs or a JSONL file of prompt/completion rows (`generation.load_few_shot`)."""
     if n < 1:
@@ -126,7 +165,9 @@ def make_job(*, n: int = 1, select: str = "first", max_new_tokens: int = 64, tem
     if selection.mode == "reward":  # imported and counted now: a typo fails here, not after the models load
         check_reward_weights(bool(reward_model), [import_reward_func(f) for f in reward_funcs], reward_weights)
     extract = answer_extractor(answer_pattern) if selection.mode == "vote" else None
-    return Job(sampling, prompting, selection, constraint, extract)
+    reflection = Reflection(reflect, reflect_min_score)
+    reflection.check(selection, prompting)
+    return Job(sampling, prompting, selection, constraint, extract, reflection)
 
 
 def read_template(path: str | Path) -> str:
@@ -181,31 +222,88 @@ def _chunks(policy: Policy, prompts: list, columns: dict[str, list], job: Job, f
             first: int = 0):
     """(start, rows, generated tokens) per chunk of prompts, from the chunk holding prompt `first` on."""
     processors = None if job.constraint is None else job.constraint.logits_processor(policy)
-    n, pad = job.sampling.n, policy.tokenizer.pad_token_id
     for start in range(first - first % job.chunk, len(prompts), job.chunk):
         batch = prompts[start : start + job.chunk]
-        gens = generate(policy, batch, sampling=replace(job.sampling, seed=job.sampling.seed + start),
-                        prompting=job.prompting, logits_processor=processors, progress=False)
-        grouped = gens.grouped()
-        rows = [{"prompt": p, "response": responses[0]} for p, responses in zip(batch, grouped)]
-        if n > 1:
-            for row, responses in zip(rows, grouped):
-                row.update(responses=responses, selected=0)
-        if job.selection.mode == "reward":
-            picks = rerank(gens, reward_funcs=funcs, weights=weights,
-                           columns={k: v[start : start + job.chunk] for k, v in columns.items()})
-            for row, pick in zip(rows, picks):
-                row.update(response=pick.response, **({"selected": pick.best} if n > 1 else {}),
-                           scores=pick.scores, rewards=pick.components)
-        elif job.selection.mode == "vote":
-            for row, responses in zip(rows, grouped):
-                answers = [job.extract(r) for r in responses]
-                vote = majority_vote(answers)
-                row.update(response=responses[vote.index], selected=vote.index, answers=answers,
-                           answer=vote.answer, votes=vote.counts)
-        # Generated tokens, the stop token included; the padding after a sequence ended by a stop string is not.
-        tokens = sum(len(ids) - _trailing(ids, pad) for ids in gens.response_ids)
+        extra = {k: v[start : start + job.chunk] for k, v in columns.items()}
+        rows, tokens = _rows(policy, batch, extra, job, funcs, weights, processors, job.sampling.seed + start)
+        if job.reflection.rounds:
+            tokens += _reflect(policy, batch, extra, rows, job, funcs, weights, processors, job.sampling.seed + start)
         yield start, rows, tokens
+
+
+def _rows(policy: Policy, batch: list, columns: dict[str, list], job: Job, funcs: list, weights: list[float],
+          processors, seed: int) -> tuple[list[dict[str, Any]], int]:
+    """One row per prompt of `batch`, its n samples drawn with `seed` and one selected; and the tokens generated."""
+    n, pad = job.sampling.n, policy.tokenizer.pad_token_id
+    gens = generate(policy, batch, sampling=replace(job.sampling, seed=seed), prompting=job.prompting,
+                    logits_processor=processors, progress=False)
+    grouped = gens.grouped()
+    rows = [{"prompt": p, "response": responses[0]} for p, responses in zip(batch, grouped)]
+    if n > 1:
+        for row, responses in zip(rows, grouped):
+            row.update(responses=responses, selected=0)
+    if job.selection.mode == "reward":
+        picks = rerank(gens, reward_funcs=funcs, weights=weights, columns=columns)
+        for row, pick in zip(rows, picks):
+            row.update(response=pick.response, **({"selected": pick.best} if n > 1 else {}),
+                       scores=pick.scores, rewards=pick.components)
+    elif job.selection.mode == "vote":
+        for row, responses in zip(rows, grouped):
+            answers = [job.extract(r) for r in responses]
+            vote = majority_vote(answers)
+            row.update(response=responses[vote.index], selected=vote.index, answers=answers,
+                       answer=vote.answer, votes=vote.counts)
+    # Generated tokens, the stop token included; the padding after a sequence ended by a stop string is not.
+    return rows, sum(len(ids) - _trailing(ids, pad) for ids in gens.response_ids)
+
+
+def _reflect(policy: Policy, batch: list, columns: dict[str, list], rows: list[dict[str, Any]], job: Job,
+             funcs: list, weights: list[float], processors, seed: int) -> int:
+    """Judge each row's kept response; sample the rejected prompts again (their rows replaced in place), up to
+    `job.reflection.rounds` times, the last draw judged too. Each row gets `reflection`: every response it kept, in
+    order, with the judge's verdict (and score). Returns the tokens generated for the retries and verdicts."""
+    pending, tokens = list(range(len(rows))), 0
+    for retry in range(job.reflection.rounds + 1):
+        verdicts, judged = _verdicts(policy, [batch[i] for i in pending], [rows[i] for i in pending], job)
+        tokens += judged
+        for i, verdict in zip(pending, verdicts):
+            rows[i].setdefault("reflection", []).append({"response": rows[i]["response"], **verdict})
+        pending = [i for i, verdict in zip(pending, verdicts) if verdict["verdict"] == "no"]
+        if not pending or retry == job.reflection.rounds:
+            return tokens
+        again, drawn = _rows(policy, [batch[i] for i in pending], {k: [v[i] for i in pending] for k, v in
+                                                                   columns.items()},
+                             job, funcs, weights, processors, seed + (retry + 1) * RETRY_SEEDS)
+        tokens += drawn
+        for i, row in zip(pending, again):
+            rows[i] = {**row, "reflection": rows[i]["reflection"]}
+    return tokens
+
+
+def _verdicts(policy: Policy, prompts: list, rows: list[dict[str, Any]], job: Job) -> tuple[list[dict], int]:
+    """The judge's verdict on each row's kept response, {"verdict": "yes" | "no"} (with "score" when the reward
+    score judges), and the tokens the model generated to say it."""
+    if job.reflection.min_score is not None:
+        kept = [row["scores"][row.get("selected", 0)] for row in rows]
+        return [{"verdict": "yes" if score >= job.reflection.min_score else "no", "score": score}
+                for score in kept], 0
+    from rlhf_kit.inference.constraints import Constraint
+
+    p = job.prompting
+    conversations = []
+    for prompt, row in zip(prompts, rows):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if p.template is not None:  # the request as the model saw it
+            messages[-1] = {**messages[-1], "content": p.template.format(prompt=messages[-1]["content"])}
+        conversations.append([*messages, {"role": "assistant", "content": row["response"]},
+                              {"role": "user", "content": REFLECT_QUESTION}])
+    judge = Constraint.from_options(choices=["yes", "no"]).logits_processor(policy)
+    gens = generate(policy, conversations, sampling=Sampling(max_new_tokens=8, temperature=0),
+                    prompting=Prompting(system=p.system), logits_processor=judge, progress=False)
+    # Greedy and held to the two words: a reply cut short (no stop token) counts as no.
+    verdicts = [{"verdict": "yes" if text == "yes" and stopped else "no"}
+                for text, stopped in zip(gens.responses, gens.stopped)]
+    return verdicts, sum(map(len, gens.response_ids))
 
 
 def _trailing(ids: list[int], value: int) -> int:
@@ -224,7 +322,8 @@ def generate_responses(model: str | Policy, prompts, *, constraint=None, progres
     `model`: any stage output, merged model or model directory (or a loaded Policy); `prompts`: a list of prompts
     (strings or chat messages) or a prompt dataset (`load_data(..., kind="prompt")`, whose extra columns reach the
     reward functions). `settings`: the keywords of `make_job` (n, select, max_new_tokens, temperature, top_p, seed,
-    batch_size, stop, system, template, few_shot, raw, reward_model, reward_funcs, reward_weights, answer_pattern).
+    batch_size, stop, system, template, few_shot, raw, reward_model, reward_funcs, reward_weights, answer_pattern,
+    reflect, reflect_min_score).
     `constraint`: a `constraints.Constraint`, applied as a logits processor to every sample.
     """
     run = make_job(constraint=constraint, **settings)
