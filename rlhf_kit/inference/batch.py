@@ -292,10 +292,7 @@ def _verdicts(policy: Policy, prompts: list, rows: list[dict[str, Any]], job: Jo
     p = job.prompting
     conversations = []
     for prompt, row in zip(prompts, rows):
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if p.template is not None:  # the request as the model saw it
-            messages[-1] = {**messages[-1], "content": p.template.format(prompt=messages[-1]["content"])}
-        conversations.append([*messages, {"role": "assistant", "content": row["response"]},
+        conversations.append([*p.request(prompt), {"role": "assistant", "content": row["response"]},
                               {"role": "user", "content": REFLECT_QUESTION}])
     judge = Constraint.from_options(choices=["yes", "no"]).logits_processor(policy)
     gens = generate(policy, conversations, sampling=Sampling(max_new_tokens=8, temperature=0),

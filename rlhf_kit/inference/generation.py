@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -118,6 +117,20 @@ class Prompting:
         if self.template is not None:
             check_template(self.template)
 
+    def fill(self, text: str) -> str:
+        """The user's text as the template puts it."""
+        return self.template.format(prompt=text) if self.template is not None else text
+
+    def request(self, prompt) -> list[dict[str, str]]:
+        """`prompt` (a string or chat messages) as chat messages, the template applied to the last one: the request
+        as the model sees it."""
+        if isinstance(prompt, str):
+            return [{"role": "user", "content": self.fill(prompt)}]
+        messages = list(prompt)
+        if self.template is None:
+            return messages
+        return [*messages[:-1], {**messages[-1], "content": self.fill(messages[-1]["content"])}]
+
 
 def check_template(template: str) -> None:
     """A prompt template has exactly one field, `{prompt}` (literal braces doubled), else ValueError."""
@@ -173,23 +186,17 @@ def render(tokenizer, prompt, prompting: Prompting | None = None) -> list[int]:
     p = prompting or Prompting()
     if p.raw:
         lines = [p.system] if p.system else []
-        lines += [f"{_fill(p, q)}\n{a}\n" for q, a in p.few_shot]
-        text = "\n".join(lines + [f"{_fill(p, _text_of(prompt))}\n"])
+        lines += [f"{p.fill(q)}\n{a}\n" for q, a in p.few_shot]
+        text = "\n".join(lines + [f"{p.fill(_text_of(prompt))}\n"])
         return tokenizer(text, add_special_tokens=True)["input_ids"]
-    messages = [{"role": "user", "content": _fill(p, prompt)}] if isinstance(prompt, str) else list(prompt)
-    if p.template is not None and not isinstance(prompt, str):
-        messages = [*messages[:-1], {**messages[-1], "content": _fill(p, messages[-1]["content"])}]
-    shots = [m for q, a in p.few_shot for m in ({"role": "user", "content": _fill(p, q)},
+    messages = p.request(prompt)
+    shots = [m for q, a in p.few_shot for m in ({"role": "user", "content": p.fill(q)},
                                                  {"role": "assistant", "content": a})]
     has_system = bool(messages) and messages[0]["role"] == "system"
     head = messages[:1] if has_system else ([{"role": "system", "content": p.system}] if p.system else [])
     messages = head + shots + messages[1 if has_system else 0:]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
         "input_ids"]
-
-
-def _fill(p: Prompting, text: str) -> str:
-    return p.template.format(prompt=text) if p.template is not None else text
 
 
 @dataclass
@@ -202,7 +209,6 @@ class Generations:
     response_ids: list[list[int]]  # the stop token kept (a stop string is not: it is cut off)
     stopped: list[bool]  # whether the response ended at a stop token or stop string
     n: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def grouped(self) -> list[list[str]]:
         return [self.responses[i : i + self.n] for i in range(0, len(self.responses), self.n)]
