@@ -110,18 +110,15 @@ def evaluate_policy(policy: Policy, prompts: list, *, reward_model=None, referen
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop=stop)
     processors = constraint.logits_processor(policy) if constraint is not None else None
     gens = generate(policy, prompts, sampling=sampling, prompting=prompting, logits_processor=processors)
-    metrics = {
-        **(task.metrics(prompts, gens.responses) if task is not None else {}),
-        "response_tokens": sum(map(len, gens.response_ids)) / len(prompts),
-        "stop_rate": sum(gens.stopped) / len(prompts),
-    }
     per_prompt = {**(task_per_prompt(task, prompts, gens.responses) if task is not None else {}),
                   "response_tokens": [float(len(ids)) for ids in gens.response_ids],
                   "stop_rate": [float(x) for x in gens.stopped]}
     if constraint is not None:
-        complete = [float(x) for x in constraint.complete(policy, gens.response_ids)]
-        metrics["constraint_complete_rate"] = sum(complete) / len(prompts)
-        per_prompt["constraint_complete_rate"] = complete
+        per_prompt["constraint_complete_rate"] = [float(x) for x in constraint.complete(policy, gens.response_ids)]
+    # The task's own metrics as it defines them; the counts and rates are the means of their per-prompt values.
+    metrics = {**(task.metrics(prompts, gens.responses) if task is not None else {}),
+               **{column: sum(per_prompt[column]) / len(prompts)
+                  for column in ("response_tokens", "stop_rate", "constraint_complete_rate") if column in per_prompt}}
     if reward_model is not None:
         scores = reward_model.score_texts_for(prompts, gens.responses)
         metrics["reward_model_score"] = scores.mean().item()
