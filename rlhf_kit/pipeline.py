@@ -333,6 +333,9 @@ def _clear_outputs(config: PipelineConfig, log: Callable[[str], None]) -> None:
             shutil.rmtree(folder)
 
 
+# The report's row for each stage whose output is a policy: row name -> stage.
+POLICY_ROWS = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "grpo": "grpo", "rloo": "rloo", "dpo": "dpo",
+               "rft": "rft"}
 REPORT_COLUMNS = ["shape_rate", "format_rate", "gold_score", "reward_model_score", "kl_to_reference", "response_tokens",
                   "stop_rate", "gold_win_rate_vs_sft", "rm_win_rate_vs_sft"]
 
@@ -354,8 +357,7 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
         from rlhf_kit.rewards import RewardModel
 
         reward_model = RewardModel.from_pretrained(str(config.stage_dir("reward")))
-    rows = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "grpo": "grpo", "rloo": "rloo", "dpo": "dpo", "rft": "rft"}
-    policies = {name: load_policy(str(config.stage_dir(stage)), name) for name, stage in rows.items()
+    policies = {name: load_policy(str(config.stage_dir(stage)), name) for name, stage in POLICY_ROWS.items()
                 if stage in config.stages}
     reference = policies.get("sft")
     results = [evaluate_policy(policy, prompts, reward_model=reward_model, reference=reference, task=task,
@@ -448,8 +450,7 @@ def _inference_rows(settings: dict[str, Any], policies: dict, prompts: list, rew
 # (row, the row it improves on, the column compared): inference-time methods against the policy they start from.
 _GAINS = [("sft_best_of_", "sft", "gold_score"), ("base_raw_", "base_raw", "format_rate"),
           ("base_raw_", "base_raw", "gold_score")]
-_GAINS += [(f"{name}_constrained", name, column) for name in ("base", "sft", "ppo", "grpo", "rloo", "dpo", "rft")
-           for column in ("shape_rate", "gold_score")]
+_GAINS += [(f"{name}_constrained", name, column) for name in POLICY_ROWS for column in ("shape_rate", "gold_score")]
 
 
 def _gains(results: list) -> list[dict[str, Any]]:
