@@ -142,26 +142,27 @@ def test_merged_export_matches_base_plus_adapter_shards_and_stops(tiny_base, sft
     assert expected.tolist()[: len(generated)] == generated.tolist()
 
 
+def run_card_snippet(sft, out, fmt: str, heading: str, max_new_tokens: int) -> dict:
+    """Export `fmt`, then run the Python snippet under `heading` of its card as written (only max_new_tokens
+    lowered); returns the names the snippet defined."""
+    run_export(sft, out, formats=[fmt])
+    card = (out / "README.md").read_text()
+    snippet = re.search(rf"### {heading}.*?```python\n(.*?)```", card, re.S).group(1)
+    namespace = {}
+    exec(snippet.replace("max_new_tokens=128", f"max_new_tokens={max_new_tokens}"), namespace)  # noqa: S102
+    return namespace
+
+
 def test_the_cards_chat_snippet_runs(sft, tmp_path):
     """The card's "how to chat" code, run as written (pointed at the local export)."""
-    out = tmp_path / "export"
-    run_export(sft, out, formats=["merged"])
-    card = (out / "README.md").read_text()
-    snippet = re.search(r"### Chat with the merged model.*?```python\n(.*?)```", card, re.S).group(1)
-    namespace = {}
-    exec(snippet.replace("max_new_tokens=128", "max_new_tokens=24"), namespace)  # noqa: S102
+    namespace = run_card_snippet(sft, tmp_path / "export", "merged", "Chat with the merged model", 24)
     assert namespace["output"].shape[1] > namespace["inputs"]["input_ids"].shape[1]
 
 
 def test_the_cards_adapter_snippet_chats_and_stops_at_the_end_of_turn(sft, tmp_path):
     """The adapter snippet, run as written: on the kit's base (whose generation config knows only its own EOS) it
     must pass the chat's stop ids itself, or it never stops (issue 16, item 10)."""
-    out = tmp_path / "export"
-    run_export(sft, out, formats=["adapter"])
-    card = (out / "README.md").read_text()
-    snippet = re.search(r"### The LoRA adapter alone.*?```python\n(.*?)```", card, re.S).group(1)
-    namespace = {}
-    exec(snippet.replace("max_new_tokens=128", "max_new_tokens=40"), namespace)  # noqa: S102
+    namespace = run_card_snippet(sft, tmp_path / "export", "adapter", "The LoRA adapter alone", 40)
     generated = namespace["output"][0, namespace["inputs"]["input_ids"].shape[1]:].tolist()
     im_end = namespace["tokenizer"].convert_tokens_to_ids("<|im_end|>")
     assert im_end in namespace["stop"] and generated[-1] in namespace["stop"] and len(generated) < 40, generated
