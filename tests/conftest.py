@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback
+
+import rlhf_kit  # noqa: F401  before transformers, as the recipes do: bitsandbytes then fetches no Hub kernel
+from transformers import TrainerCallback  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
