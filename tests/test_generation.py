@@ -6,7 +6,8 @@ import torch
 from conftest import REPO
 
 from rlhf_kit.data.loading import load_data
-from rlhf_kit.inference.generation import Prompting, Sampling, check_template, generate, load_policy, render
+from rlhf_kit.inference.generation import (Conversation, Prompting, Sampling, check_template, documents_message, generate,
+                                         load_policy, render)
 from rlhf_kit.model import stop_token_ids
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -110,3 +111,55 @@ def test_a_bad_prompt_template_is_refused_with_what_to_write(template, message):
 def test_greedy_with_several_samples_is_refused():
     with pytest.raises(ValueError, match="greedy samples would all be the same"):
         Sampling(n=4, temperature=0)
+
+
+def test_documents_become_a_system_message_unless_the_template_lays_them_out(policy):
+    tok = policy.tokenizer
+    question = [{"role": "user", "content": "How much is the lamp?"}]
+    documents = [{"text": "The lamp costs 12 dollars.", "title": "lamp"}, {"text": "The mug costs 3 dollars."}]
+    text = tok.decode(render(tok, Conversation(question, documents)))
+    assert "<|im_start|>system\nDocuments:\n[1] The lamp costs 12 dollars.\n[2] The mug costs 3 dollars.<|im_end|>" in text
+    # Appended to a system message the prompt already has, and written as the passages training data holds.
+    with_system = tok.decode(render(tok, Conversation(question, documents), Prompting(system="Be brief.")))
+    assert "system\nBe brief.\n\n" + documents_message([d["text"] for d in documents]) + "<|im_end|>" in with_system
+    # No documents: exactly the plain prompt.
+    assert render(tok, Conversation(question)) == render(tok, question)
+
+    class Laid:  # a template with its own documents slot (as Command R's and Granite's have) gets them as documents=
+        chat_template = "{% for d in documents %}<<{{ d.title }}|{{ d.text }}>>{% endfor %}{{ messages[0].content }}"
+
+        def apply_chat_template(self, messages, **kwargs):
+            self.kwargs = kwargs
+            return {"input_ids": [len(messages)]}
+
+    laid = Laid()
+    assert render(laid, Conversation(question, documents)) == [1]  # no system message added
+    assert laid.kwargs["documents"] == [{"title": "lamp", "text": "The lamp costs 12 dollars."},
+                                        {"text": "The mug costs 3 dollars."}]
+
+
+def test_tools_are_listed_by_the_chat_template():
+    def calculator(expression: str) -> str:
+        """Evaluate an arithmetic expression.
+
+        Args:
+            expression: the expression, such as 3*12+2*4
+        """
+        return expression
+
+    rendered = {}
+
+    class Template:
+        chat_template = "{{ tools }}"
+
+        def apply_chat_template(self, messages, **kwargs):
+            rendered.update(kwargs)
+            return {"input_ids": [0]}
+
+    render(Template(), "Hi", Prompting(tools=[calculator]))
+    assert rendered["tools"] == [calculator]
+    render(Template(), "Hi", Prompting())
+    assert rendered.pop("tools", None) == [calculator]  # from the first call; the second passed none
+    assert "tools" not in rendered
+    with pytest.raises(ValueError, match="tools need a chat template"):
+        Prompting(raw=True, tools=[calculator])

@@ -5,7 +5,7 @@
     gens = generate(policy, ["Review the coffee."], sampling=Sampling(n=8, temperature=1.0))
     gens.grouped()[0]  # the 8 responses to the first prompt
 
-A prompt is a string or a list of chat messages. By default it is rendered with the model's own chat template (a
+A prompt is a string, a list of chat messages, or a `Conversation` (messages plus retrieved documents). By default it is rendered with the model's own chat template (a
 system message and few-shot examples become chat turns); with `Prompting(raw=True)` it is a document the model
 continues, for base models: no chat template, the examples written out before it as text. `n` samples per prompt are
 drawn in one batched `generate` call (`num_return_sequences`), with left padding and the KV cache; a sequence ends at
@@ -15,8 +15,8 @@ the model's stop tokens (`model.stop_token_ids`) or at a stop string, which is c
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -112,24 +112,63 @@ class Prompting:
     template: str | None = None
     few_shot: Sequence[tuple[str, str]] = ()
     raw: bool = False
+    # Tools the model may call: JSON schemas or plain Python functions (transformers' `get_json_schema` reads their
+    # type hints and docstrings), listed by the chat template (`apply_chat_template(tools=...)`).
+    tools: Sequence[dict | Callable] = ()
 
     def __post_init__(self):
         if self.template is not None:
             check_template(self.template)
+        if self.raw and self.tools:
+            raise ValueError("tools need a chat template to be listed in and called through; raw prompting has none")
 
     def fill(self, text: str) -> str:
         """The user's text as the template puts it."""
         return self.template.format(prompt=text) if self.template is not None else text
 
     def request(self, prompt) -> list[dict[str, str]]:
-        """`prompt` (a string or chat messages) as chat messages, the template applied to the last one: the request
-        as the model sees it."""
+        """`prompt` (a string, chat messages or a Conversation) as chat messages, the template applied to the last
+        one: the request as the model sees it (a Conversation's documents aside: `render` adds them)."""
         if isinstance(prompt, str):
             return [{"role": "user", "content": self.fill(prompt)}]
-        messages = list(prompt)
+        messages = list(prompt.messages if isinstance(prompt, Conversation) else prompt)
         if self.template is None:
             return messages
         return [*messages[:-1], {**messages[-1], "content": self.fill(messages[-1]["content"])}]
+
+
+@dataclass
+class Conversation:
+    """A prompt as chat messages, with documents the model should answer from (retrieved passages: their text, and
+    optionally a title and where they came from). A tool-calling exchange is messages too: assistant turns with
+    `tool_calls` and `tool` turns with the results, in TRL's format.
+
+    Documents go where the chat template wants them: templates that render `documents=` themselves get them so;
+    for all others (rlhf-kit's ChatML included) they become a system message, `documents_message`, which is also
+    how training data for retrieval-augmented answers writes them, so training and inference see the same text."""
+
+    messages: list[dict]
+    documents: Sequence[dict] = field(default_factory=list)
+
+
+def documents_message(texts: Sequence[str]) -> str:
+    """The passages as the system message that gives them to a chat template without a documents slot."""
+    return "Documents:\n" + "\n".join(f"[{i}] {text}" for i, text in enumerate(texts, 1))
+
+
+def renders_documents(tokenizer) -> bool:
+    """Whether the chat template lays out `documents=` itself (Command R's, Granite's do), judged by its source."""
+    template = tokenizer.chat_template
+    sources = template.values() if isinstance(template, dict) else [template or ""]
+    return any("documents" in source for source in sources)
+
+
+def with_documents(messages: list[dict], documents: Sequence[dict]) -> list[dict]:
+    """`messages` with the documents' text in the system message (appended to the first one, or a new first one)."""
+    block = documents_message([d["text"] for d in documents])
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{block}"}, *messages[1:]]
+    return [{"role": "system", "content": block}, *messages]
 
 
 def check_template(template: str) -> None:
@@ -178,6 +217,8 @@ def _text_of(prompt) -> str:
     """The user text of a plain prompt, or of a conversation's last user message."""
     if isinstance(prompt, str):
         return prompt
+    if isinstance(prompt, Conversation):
+        prompt = prompt.messages
     return next((m["content"] for m in reversed(list(prompt)) if m["role"] == "user"), "")
 
 
@@ -186,6 +227,8 @@ def render(tokenizer, prompt, prompting: Prompting | None = None) -> list[int]:
     p = prompting or Prompting()
     if p.raw:
         lines = [p.system] if p.system else []
+        if isinstance(prompt, Conversation) and prompt.documents:  # a document to continue: the passages head it
+            lines.append(documents_message([d["text"] for d in prompt.documents]) + "\n")
         lines += [f"{p.fill(q)}\n{a}\n" for q, a in p.few_shot]
         text = "\n".join(lines + [f"{p.fill(_text_of(prompt))}\n"])
         return tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -195,8 +238,14 @@ def render(tokenizer, prompt, prompting: Prompting | None = None) -> list[int]:
     has_system = bool(messages) and messages[0]["role"] == "system"
     head = messages[:1] if has_system else ([{"role": "system", "content": p.system}] if p.system else [])
     messages = head + shots + messages[1 if has_system else 0:]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
-        "input_ids"]
+    extra = {"tools": list(p.tools)} if p.tools else {}  # `tools=[]` would still list "no tools" in some templates
+    documents = prompt.documents if isinstance(prompt, Conversation) else ()
+    if documents and renders_documents(tokenizer):
+        extra["documents"] = [{k: d[k] for k in ("title", "text") if k in d} for d in documents]
+    elif documents:
+        messages = with_documents(messages, documents)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                         **extra)["input_ids"]
 
 
 @dataclass
