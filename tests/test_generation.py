@@ -6,8 +6,8 @@ import torch
 from conftest import REPO
 
 from rlhf_kit.data.loading import load_data
-from rlhf_kit.inference.generation import (Conversation, Prompting, Sampling, check_template, documents_message, generate,
-                                         load_policy, render)
+from rlhf_kit.inference.generation import (Conversation, Prompting, Sampling, check_template, documents_message,
+                                         generate, load_policy, render)
 from rlhf_kit.model import stop_token_ids
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -118,7 +118,8 @@ def test_documents_become_a_system_message_unless_the_template_lays_them_out(pol
     question = [{"role": "user", "content": "How much is the lamp?"}]
     documents = [{"text": "The lamp costs 12 dollars.", "title": "lamp"}, {"text": "The mug costs 3 dollars."}]
     text = tok.decode(render(tok, Conversation(question, documents)))
-    assert "<|im_start|>system\nDocuments:\n[1] The lamp costs 12 dollars.\n[2] The mug costs 3 dollars.<|im_end|>" in text
+    assert ("<|im_start|>system\nDocuments:\n[1] The lamp costs 12 dollars.\n[2] The mug costs 3 dollars.<|im_end|>"
+            in text)
     # Appended to a system message the prompt already has, and written as the passages training data holds.
     with_system = tok.decode(render(tok, Conversation(question, documents), Prompting(system="Be brief.")))
     assert "system\nBe brief.\n\n" + documents_message([d["text"] for d in documents]) + "<|im_end|>" in with_system

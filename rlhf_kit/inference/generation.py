@@ -5,9 +5,10 @@
     gens = generate(policy, ["Review the coffee."], sampling=Sampling(n=8, temperature=1.0))
     gens.grouped()[0]  # the 8 responses to the first prompt
 
-A prompt is a string, a list of chat messages, or a `Conversation` (messages plus retrieved documents). By default it is rendered with the model's own chat template (a
-system message and few-shot examples become chat turns); with `Prompting(raw=True)` it is a document the model
-continues, for base models: no chat template, the examples written out before it as text. `n` samples per prompt are
+A prompt is a string, a list of chat messages, or a `Conversation` (messages plus retrieved documents). By default
+it is rendered with the model's own chat template (a system message and few-shot examples become chat turns); with
+`Prompting(raw=True)` it is a document the model continues, for base models: no chat template, the examples written
+out before it as text. `n` samples per prompt are
 drawn in one batched `generate` call (`num_return_sequences`), with left padding and the KV cache; a sequence ends at
 the model's stop tokens (`model.stop_token_ids`) or at a stop string, which is cut off the response.
 """
