@@ -22,8 +22,9 @@ PLURAL = {"battery": "batteries", "box": "boxes", "glass": "glasses", "dish": "d
 
 def catalog(path: Path) -> Path:
     """The shop's kind of catalog: one passage per item, its price and stock, the item named in the plural too."""
-    write_jsonl(path, [{"text": f"The {item} costs {i + 3} dollars. There are {i % 7 + 2} {PLURAL.get(item, item + 's')} "
-                                f"in stock.", "title": item} for i, item in enumerate(ITEMS)])
+    rows = [{"text": f"The {item} costs {i + 3} dollars. There are {i % 7 + 2} {PLURAL.get(item, item + 's')} in "
+                     "stock.", "title": item} for i, item in enumerate(ITEMS)]
+    write_jsonl(path, rows)
     return path
 
 
@@ -251,7 +252,7 @@ def rendered(monkeypatch):
 
 
 def test_generate_with_retrieve_answers_from_the_passages_and_records_them(tiny_base, tmp_path, rendered,
-                                                                          single_thread):
+                                                                          single_thread, capsys):
     from rlhf_kit.cli import main
 
     corpus = catalog(tmp_path / "catalog.jsonl")
@@ -282,10 +283,13 @@ def test_generate_with_retrieve_answers_from_the_passages_and_records_them(tiny_
         f.truncate(len(f.readline()))
     rows = read_jsonl(corpus)
     write_jsonl(corpus, [{**rows[0], "text": "The lamp costs 99 dollars."}, *rows[1:]])
+    capsys.readouterr()
     assert main(["generate", *command]) == 2
+    assert "written with other settings or prompts (retrieval.index_key was" in capsys.readouterr().err
     write_jsonl(corpus, rows)
     assert main(["generate", *command]) == 0 and len(read_jsonl(out)) == 3
-    assert main(["generate", *command[:-4], "--top_k", "2"]) == 2  # --top_k without --retrieve
+    assert main(["generate", *command[:-4], "--top_k", "2"]) == 2
+    assert "--top_k and --embedding_model are settings of retrieval" in capsys.readouterr().err
 
 
 def test_chat_with_retrieve_puts_each_messages_passages_before_it(tiny_base, tmp_path, rendered, single_thread):
