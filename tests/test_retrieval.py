@@ -3,6 +3,7 @@
 dense retrieval with a local encoder, and `generate` / `chat` with --retrieve on the tiny model."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -290,6 +291,21 @@ def test_generate_with_retrieve_answers_from_the_passages_and_records_them(tiny_
     assert main(["generate", *command]) == 0 and len(read_jsonl(out)) == 3
     assert main(["generate", *command[:-4], "--top_k", "2"]) == 2
     assert "--top_k and --embedding_model are settings of retrieval" in capsys.readouterr().err
+
+
+def test_a_bad_corpus_is_one_message_before_any_model_loads(tmp_path, capsys):
+    from rlhf_kit.cli import main
+
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hi"}])
+    write_jsonl(tmp_path / "corpus.jsonl", [{"text": "ok"}, {"body": "x"}])
+    for corpus, message in [("nope", "corpus .*nope does not exist"), ("corpus.jsonl", "row 2: field 'text'")]:
+        argv = ["generate", str(tmp_path / "no-model"), "--prompts", str(tmp_path / "prompts.jsonl"), "--output",
+                str(tmp_path / "out.jsonl"), "--retrieve", str(tmp_path / corpus)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err and len(err.splitlines()) == 1
+    assert main(["chat", str(tmp_path / "no-model"), "--retrieve", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_chat_with_retrieve_puts_each_messages_passages_before_it(tiny_base, tmp_path, rendered, single_thread):

@@ -8,7 +8,8 @@ A corpus is a directory of .txt / .md files (recursive, in sorted order, hidden 
 such file, or a JSON Lines / JSON file with a text column (`text`, or `text_field`) and optionally a `title`. Its
 texts are cut into chunks: paragraphs merged up to `chunk_words` words, a longer paragraph split at sentence ends
 (a longer sentence at words). Each chunk keeps its source (the file's path in the directory, or `file:row`), its
-index within that source and a title (the file's stem, or the row's title).
+index within that source and a title (the file's stem, or the row's title), which is indexed with its text: a file
+named lamp.md is about the lamp even where its text says "it".
 
 Search is BM25 (bm25s: no model, offline) by default, or dense (`method="dense"`, a local transformers encoder:
 mean-pooled, normalized embeddings, inner product; faiss when installed, numpy otherwise). The index is cached next
