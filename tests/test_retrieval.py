@@ -255,6 +255,7 @@ def rendered(monkeypatch):
 def test_generate_with_retrieve_answers_from_the_passages_and_records_them(tiny_base, tmp_path, rendered,
                                                                           single_thread, capsys):
     from rlhf_kit.cli import main
+    from rlhf_kit.inference.batch import REFLECT_QUESTION, generate_responses
 
     corpus = catalog(tmp_path / "catalog.jsonl")
     questions = ["How much does the lamp cost?", "How many mugs are in stock?", "Is the kettle in stock?"]
@@ -291,6 +292,35 @@ def test_generate_with_retrieve_answers_from_the_passages_and_records_them(tiny_
     assert main(["generate", *command]) == 0 and len(read_jsonl(out)) == 3
     assert main(["generate", *command[:-4], "--top_k", "2"]) == 2
     assert "--top_k and --embedding_model are settings of retrieval" in capsys.readouterr().err
+
+    # A judge reflecting on an answer sees the passages it was written from; the retried rows keep them too.
+    rendered.clear()
+    reflected = generate_responses(tiny_base, questions[:1], retrieve=corpus, top_k=1, reflect=1, max_new_tokens=4)
+    assert reflected[0]["prompt"] == questions[0] and reflected[0]["passages"][0]["title"] == "lamp"
+    assert len(rendered) >= 2 and all("Documents:\n[1] The lamp costs" in text for text in rendered)
+    assert any(REFLECT_QUESTION in text for text in rendered)
+
+
+SHOWN = []
+
+
+def cites_a_document(prompts, completions, **kwargs):
+    """A reward function that records what it was shown."""
+    SHOWN.extend(prompts)
+    return [0.0] * len(prompts)
+
+
+def test_select_reward_scores_the_prompt_as_the_model_saw_it_passages_included(tiny_base, tmp_path, single_thread):
+    from rlhf_kit.inference.batch import generate_responses
+
+    corpus = catalog(tmp_path / "catalog.jsonl")
+    SHOWN.clear()
+    rows = generate_responses(tiny_base, ["How much does the lamp cost?"], retrieve=corpus, top_k=1, n=2,
+                              select="reward", reward_funcs=[f"{__name__}:cites_a_document"], max_new_tokens=4)
+    assert rows[0]["prompt"] == "How much does the lamp cost?" and rows[0]["scores"] == [0.0, 0.0]
+    lamp = read_jsonl(corpus)[0]["text"]
+    assert len(SHOWN) == 2 and SHOWN[0][0] == {"role": "system", "content": f"Documents:\n[1] {lamp}"}
+    assert SHOWN[0][1] == {"role": "user", "content": "How much does the lamp cost?"}
 
 
 def test_a_bad_corpus_is_one_message_before_any_model_loads(tmp_path, capsys):
