@@ -131,6 +131,7 @@ def _chat(ns: argparse.Namespace) -> int:
     from rlhf_kit.inference.chat import chat
 
     constraint = _constraint(ns)  # a bad regex or schema file fails before the model loads
+    retriever = _retriever(ns)
 
     def lines():
         while True:
@@ -140,7 +141,8 @@ def _chat(ns: argparse.Namespace) -> int:
                 return
 
     chat(ns.model, lines=lines(), write=lambda s: print(s, end="", flush=True),
-         max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, system=ns.system, constraint=constraint)
+         max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, system=ns.system, constraint=constraint,
+         retriever=retriever, top_k=ns.top_k or 3)
     return 0
 
 
@@ -149,6 +151,29 @@ def _add_constraint_flags(p: argparse.ArgumentParser) -> None:
     group.add_argument("--regex", help="every response matches this regex (Rust syntax: no look-around)")
     group.add_argument("--json_schema", metavar="FILE", help="every response is JSON valid under this schema file")
     group.add_argument("--choices", help="every response is one of these comma-separated choices: yes,no,maybe")
+
+
+def _add_retrieval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--retrieve", metavar="PATH", help="put passages from this corpus into each prompt: a directory "
+                   "of .txt/.md files or a JSONL file with a 'text' column (BM25; the index is cached beside it)")
+    p.add_argument("--top_k", type=int, metavar="K", help="with --retrieve: passages per prompt (default: 3)")
+    p.add_argument("--embedding_model", metavar="PATH",
+                   help="with --retrieve: dense retrieval with this local encoder instead of BM25")
+
+
+def _retriever(ns: argparse.Namespace):
+    """The corpus of --retrieve, read and indexed (or its cached index loaded) before any model loads."""
+    from rlhf_kit.errors import UserError
+    from rlhf_kit.inference.retrieval import Retriever
+
+    if ns.retrieve is None:
+        if ns.top_k is not None or ns.embedding_model is not None:
+            raise UserError("--top_k and --embedding_model are settings of retrieval: give a corpus with --retrieve")
+        return None
+    if ns.top_k is not None and ns.top_k < 1:
+        raise UserError(f"--top_k (passages per prompt) must be >= 1, got {ns.top_k}")
+    method = "bm25" if ns.embedding_model is None else "dense"
+    return Retriever.from_corpus(ns.retrieve, method=method, embedding_model=ns.embedding_model)
 
 
 def _constraint(ns: argparse.Namespace):
@@ -201,7 +226,7 @@ def _generate(ns: argparse.Namespace) -> int:
                     few_shot=ns.few_shot or (), raw=ns.raw, reward_model=ns.reward_model,
                     reward_funcs=ns.reward_funcs or (), reward_weights=ns.reward_weights,
                     answer_pattern=ns.answer_pattern, constraint=_constraint(ns), reflect=ns.reflect,
-                    reflect_min_score=ns.reflect_min_score)
+                    reflect_min_score=ns.reflect_min_score, retrieve=_retriever(ns), top_k=ns.top_k)
     make_job(**settings)  # flags first: a mistake there should not wait for the data to load
     prompts = load_data(ns.prompts, kind="prompt", split=ns.split)
     if prompts is None:
@@ -300,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--system", help="a system message")
     _add_constraint_flags(p)
+    _add_retrieval_flags(p)
     p.set_defaults(func=_chat)
 
     # prefix_chars="+": every --key goes through to the recipe's strict config parser, not to argparse.
@@ -367,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reflect_min_score", type=float, metavar="X",
                    help="with --select reward and --reflect: the judge is the kept response's reward score (>= X)")
     _add_constraint_flags(p)
+    _add_retrieval_flags(p)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("plan", help="estimate a recipe config's peak GPU memory per process, before loading anything")

@@ -51,8 +51,9 @@ from tqdm.auto import tqdm
 from rlhf_kit.data.loading import RowError, validate_row
 from rlhf_kit.errors import UserError
 from rlhf_kit.inference.best_of_n import completed_rows, rerank
-from rlhf_kit.inference.generation import (Policy, Prompting, Sampling, check_template, generate, load_few_shot,
-                                          load_policy)
+from rlhf_kit.inference.generation import (Conversation, Policy, Prompting, Sampling, check_template, generate,
+                                          load_few_shot, load_policy, with_documents)
+from rlhf_kit.inference.retrieval import Retriever, with_retrieval
 from rlhf_kit.inference.selection import answer_extractor, majority_vote
 from rlhf_kit.model import load_tokenizer, prepare_tokenizer
 from rlhf_kit.rewards import RewardSources, import_reward_func, load_reward_functions
@@ -127,6 +128,8 @@ class Job:
     constraint: Any = None  # rlhf_kit.inference.constraints.Constraint, or None
     extract: Any = field(default=None, repr=False)  # the vote's answer extractor, built by `make_job`
     reflection: Reflection = field(default_factory=Reflection)
+    retriever: Retriever | None = field(default=None, repr=False)  # passages put into every prompt (`retrieval`)
+    top_k: int = 3  # passages per prompt
 
     @property
     def chunk(self) -> int:
@@ -141,7 +144,15 @@ class Job:
         settings = {"sampling": sampling, "prompting": prompting, "selection": selection, "constraint": constraint}
         if self.reflection.rounds:  # only when used: files written before reflection existed still resume
             settings["reflection"] = asdict(self.reflection)
+        if self.retriever is not None:  # the corpus by its path and content (the index key): an edit is a change
+            r = self.retriever
+            settings["retrieval"] = {"corpus": str(Path(r.corpus).resolve()), "method": r.method, "index_key": r.key,
+                                     "top_k": self.top_k}
         return settings
+
+    def conversations(self, prompts: list) -> list:
+        """The prompts as the model is given them: with their top-k passages when retrieving."""
+        return prompts if self.retriever is None else with_retrieval(prompts, self.retriever, self.top_k)
 
 
 def make_job(*, n: int = 1, select: str = "first", max_new_tokens: int = 64, temperature: float = 1.0,
@@ -150,11 +161,18 @@ def make_job(*, n: int = 1, select: str = "first", max_new_tokens: int = 64, tem
              few_shot: Sequence[tuple[str, str]] | str | Path = (), raw: bool = False, reward_model: str | None = None,
              reward_funcs: Sequence[str] = (), reward_weights: Sequence[float] | None = None,
              answer_pattern: str | None = None, constraint=None, reflect: int = 0,
-             reflect_min_score: float | None = None) -> Job:
+             reflect_min_score: float | None = None, retrieve: Retriever | str | Path | None = None,
+             top_k: int | None = None) -> Job:
     """The checked settings of a run; any mistake raises ValueError here, before a model loads. `few_shot` is a list
-    of (prompt, completion) pairs or a JSONL file of prompt/completion rows (`generation.load_few_shot`)."""
+    of (prompt, completion) pairs or a JSONL file of prompt/completion rows (`generation.load_few_shot`). `retrieve`:
+    a Retriever or a corpus path (`Retriever.from_corpus`), whose `top_k` (default 3) passages go into each prompt."""
     if n < 1:
         raise UserError(f"n (samples per prompt) must be >= 1, got {n}")
+    if top_k is not None and (retrieve is None or top_k < 1):
+        raise UserError(f"top_k is the number of passages retrieved per prompt: it needs a corpus to retrieve from "
+                        f"(--retrieve) and must be >= 1, got {top_k}")
+    if isinstance(retrieve, (str, Path)):
+        retrieve = Retriever.from_corpus(retrieve)
     if isinstance(few_shot, (str, Path)):
         few_shot = load_few_shot(few_shot)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed,
@@ -167,7 +185,7 @@ def make_job(*, n: int = 1, select: str = "first", max_new_tokens: int = 64, tem
     extract = answer_extractor(answer_pattern) if selection.mode == "vote" else None
     reflection = Reflection(reflect, reflect_min_score)
     reflection.check(selection, prompting)
-    return Job(sampling, prompting, selection, constraint, extract, reflection)
+    return Job(sampling, prompting, selection, constraint, extract, reflection, retrieve, top_k or 3)
 
 
 def read_template(path: str | Path) -> str:
@@ -224,10 +242,15 @@ def _chunks(policy: Policy, prompts: list, columns: dict[str, list], job: Job, f
     processors = None if job.constraint is None else job.constraint.logits_processor(policy)
     for start in range(first - first % job.chunk, len(prompts), job.chunk):
         batch = prompts[start : start + job.chunk]
+        given = job.conversations(batch)
         extra = {k: v[start : start + job.chunk] for k, v in columns.items()}
-        rows, tokens = _rows(policy, batch, extra, job, funcs, weights, processors, job.sampling.seed + start)
+        rows, tokens = _rows(policy, given, extra, job, funcs, weights, processors, job.sampling.seed + start)
         if job.reflection.rounds:
-            tokens += _reflect(policy, batch, extra, rows, job, funcs, weights, processors, job.sampling.seed + start)
+            tokens += _reflect(policy, given, extra, rows, job, funcs, weights, processors, job.sampling.seed + start)
+        if job.retriever is not None:  # the prompt as given, and the passages it was answered from
+            for row, prompt, conversation in zip(rows, batch, given):
+                row.update(prompt=prompt, passages=[{k: d[k] for k in ("text", "title", "source", "score")}
+                                                    for d in conversation.documents])
         yield start, rows, tokens
 
 
@@ -243,7 +266,10 @@ def _rows(policy: Policy, batch: list, columns: dict[str, list], job: Job, funcs
         for row, responses in zip(rows, grouped):
             row.update(responses=responses, selected=0)
     if job.selection.mode == "reward":
-        picks = rerank(gens, reward_funcs=funcs, weights=weights, columns=columns)
+        # Scored as the model saw them: a retrieved prompt with its passages in the system message.
+        seen = [p if not isinstance(p, Conversation) else with_documents(p.messages, p.documents) if p.documents
+                else p.messages for p in gens.prompts]
+        picks = rerank(replace(gens, prompts=seen), reward_funcs=funcs, weights=weights, columns=columns)
         for row, pick in zip(rows, picks):
             row.update(response=pick.response, **({"selected": pick.best} if n > 1 else {}),
                        scores=pick.scores, rewards=pick.components)
@@ -292,8 +318,10 @@ def _verdicts(policy: Policy, prompts: list, rows: list[dict[str, Any]], job: Jo
     p = job.prompting
     conversations = []
     for prompt, row in zip(prompts, rows):
-        conversations.append([*p.request(prompt), {"role": "assistant", "content": row["response"]},
-                              {"role": "user", "content": REFLECT_QUESTION}])
+        asked = [*p.request(prompt), {"role": "assistant", "content": row["response"]},
+                 {"role": "user", "content": REFLECT_QUESTION}]
+        # The judge sees the passages the answer was written from.
+        conversations.append(Conversation(asked, prompt.documents) if isinstance(prompt, Conversation) else asked)
     judge = Constraint.from_options(choices=["yes", "no"]).logits_processor(policy)
     gens = generate(policy, conversations, sampling=Sampling(max_new_tokens=8, temperature=0),
                     prompting=Prompting(system=p.system), logits_processor=judge, progress=False)
@@ -314,13 +342,14 @@ def generate_responses(model: str | Policy, prompts, *, constraint=None, progres
                        **settings) -> list[dict[str, Any]]:
     """One row per prompt: `prompt`, `response` (the selected one), and with n > 1 `responses` (all n, in sampling
     order) and `selected` (its index); select reward adds `scores` (weighted, per response) and `rewards` (per
-    source, per response); select vote adds `answers` (per response), `answer` and `votes` (per answer).
+    source, per response); select vote adds `answers` (per response), `answer` and `votes` (per answer); retrieval
+    adds `passages` (each passage's text, title, source and score, best first).
 
     `model`: any stage output, merged model or model directory (or a loaded Policy); `prompts`: a list of prompts
     (strings or chat messages) or a prompt dataset (`load_data(..., kind="prompt")`, whose extra columns reach the
     reward functions). `settings`: the keywords of `make_job` (n, select, max_new_tokens, temperature, top_p, seed,
     batch_size, stop, system, template, few_shot, raw, reward_model, reward_funcs, reward_weights, answer_pattern,
-    reflect, reflect_min_score).
+    reflect, reflect_min_score, retrieve, top_k).
     `constraint`: a `constraints.Constraint`, applied as a logits processor to every sample.
     """
     run = make_job(constraint=constraint, **settings)
