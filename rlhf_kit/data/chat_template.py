@@ -8,6 +8,10 @@ for templates that rewrite past turns). The text an assistant turn adds after th
 that span are trained, every other token is masked. Whitespace the template writes after the end-of-turn token
 (ChatML's newline) is the template's, not the model's to learn.
 
+Tool-calling rows (TRL's format: a `tools` column, assistant turns with `tool_calls`, `tool` turns) render with the
+row's tools (`apply_chat_template(..., tools=...)`) in every turn's prefix; an assistant turn's tool calls are part of
+its span (the model learns to call), the tool results and the tools listing are not.
+
 The renderer checks what it relies on, per conversation: each turn's rendering must be a prefix of the next one's.
 A template that rewrites earlier turns (one that drops the reasoning of past answers, say) fails with an error that
 says how to supply a template with generation markers instead.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
+from rlhf_kit.data.tool_calls import parse_tools
 from rlhf_kit.errors import UserError
 
 # How SFT finds the assistant's tokens (see `assistant_mask_source`).
@@ -75,11 +80,13 @@ _PROBE = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content"
           {"role": "user", "content": "Again?"}, {"role": "assistant", "content": "Again."}]
 
 
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span of each assistant turn in it: content + end-of-turn."""
+def assistant_spans(tokenizer, messages: list[dict],
+                    tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of each assistant turn in it: content (and tool calls) +
+    end-of-turn. `tools`: the conversation's tool schemas, rendered by the template wherever it puts them."""
 
     def render(turns, prompt=False):
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt)
+        return tokenizer.apply_chat_template(turns, tools=tools, tokenize=False, add_generation_prompt=prompt)
 
     text = render(messages)
     spans = []
@@ -98,10 +105,10 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     return text, spans
 
 
-def tokenize_conversation(tokenizer, messages: list[dict]) -> dict[str, list[int]]:
+def tokenize_conversation(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> dict[str, list[int]]:
     """`input_ids` of the rendered conversation (as `apply_chat_template` tokenizes it) and `assistant_masks`: 1 for
     each token that starts inside an assistant span, the columns TRL's SFTTrainer builds labels from."""
-    text, spans = assistant_spans(tokenizer, messages)
+    text, spans = assistant_spans(tokenizer, messages, tools)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = [int(any(start <= first < end for start, end in spans)) for first, _ in encoded["offset_mapping"]]
     return {"input_ids": encoded["input_ids"], "assistant_masks": mask}
@@ -113,7 +120,7 @@ def tokenize_for_assistant_loss(dataset, tokenizer, source: str):
 
     def convert(row, index):
         try:
-            return tokenize_conversation(tokenizer, row["messages"])
+            return tokenize_conversation(tokenizer, row["messages"], parse_tools(row.get("tools")))
         except TemplateError as e:
             raise TemplateError(f"{source}, row {index + 1}: {e}. {_REMEDY}") from None
 
