@@ -9,7 +9,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import REPO, load_recipe
-from rlhf_kit.data.chat_template import MARKERS, RENDERED, assistant_mask_source, tokenize_conversation
+from datasets import Dataset
+
+from rlhf_kit.data.chat_template import (MARKERS, RENDERED, assistant_mask_source, tokenize_conversation,
+                                         tokenize_for_assistant_loss)
+from rlhf_kit.data.lengths import count_over_length
 from rlhf_kit.data.loading import DataError, check_sources, load_data
 from rlhf_kit.model import CHATML_TEMPLATE, prepare_tokenizer
 from test_chat_template import family_tokenizer
@@ -276,6 +280,30 @@ def test_family_templates_mask_exactly_the_assistant_turns_with_their_calls(tiny
     # the tool's result and the tools listing are context, never targets
     unmasked = masked_text(tokenizer, out["input_ids"], [1 - m for m in out["assistant_masks"]])
     assert "3" in unmasked.split("What is 1 + 2?")[1] and '"required"' in unmasked
+
+
+def test_a_dataset_of_tool_rows_masks_as_each_row_alone(tiny_base):
+    # Arrow may give every message every key (tool_calls: None on plain turns): Llama 3.1's template asks
+    # `'tool_calls' in message`, so the None keys must not reach it.
+    tokenizer = family_tokenizer(tiny_base, "llama3.1")
+    rows = [tool_row(), {"messages": [{"role": "user", "content": "Hi", "tool_calls": None},
+                                      {"role": "assistant", "content": "Hello", "tool_calls": None}], "tools": None}]
+    dataset = tokenize_for_assistant_loss(Dataset.from_list(rows), tokenizer, "rows")
+    plain = [{k: v for k, v in m.items() if v is not None} for m in rows[1]["messages"]]
+    assert dataset.to_list() == [tokenize_conversation(tokenizer, rows[0]["messages"], rows[0]["tools"]),
+                                 tokenize_conversation(tokenizer, plain)]
+
+
+def test_length_counts_include_each_rows_tools(chatml_tokenizer):
+    rows = [json.loads(line) for line in EXAMPLE.read_text().splitlines()]
+    tools = [row["tools"] if isinstance(row["tools"], list) else json.loads(row["tools"]) for row in rows]
+    def length(messages, tools=None):
+        return len(chatml_tokenizer.apply_chat_template(messages, tools=tools, return_dict=True)["input_ids"])
+
+    lengths = [length(row["messages"], row_tools) for row, row_tools in zip(rows, tools)]
+    without_tools = max(length(row["messages"]) for row in rows)
+    counts = count_over_length(str(EXAMPLE), "sft", "train", chatml_tokenizer, without_tools)
+    assert counts == {str(EXAMPLE): (4, sum(n > without_tools for n in lengths))} and counts[str(EXAMPLE)][1] >= 3
 
 
 def chatml_turn(message):

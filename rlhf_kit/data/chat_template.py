@@ -120,7 +120,10 @@ def tokenize_for_assistant_loss(dataset, tokenizer, source: str):
 
     def convert(row, index):
         try:
-            return tokenize_conversation(tokenizer, row["messages"], parse_tools(row.get("tools")))
+            # Arrow gives every message the keys any message has, None where unset; a template that asks
+            # `'tool_calls' in message` (Llama 3.1's) would take every turn for a call
+            messages = [{k: v for k, v in m.items() if v is not None} for m in row["messages"]]
+            return tokenize_conversation(tokenizer, messages, parse_tools(row.get("tools")))
         except TemplateError as e:
             raise TemplateError(f"{source}, row {index + 1}: {e}. {_REMEDY}") from None
 
