@@ -86,6 +86,12 @@ def test_prompt_data_keeps_its_tools_column(tmp_path):
     assert load_data(write_jsonl(tmp_path / "q.jsonl", rows[1:]), kind="prompt")[0]["answer"] == "4"
 
 
+def test_the_readme_tool_row_loads(tmp_path):
+    section = (REPO / "data/README.md").read_text().split("### Tool calling", 1)[1]
+    row = json.loads(section.split("```json\n", 1)[1].split("\n```", 1)[0])
+    assert load_data(write_jsonl(tmp_path / "readme.jsonl", [row]), kind="sft").to_list() == [row]
+
+
 def with_messages(row, edit):
     row = copy.deepcopy(row)
     edit(row["messages"])

@@ -21,6 +21,10 @@ Accepted formats (TRL's), by kind:
     prompt       prompt (a string, or a conversation ending with a user turn); extra columns are kept
                  because reward functions receive them
 
+Conversations may call tools in TRL's format: a `tools` column of JSON schemas, assistant turns with `tool_calls`,
+each answered by a `tool` turn (checked by rlhf_kit/data/tool_calls.py: declared tools, arguments against their
+schemas, one result per call).
+
 Other common formats are converted at load time by a source's `format:` (SOURCE_FORMATS: alpaca, sharegpt, hh,
 ultrafeedback, openai), after renaming the file's columns by its `columns:`, and then validated as above:
 
