@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 from conftest import REPO, load_recipe
 from datasets import Dataset
 
-from rlhf_kit.data.chat_template import (MARKERS, RENDERED, assistant_mask_source, tokenize_conversation,
-                                         tokenize_for_assistant_loss)
+from rlhf_kit.data.chat_template import (MARKERS, RENDERED, TemplateError, assistant_mask_source,
+                                         tokenize_conversation, tokenize_for_assistant_loss)
 from rlhf_kit.data.lengths import count_over_length
 from rlhf_kit.data.loading import DataError, check_sources, load_data
 from rlhf_kit.model import CHATML_TEMPLATE, prepare_tokenizer
@@ -84,6 +84,33 @@ def test_prompt_data_keeps_its_tools_column(tmp_path):
     assert dataset.column_names == ["prompt", "tools", "answer"]
     assert dataset[0]["tools"][0]["function"]["name"] == "add"
     assert load_data(write_jsonl(tmp_path / "q.jsonl", rows[1:]), kind="prompt")[0]["answer"] == "4"
+
+
+def test_prompt_completion_rows_may_end_the_prompt_with_results_or_the_completion_with_a_call(tmp_path):
+    messages = tool_row()["messages"]
+    rows = [{"prompt": messages[:3], "completion": messages[3:], "tools": [ADD]},
+            {"prompt": messages[:1], "completion": messages[1:2], "tools": [ADD]}]
+    assert len(load_data(write_jsonl(tmp_path / "pc.jsonl", rows), kind="sft")) == 2
+    bad = [rows[0], {"prompt": messages[:1], "completion": [messages[1], messages[3]], "tools": [ADD]}]
+    with pytest.raises(DataError, match=r"row 2: field 'completion\[0\].tool_calls': a call can only end 'comp"):
+        load_data(write_jsonl(tmp_path / "bad.jsonl", bad), kind="sft")
+    bad = [rows[0], {"prompt": messages[:1], "completion": messages[1:], "tools": [ADD]}]
+    with pytest.raises(DataError, match=r"row 2: field 'completion\[0\].tool_calls': a call can only end"):
+        load_data(write_jsonl(tmp_path / "bad.jsonl", bad), kind="sft")
+    bad = [rows[0], {"prompt": messages[:3], "completion": [messages[3], messages[2]], "tools": [ADD]}]
+    with pytest.raises(DataError, match=r"row 2: field 'completion\[1\].role': expected 'assistant'"):
+        load_data(write_jsonl(tmp_path / "bad.jsonl", bad), kind="sft")
+    bad = [rows[0], {"prompt": messages[:1], "completion": [messages[1] | {"tool_calls": [call("sub")]}],
+                     "tools": [ADD]}]
+    with pytest.raises(DataError, match=r"row 2: field 'completion\[0\].tool_calls\[0\].function.name': calls"):
+        load_data(write_jsonl(tmp_path / "bad.jsonl", bad), kind="sft")
+
+
+def test_a_template_that_refuses_a_tool_row_names_the_row(tiny_base):
+    tokenizer = family_tokenizer(tiny_base, "llama3.1")  # one call per assistant turn only
+    rows = [tool_row(), tool_row(calls=[call(), call()])]
+    with pytest.raises(TemplateError, match=r"rows, row 2: the chat template refuses this conversation: .*single"):
+        tokenize_for_assistant_loss(Dataset.from_list(rows), tokenizer, "rows")
 
 
 def test_the_readme_tool_row_loads(tmp_path):

@@ -19,6 +19,7 @@ says how to supply a template with generation markers instead.
 
 from __future__ import annotations
 
+import jinja2
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
 from rlhf_kit.data.tool_calls import parse_tools
@@ -126,6 +127,9 @@ def tokenize_for_assistant_loss(dataset, tokenizer, source: str):
             return tokenize_conversation(tokenizer, messages, parse_tools(row.get("tools")))
         except TemplateError as e:
             raise TemplateError(f"{source}, row {index + 1}: {e}. {_REMEDY}") from None
+        except jinja2.TemplateError as e:  # the template's own raise_exception (Llama 3.1: one tool call per turn)
+            raise TemplateError(f"{source}, row {index + 1}: the chat template refuses this conversation: "
+                                f"{e}") from None
 
     return dataset.map(convert, with_indices=True, remove_columns=dataset.column_names,
                        desc="Masking assistant turns")

@@ -283,8 +283,8 @@ def validate_row(row: dict, fmt: str) -> None:
         _text(_get(row, "prompt"), "prompt", fmt)
         _text(_get(row, "completion"), "completion", fmt)
     elif fmt == "prompt_completion_conversational":
-        _conversation(_get(row, "prompt"), "prompt", fmt, last="user")
-        _assistant_turns(_get(row, "completion"), "completion", fmt)
+        _conversation(_get(row, "prompt"), "prompt", fmt, last="user", tools=tools)
+        _assistant_turns(_get(row, "completion"), "completion", fmt, tools)
     elif fmt == "prompt":
         _text(_get(row, "prompt"), "prompt", fmt)
     elif fmt == "prompt_conversational":
@@ -463,17 +463,22 @@ def _conversation(value, field: str, fmt: str, last: str, tools: dict[str, dict]
             continue
         expected = "assistant" if role == "user" else "user"
         i += 1
-    if roles[-1] != last:
+    if roles[-1] != last and not (last == "user" and roles[-1] == "tool"):  # a prompt may end with tool results
         article = "an" if last == "assistant" else "a"
         raise RowError(field, f"expected the conversation to end with {article} {last} turn, "
                        f"got '{roles[-1]}' as the last turn")
 
 
-def _assistant_turns(value, field: str, fmt: str) -> None:
-    for i, role in enumerate(_messages(value, field, fmt)):
+def _assistant_turns(value, field: str, fmt: str, tools: dict[str, dict] | None = None) -> None:
+    for i, role in enumerate(_messages(value, field, fmt, tools)):
         if role != "assistant":
             raise RowError(f"{field}[{i}].role", f"expected 'assistant' ('{field}' holds only the assistant's "
                            f"response turns), got '{role}'")
+        if value[i].get("tool_calls") and i < len(value) - 1:
+            # its results would have to follow in the completion, where they would be trained as the model's text
+            raise RowError(f"{field}[{i}].tool_calls", f"a call can only end '{field}': the tool results that answer "
+                           "it are not the model's to learn; put the call and its results in the prompt, or train on "
+                           "`messages` (assistant-only loss masks the results)")
 
 
 def _turns(messages: list[dict]) -> list[tuple]:
