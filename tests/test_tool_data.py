@@ -12,11 +12,12 @@ from conftest import REPO, load_recipe
 from datasets import Dataset
 
 from rlhf_kit.data.chat_template import (MARKERS, RENDERED, TemplateError, assistant_mask_source,
-                                         tokenize_conversation, tokenize_for_assistant_loss)
+                                         check_tool_support, tokenize_conversation, tokenize_for_assistant_loss,
+                                         uses_tools)
 from rlhf_kit.data.lengths import count_over_length
 from rlhf_kit.data.loading import DataError, check_sources, load_data
 from rlhf_kit.model import CHATML_TEMPLATE, prepare_tokenizer
-from test_chat_template import family_tokenizer
+from test_chat_template import family_model, family_tokenizer
 
 EXAMPLE = REPO / "data" / "examples" / "sft_tool_calls.jsonl"
 
@@ -111,6 +112,22 @@ def test_a_template_that_refuses_a_tool_row_names_the_row(tiny_base):
     rows = [tool_row(), tool_row(calls=[call(), call()])]
     with pytest.raises(TemplateError, match=r"rows, row 2: the chat template refuses this conversation: .*single"):
         tokenize_for_assistant_loss(Dataset.from_list(rows), tokenizer, "rows")
+
+
+def test_templates_that_take_tools_pass_the_check_and_others_fail_before_the_model_loads(
+        tiny_base, chatml_tokenizer, tmp_path):
+    rows = Dataset.from_list([tool_row()])
+    assert uses_tools(rows) and not uses_tools(Dataset.from_list([{"messages": tool_row()["messages"][:1]}]))
+    for tokenizer in [chatml_tokenizer] + [family_tokenizer(tiny_base, f) for f in ("llama3.1", "qwen2.5")]:
+        check_tool_support(tokenizer, rows, "rows")
+    # a plain ChatML renders a tool turn but drops the calls and never lists the tools
+    model_dir = family_model(tiny_base, "chatml", tmp_path / "model")
+    (tmp_path / "model" / "model.safetensors").unlink()  # loading it would fail: the check must come first
+    with pytest.raises(TemplateError, match=r"sft_tool_calls.jsonl holds tool calls, and this tokenizer's chat "
+                                            r"template does not render the tools"):
+        load_recipe("sft")([], overrides={
+            "model_name_or_path": model_dir, "dataset_name": str(EXAMPLE), "output_dir": str(tmp_path / "out"),
+            "use_peft": False, "max_steps": 1, "eval_strategy": "no", "save_strategy": "no", "report_to": "none"})
 
 
 def test_the_readme_tool_row_loads(tmp_path):

@@ -20,7 +20,7 @@ says how to supply a template with generation markers instead.
 from __future__ import annotations
 
 import jinja2
-from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers, supports_tool_calling
 
 from rlhf_kit.data.tool_calls import parse_tools
 from rlhf_kit.errors import UserError
@@ -133,3 +133,35 @@ def tokenize_for_assistant_loss(dataset, tokenizer, source: str):
 
     return dataset.map(convert, with_indices=True, remove_columns=dataset.column_names,
                        desc="Masking assistant turns")
+
+
+_TOOL_PROBE = {"type": "function", "function": {"name": "probe_tool_f3a1", "description": "A probe.", "parameters": {
+    "type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"]}}}
+
+
+def uses_tools(dataset) -> bool:
+    """Whether a conversational dataset holds tool-calling rows: a `tools` column, a call or a tool turn."""
+    if "tools" in dataset.column_names:
+        return True
+    columns = [c for c in ("messages", "prompt", "completion") if c in dataset.column_names]
+    return any(isinstance(turns, list) and any(isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls"))
+                                               for m in turns)
+               for column in columns for turns in dataset[column])
+
+
+def check_tool_support(tokenizer, dataset, source: str) -> None:
+    """Refuse tool-calling data, before a model loads, for a chat template that would train on it without its tools:
+    one that drops the calls or the tool results (TRL's `supports_tool_calling`), or never lists the tools."""
+    if not uses_tools(dataset):
+        return
+    listed = False
+    try:
+        listed = "probe_tool_f3a1" in tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}], tools=[_TOOL_PROBE], tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template may raise on anything it does not expect; it then cannot take tools
+        pass
+    if not (listed and supports_tool_calling(tokenizer)):
+        raise TemplateError(f"{source} holds tool calls, and this tokenizer's chat template does not render "
+                            f"{'tool calls and tool results' if listed else 'the tools'}, so the model would learn "
+                            "calls it cannot see. Use a model whose template takes tools (Llama 3.x, Qwen 2.5/3, ...), "
+                            "or a base model (the kit gives it a ChatML with tools), or set chat_template_path.")
