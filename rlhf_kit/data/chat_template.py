@@ -10,7 +10,8 @@ that span are trained, every other token is masked. Whitespace the template writ
 
 Tool-calling rows (TRL's format: a `tools` column, assistant turns with `tool_calls`, `tool` turns) render with the
 row's tools (`apply_chat_template(..., tools=...)`) in every turn's prefix; an assistant turn's tool calls are part of
-its span (the model learns to call), the tool results and the tools listing are not.
+its span (the model learns to call), the tool results and the tools listing are not. `check_tool_support` refuses
+such rows, before a model loads, for a template that would drop the tools, the calls or the results.
 
 The renderer checks what it relies on, per conversation: each turn's rendering must be a prefix of the next one's.
 A template that rewrites earlier turns (one that drops the reasoning of past answers, say) fails with an error that
