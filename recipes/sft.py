@@ -11,7 +11,8 @@ import rlhf_kit  # noqa: F401  before transformers: bitsandbytes then never reac
 from transformers import set_seed
 from trl import SFTTrainer
 
-from rlhf_kit.data.chat_template import RENDERED, assistant_mask_source, tokenize_for_assistant_loss
+from rlhf_kit.data.chat_template import (RENDERED, assistant_mask_source, check_tool_support,
+                                         tokenize_for_assistant_loss)
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.errors import run_main
 from rlhf_kit.stages import recipe_arguments
@@ -46,6 +47,8 @@ def main(argv=None, overrides=None, callbacks=None):
     tokenizer = load_model_tokenizer(model_args, trust_remote_code=args.trust_remote_code)
     new_chat_template = tokenizer.chat_template is None
     prepare_tokenizer(tokenizer)
+    if args.chat_template_path is None:  # TRL swaps that template in later; the tokenizer's own is checked here
+        check_tool_support(tokenizer, train_data, data_args.dataset_name)  # tool rows need a template with tools
     truncated = length_metrics(count_over_length(data_args.dataset_name, "sft", data_args.dataset_train_split,
                                                  tokenizer, max_length), max_length, action="truncated")
     # Assistant-only loss with a template TRL cannot mask (Llama 3.1, Mistral, a plain ChatML): the kit tokenizes

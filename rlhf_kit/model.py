@@ -38,12 +38,44 @@ IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|pad|>"
 # ChatML with `{% generation %}` markers around the assistant content *and* its <|im_end|>, so that
 # assistant-only loss trains the model to emit the end-of-turn token (a model that never sees it as a
 # target never learns to stop). The newline after <|im_end|> belongs to the template, not the model.
+# Tools follow Qwen 2.5 / Hermes, so that TRL's `qwen3_template` response template parses the model's calls: the
+# schemas end the system turn (a new one if the conversation has none), each call is a <tool_call> JSON object
+# inside the assistant turn (trained: the model learns to call), and a result is a `tool` turn (not trained).
+# Without `tools` and tool calls it renders exactly as before.
+TOOLS_PREAMBLE = "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n<tools>\n"
+TOOLS_INSTRUCTIONS = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\n</tool_call>"
+)
 CHATML_TEMPLATE = (
+    "{%- if tools %}"
+    "{%- set tools_text = namespace(value='') %}"
+    "{%- for tool in tools %}"
+    "{%- set tools_text.value = tools_text.value + ('\\n' if not loop.first else '') + (tool | tojson) %}"
+    "{%- endfor %}"
+    "{%- set tools_block = " + repr(TOOLS_PREAMBLE) + " + tools_text.value + " + repr(TOOLS_INSTRUCTIONS) + " %}"
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\n' + tools_block + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
     "{%- for message in messages %}"
     "{%- if message['role'] == 'assistant' %}"
     "{{- '<|im_start|>assistant\\n' }}"
-    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+    "{%- generation %}"
+    "{%- if message['content'] %}{{- message['content'] }}{%- endif %}"
+    "{%- for call in message['tool_calls'] or [] %}"
+    "{%- set call = call['function'] if call['function'] is defined else call %}"
+    "{%- if message['content'] or not loop.first %}{{- '\\n' }}{%- endif %}"
+    "{{- '<tool_call>\\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' }}"
+    "{{- call['arguments'] if call['arguments'] is string else call['arguments'] | tojson }}"
+    "{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>' }}"
+    "{%- endgeneration %}"
     "{{- '\\n' }}"
+    "{%- elif tools and loop.first and message['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + message['content'] + '\\n\\n' + tools_block + '<|im_end|>\\n' }}"
     "{%- else %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endif %}"

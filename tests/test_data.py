@@ -215,7 +215,7 @@ def test_stray_prompt_next_to_messages_is_dropped_with_a_warning(tmp_path):
 # (format of the good rows, bad row 3, field named, what the message says)
 BAD_ROWS = [
     ("messages", {"messages": [user("a"), {"role": "human", "content": "b"}]}, "messages[1].role",
-     "expected one of 'system', 'user', 'assistant' (use 'user'), got str 'human'"),
+     "expected one of 'system', 'user', 'assistant', 'tool' (use 'user'), got str 'human'"),
     ("messages", {"messages": [user("  "), assistant("b")]}, "messages[0].content",
      "expected a non-empty string, got a whitespace-only string"),
     ("messages", {"messages": [user(""), assistant("b")]}, "messages[0].content", "got an empty string"),
@@ -233,7 +233,9 @@ BAD_ROWS = [
     ("messages", {"messages": [user("a"), user("b"), assistant("c")]}, "messages[1].role",
      "expected 'assistant' (after an optional first system turn, turns alternate"),
     ("messages", {"messages": [assistant("a")]}, "messages[0].role", "expected 'user'"),
-    ("messages", {"messages": [user("a"), {**assistant("b"), "tool_calls": [{"name": "f"}]}]}, "messages[1]",
+    ("messages", {"messages": [user("a"), {**assistant("b"), "tool_calls": [{"name": "f"}]}]},
+     "messages[1].tool_calls[0]", "expected a call {'type': 'function', 'function'"),
+    ("messages", {"messages": [user("a"), {**user("b"), "tool_calls": [{"name": "f"}]}]}, "messages[1]",
      "unexpected key(s) 'tool_calls'"),
     ("messages", {"messages": [{"from": "human", "value": "a"}]}, "messages[0].role", "ShareGPT"),
     ("prompt_completion", {"prompt": 5, "completion": "x"}, "prompt", "expected a string, got int 5"),

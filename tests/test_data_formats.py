@@ -200,7 +200,7 @@ BAD = [
      "field 'messages[1].weight': expected 1 (trained)"),
     ("sft", {"format": "openai"}, [{"messages": [user("a"), assistant("b")]},
                                   {"messages": [user("a"), assistant("b")], "tools": [{"type": "function"}]}],
-     "field 'tools': tool definitions are not supported"),
+     "field 'tools[0]': expected a function schema"),
 ]
 
 

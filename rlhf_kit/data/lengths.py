@@ -18,6 +18,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from rlhf_kit.data.loading import load_files
+from rlhf_kit.data.tool_calls import parse_tools
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ def count_over_length(sources, kind: str, split: str, tokenizer: PreTrainedToken
         over = 0
         for start in range(0, len(dataset), _BATCH):
             rows = dataset[start : start + _BATCH]
-            lengths = [_lengths(tokenizer, sequences, prompt=kind == "prompt")
+            tools = [parse_tools(row_tools) for row_tools in rows["tools"]] if "tools" in rows else None
+            lengths = [_lengths(tokenizer, sequences, prompt=kind == "prompt", tools=tools)
                        for sequences in _sequences(rows, kind, tokenizer.eos_token)]
             over += sum(max(pair) > max_length for pair in zip(*lengths))
         counts[name] = (len(dataset), over)
@@ -64,7 +66,13 @@ def _with_eos(texts: list, eos: str) -> list:
     return [t + eos if isinstance(t, str) and not t.endswith(eos) else t for t in texts]
 
 
-def _lengths(tokenizer: PreTrainedTokenizerBase, sequences: list, prompt: bool) -> list[int]:
+def _lengths(tokenizer: PreTrainedTokenizerBase, sequences: list, prompt: bool,
+             tools: list[list[dict] | None] | None = None) -> list[int]:
+    if tools is not None and any(tools) and sequences and isinstance(sequences[0], list):
+        # each row lists its own tools in the prompt (TRL renders them from the `tools` column): one row at a time
+        return [len(tokenizer.apply_chat_template(conversation, tools=row_tools, tokenize=True, return_dict=True,
+                                                  add_generation_prompt=prompt)["input_ids"])
+                for conversation, row_tools in zip(sequences, tools)]
     if sequences and isinstance(sequences[0], list):
         ids = tokenizer.apply_chat_template(sequences, tokenize=True, return_dict=True,
                                             add_generation_prompt=prompt)["input_ids"]

@@ -21,6 +21,10 @@ Accepted formats (TRL's), by kind:
     prompt       prompt (a string, or a conversation ending with a user turn); extra columns are kept
                  because reward functions receive them
 
+Conversations may call tools in TRL's format: a `tools` column of JSON schemas, assistant turns with `tool_calls`,
+each answered by a `tool` turn (checked by rlhf_kit/data/tool_calls.py: declared tools, arguments against their
+schemas, one result per call).
+
 Other common formats are converted at load time by a source's `format:` (SOURCE_FORMATS: alpaca, sharegpt, hh,
 ultrafeedback, openai), after renaming the file's columns by its `columns:`, and then validated as above:
 
@@ -49,7 +53,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rlhf_kit.config import looks_like_path
-from rlhf_kit.errors import UserError
+from rlhf_kit.data.errors import DataError, RowError
+from rlhf_kit.data.errors import describe as _describe
+from rlhf_kit.data.tool_calls import check_tool_calls, check_tool_results, parse_tools, tool_parameters
 
 FORMATS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
@@ -78,7 +84,7 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # tool: a tool's result, after a turn with tool_calls
 # Columns that hold text or conversations: read as strings from CSV, never guessed as numbers or NA.
 _TEXT_COLUMNS = ("text", "messages", "prompt", "completion", "chosen", "rejected")
 _CONVERSATION_COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected")  # CSV cells may hold them as JSON
@@ -89,22 +95,6 @@ _FILES_ACCEPTED = (
     "Accepted sources: a .jsonl, .json, .csv or .parquet file; a directory holding <split>.<ext>, "
     "<split>-*.<ext> or a <split>/ subdirectory; a glob; or a Hub dataset name."
 )
-
-
-class DataError(UserError):
-    """A source or a row that cannot be used; the message names the source, row and field."""
-
-
-class RowError(DataError):
-    """A row that breaks its format; `load_data` adds the source and row number to the message."""
-
-    def __init__(self, field: str, expected: str):
-        super().__init__(f"field '{field}': {expected}")
-        self.field = field
-        self.expected = expected
-
-    def __reduce__(self):  # keep it picklable for multiprocessing (the default reduce passes only the message)
-        return RowError, (self.field, self.expected)
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -281,21 +271,24 @@ def _format_hint(cols: set, kind: str) -> str:
 
 
 def validate_row(row: dict, fmt: str) -> None:
-    """Raise RowError(field, expected) if `row` breaks `fmt` (a value of FORMATS); return None if it is valid."""
+    """Raise RowError(field, expected) if `row` breaks `fmt` (a value of FORMATS); return None if it is valid.
+    An optional `tools` column (TRL's tool-calling format, see rlhf_kit/data/tool_calls.py) declares the tools that
+    the row's tool calls must match."""
+    tools = tool_parameters(parse_tools(row.get("tools")))
     if fmt == "text":
         _text(_get(row, "text"), "text", fmt)
     elif fmt == "messages":
-        _conversation(_get(row, "messages"), "messages", fmt, last="assistant")
+        _conversation(_get(row, "messages"), "messages", fmt, last="assistant", tools=tools)
     elif fmt == "prompt_completion":
         _text(_get(row, "prompt"), "prompt", fmt)
         _text(_get(row, "completion"), "completion", fmt)
     elif fmt == "prompt_completion_conversational":
-        _conversation(_get(row, "prompt"), "prompt", fmt, last="user")
-        _assistant_turns(_get(row, "completion"), "completion", fmt)
+        _conversation(_get(row, "prompt"), "prompt", fmt, last="user", tools=tools)
+        _assistant_turns(_get(row, "completion"), "completion", fmt, tools)
     elif fmt == "prompt":
         _text(_get(row, "prompt"), "prompt", fmt)
     elif fmt == "prompt_conversational":
-        _conversation(_get(row, "prompt"), "prompt", fmt, last="user")
+        _conversation(_get(row, "prompt"), "prompt", fmt, last="user", tools=tools)
     elif fmt in FORMATS["preference"]:
         _preference(row, fmt)
     else:
@@ -386,7 +379,7 @@ def _text(value, field: str, fmt: str | None = None) -> None:
     raise RowError(field, f"expected a string{note}, got {_describe(value)}")
 
 
-def _messages(value, field: str, fmt: str) -> list[str]:
+def _messages(value, field: str, fmt: str, tools: dict[str, dict] | None = None) -> list[str]:
     """Check a list of well-formed messages; return their roles."""
     if not isinstance(value, list):
         note = ""
@@ -398,81 +391,106 @@ def _messages(value, field: str, fmt: str) -> list[str]:
     if not value:
         raise RowError(field, "expected a non-empty list of messages, got an empty list")
     for i, message in enumerate(value):
-        _message(message, f"{field}[{i}]")
+        _message(message, f"{field}[{i}]", tools)
     return [message["role"] for message in value]
 
 
-def _message(message, field: str) -> None:
+# Keys a message may have besides role and content: TRL's tool-calling format.
+_MESSAGE_KEYS = {"assistant": ("tool_calls",), "tool": ("name", "tool_call_id")}
+
+
+def _message(message, field: str, tools: dict[str, dict] | None = None) -> None:
     if not isinstance(message, dict):
         raise RowError(field, f"expected a message {{'role': ..., 'content': ...}}, got {_describe(message)}")
     if message.get("role") is None:
         hint = (" (ShareGPT 'from'/'value' turns are converted by `format: sharegpt` in the data source)"
                 if message.get("from") is not None else "")
-        raise RowError(f"{field}.role", f"missing; expected one of 'system', 'user', 'assistant'{hint}")
+        raise RowError(f"{field}.role", f"missing; expected one of 'system', 'user', 'assistant', 'tool'{hint}")
     role = message["role"]
     if role not in ROLES:
         hint = {"human": " (use 'user')", "gpt": " (use 'assistant')", "bot": " (use 'assistant')",
-                "model": " (use 'assistant')", "tool": " (tool turns are not supported)"}.get(role, "")
-        raise RowError(f"{field}.role", f"expected one of 'system', 'user', 'assistant'{hint}, got {_describe(role)}")
-    if "content" not in message:
+                "model": " (use 'assistant')", "function": " (use 'tool')", "ipython": " (use 'tool')"}.get(role, "")
+        raise RowError(f"{field}.role", f"expected one of 'system', 'user', 'assistant', 'tool'{hint}, "
+                       f"got {_describe(role)}")
+    # an empty list is no calls (some exports write `"tool_calls": []` on every assistant turn)
+    calls = message.get("tool_calls") or None if role == "assistant" else None
+    if calls is not None:
+        check_tool_calls(calls, f"{field}.tool_calls", tools)
+        if message.get("content") is not None and not isinstance(message["content"], str):
+            raise RowError(f"{field}.content", f"expected a string (or none, beside tool_calls), "
+                           f"got {_describe(message['content'])}")
+    elif role == "tool":
+        if not isinstance(message.get("content"), str):  # a tool may well return an empty string
+            raise RowError(f"{field}.content", f"expected the tool's result as a string, "
+                           f"got {_describe(message.get('content'))}")
+    elif "content" not in message:
         raise RowError(f"{field}.content", "missing; expected a non-empty string")
-    _text(message["content"], f"{field}.content")
+    else:
+        _text(message["content"], f"{field}.content")
     # Keys that are None are not the data's: Arrow gives every message the union of the keys seen in the
     # column (one message with "name" gives all the others "name": None).
-    extra = sorted(str(key) for key, value in message.items() if key not in ("role", "content") and value is not None)
+    allowed = ("role", "content", *_MESSAGE_KEYS.get(role, ()))
+    extra = sorted(str(key) for key, value in message.items() if key not in allowed and value is not None)
     if extra:
         hint = (" (OpenAI's per-message 'weight' is read by `format: openai` in the data source)"
                 if extra == ["weight"] else "")
         raise RowError(field, f"unexpected key(s) {', '.join(map(repr, extra))}: a message may only have 'role' "
-                       f"and 'content' (tool calls, names and multimodal parts are not supported); remove them{hint}")
+                       f"and 'content' (and TRL's tool-calling keys: 'tool_calls' on an assistant turn, 'name' and "
+                       f"'tool_call_id' on a tool turn; multimodal parts are not supported); remove them{hint}")
 
 
-def _conversation(value, field: str, fmt: str, last: str) -> None:
-    roles = _messages(value, field, fmt)
-    start = 1 if roles[0] == "system" else 0
-    for i, role in enumerate(roles):
-        if role == "system" and i > 0:
+def _conversation(value, field: str, fmt: str, last: str, tools: dict[str, dict] | None = None) -> None:
+    roles = _messages(value, field, fmt, tools)
+    if last == "assistant" and value[-1].get("tool_calls"):  # its results, and the answer, would come after it
+        raise RowError(field, "expected the conversation to end with an assistant turn without tool_calls (the "
+                       "answer after the tool results), got an assistant turn with tool_calls as the last turn")
+    i = 1 if roles[0] == "system" else 0
+    expected = "user"
+    while i < len(roles):
+        role = roles[i]
+        if role == "system":
             raise RowError(f"{field}[{i}].role", f"a 'system' turn is only allowed as the first message, "
                            f"found one at position {i}")
-        expected = ("user", "assistant")[(i - start) % 2]
-        if i >= start and role != expected:
+        if role == "tool":
+            raise RowError(f"{field}[{i}].role", "a 'tool' message with no call to answer: tool results come right "
+                           "after the assistant turn whose 'tool_calls' they answer, one per call")
+        if role != expected:
             raise RowError(f"{field}[{i}].role", f"expected '{expected}' (after an optional first system turn, "
-                           f"turns alternate user, assistant, user, ...), got '{role}'")
-    if roles[-1] != last:
+                           f"turns alternate user, assistant, user, ...; an assistant turn with tool_calls is "
+                           f"followed by its tool results and then the assistant again), got '{role}'")
+        if role == "assistant" and value[i].get("tool_calls"):
+            i = check_tool_results(value, i, field)  # the assistant continues once it has the results
+            continue
+        expected = "assistant" if role == "user" else "user"
+        i += 1
+    if roles[-1] != last and not (last == "user" and roles[-1] == "tool"):  # a prompt may end with tool results
         article = "an" if last == "assistant" else "a"
         raise RowError(field, f"expected the conversation to end with {article} {last} turn, "
                        f"got '{roles[-1]}' as the last turn")
 
 
-def _assistant_turns(value, field: str, fmt: str) -> None:
-    for i, role in enumerate(_messages(value, field, fmt)):
+def _assistant_turns(value, field: str, fmt: str, tools: dict[str, dict] | None = None) -> None:
+    for i, role in enumerate(_messages(value, field, fmt, tools)):
         if role != "assistant":
             raise RowError(f"{field}[{i}].role", f"expected 'assistant' ('{field}' holds only the assistant's "
                            f"response turns), got '{role}'")
+        if value[i].get("tool_calls") and i < len(value) - 1:
+            # its results would have to follow in the completion, where they would be trained as the model's text
+            raise RowError(f"{field}[{i}].tool_calls", f"a call can only end '{field}': the tool results that answer "
+                           "it are not the model's to learn; put the call and its results in the prompt, or train on "
+                           "`messages` (assistant-only loss masks the results)")
 
 
-def _turns(messages: list[dict]) -> list[tuple[str, str]]:
-    return [(m["role"], m["content"].strip()) for m in messages]
+def _turns(messages: list[dict]) -> list[tuple]:
+    # content may be None beside tool_calls; the calls are part of the turn
+    return [(m["role"], (m.get("content") or "").strip(), json.dumps(m.get("tool_calls"), sort_keys=True))
+            for m in messages]
 
 
 def _same(a, b) -> bool:
     if isinstance(a, str):
         return a.strip() == b.strip()
     return _turns(a) == _turns(b)
-
-
-def _describe(value) -> str:
-    if value is None:
-        return "null (a missing value)"
-    if isinstance(value, str):
-        if not value:
-            return "an empty string"
-        if not value.strip():
-            return f"a whitespace-only string {value!r}"
-    if isinstance(value, list) and not value:
-        return "an empty list"
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
 
 
 def _check_kind(kind: str) -> None:
@@ -683,9 +701,7 @@ def _openai(row: dict, kind: str) -> dict:
     # Chat fine-tuning rows are the kit's `messages` already (per-message weights aside); preference fine-tuning
     # rows hold {'input': {'messages': [...]}, 'preferred_output': [...], 'non_preferred_output': [...]}.
     rest = dict(row)
-    if kind == "sft":
-        if rest.pop("tools", None):
-            raise RowError("tools", "tool definitions are not supported; remove them")
+    if kind == "sft":  # `tools` stays a column: OpenAI's tool schemas and calls are TRL's
         rest.pop("parallel_tool_calls", None)
         return {"messages": _openai_messages(_pop(rest, "messages"), "messages"), **rest}
     request = _pop(rest, "input")
