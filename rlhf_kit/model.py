@@ -14,6 +14,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from peft import LoraConfig, TaskType
@@ -27,6 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from trl import ModelConfig, get_peft_config, get_quantization_config
+from trl.chat_template_utils import add_response_schema, qwen3_template
 
 from rlhf_kit.config import ConfigError, looks_like_path
 from rlhf_kit.errors import UserError
@@ -83,6 +85,27 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+
+
+def response_template_for(tokenizer: PreTrainedTokenizerBase) -> dict | None:
+    """The response template that parses what a model with this chat template writes, tool calls included
+    (`tokenizer.parse_response`), or None when nobody knows one.
+
+    The tokenizer's own `response_template` first (transformers saves it in tokenizer_config.json, so a model that
+    ships one, or was saved with one, keeps it); then rlhf-kit's ChatML, whose tool format is Qwen's (TRL's
+    `qwen3_template` parses it); then the chat templates TRL recognizes (Llama 3.1/3.2, Qwen 2.5/3, ...).
+    """
+    own = getattr(tokenizer, "response_template", None)
+    if own is not None:
+        return own
+    if tokenizer.chat_template == CHATML_TEMPLATE:
+        return qwen3_template
+    probe = SimpleNamespace(chat_template=tokenizer.chat_template)  # TRL sets the attribute; the tokenizer stays as is
+    try:
+        add_response_schema(probe)
+    except ValueError:  # "Unrecognized chat template"
+        return None
+    return getattr(probe, "response_template", None)
 
 @dataclass
 class ModelArguments(ModelConfig):

@@ -1,0 +1,253 @@
+"""Tools: loading tool modules, the calculator, running calls in a worker (errors and timeouts come back as text),
+parsing calls out of generated tokens for the kit's ChatML, Llama 3.1 and Qwen 2.5 templates, and the generate loop,
+the CLI and GRPO running real calls end to end on the tiny model."""
+
+import json
+import time
+
+import pytest
+from conftest import load_recipe
+from transformers import AutoTokenizer
+from trl.chat_template_utils import llama3_1_chat_template, qwen2_5_chat_template
+
+import rlhf_kit.model
+from rlhf_kit.errors import UserError
+from rlhf_kit.inference.calculator import calculator
+from rlhf_kit.inference.constraints import Constraint
+from rlhf_kit.inference.generation import Conversation, Sampling, load_policy, render
+from rlhf_kit.inference.tools import check_tool_parsing, generate_with_tools, parse_reply
+from rlhf_kit.model import prepare_tokenizer, response_template_for
+from rlhf_kit.tools import ToolRunner, load_tools, run_tool_call, tool_schema
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+CALCULATOR = "rlhf_kit.inference.calculator"
+
+# rlhf-kit's ChatML with the shared tool format (Qwen/Hermes style), as the tool-data change gives CHATML_TEMPLATE;
+# written out here so the parsing is tested on that format whichever lands first.
+TOOL_CHATML = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and loop.first and tools %}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}{{- message['content'] or '' }}"
+    "{%- if message.get('tool_calls') %}{%- if message['content'] %}{{- '\\n' }}{%- endif %}"
+    "{%- for call in message['tool_calls'] %}{%- if not loop.first %}{{- '\\n' }}{%- endif %}"
+    "{{- '<tool_call>\\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' "
+    "+ (call['function']['arguments'] | tojson) + '}\\n</tool_call>' }}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def slow(seconds: float) -> str:
+    """Sleep.
+
+    Args:
+        seconds: how long
+    """
+    time.sleep(seconds)
+    return "woke"
+
+
+def fails(x: int) -> str:
+    """Raise.
+
+    Args:
+        x: anything
+    """
+    raise RuntimeError(f"broken on {x}")
+
+
+def numbers(a: int, b: int = 2) -> dict:
+    """Numbers, not text.
+
+    Args:
+        a: first
+        b: second
+    """
+    return {"sum": a + b}
+
+
+def call(name, **arguments):
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+# ------------------------------------------------------------------------------------------------ the calculator
+
+
+@pytest.mark.parametrize("expression, result", [("3*12+2*4", "44"), ("6/2", "3"), ("1/3", "0.3333333333"),
+                                                ("-(2.5*4)", "-10"), ("7 // 2 + 7 % 2", "4"), ("2**10", "1024"),
+                                                (" (1 + 2) * +3 ", "9"), ("0.1+0.2", "0.3")])
+def test_calculator_does_arithmetic(expression, result):
+    assert calculator(expression) == result
+
+
+@pytest.mark.parametrize("expression, message", [("__import__('os')", "not allowed"), ("x + 1", "not allowed"),
+                                                 ("abs(-1)", "not allowed"), ("(1).real", "not allowed"),
+                                                 ("'a' * 3", "not allowed"), ("2**10**10", "exponent"),
+                                                 ("(10**999)**1000", "digits"), ("1/0", "division by zero"),
+                                                 ("1 +", "not an arithmetic"), ("1e308*10", "finite")])
+def test_calculator_refuses_anything_but_bounded_arithmetic(expression, message):
+    with pytest.raises(ValueError, match=message):
+        calculator(expression)
+
+
+def test_calculator_schema_is_the_one_training_data_holds():
+    schema = tool_schema(calculator)["function"]
+    assert schema["name"] == "calculator"
+    assert schema["parameters"]["properties"].keys() == {"expression"}
+    assert schema["parameters"]["properties"]["expression"]["type"] == "string"
+    assert schema["parameters"]["required"] == ["expression"]
+
+
+# ------------------------------------------------------------------------------------------------ loading tools
+
+
+def test_tools_load_from_a_module_or_a_file(tmp_path):
+    assert load_tools(CALCULATOR) == [calculator]
+    module = tmp_path / "mytools.py"
+    module.write_text('from rlhf_kit.inference.calculator import calculator\n\n\n'
+                      'def shout(text: str) -> str:\n    """Shout.\n\n    Args:\n        text: what to shout\n    """\n'
+                      '    return text.upper()\n\n\ndef _hidden(x: int) -> int:\n    return x\n')
+    tools = load_tools([str(module)])  # the imported calculator and the private helper are not its tools
+    assert [t.__name__ for t in tools] == ["shout"]
+    listed = tmp_path / "listed.py"
+    listed.write_text(module.read_text() + "\nTOOLS = [shout, calculator]\n")
+    assert [t.__name__ for t in load_tools(str(listed))] == ["shout", "calculator"]
+    with pytest.raises(UserError, match="two tools are named calculator"):
+        load_tools([str(listed), CALCULATOR])
+
+
+def test_a_tool_the_model_cannot_be_told_about_fails_when_loaded(tmp_path):
+    bare = tmp_path / "bare.py"
+    bare.write_text("def add(a, b):\n    return a + b\n")
+    with pytest.raises(UserError, match=r"bare.py: tool 'add' .*type hint on every argument"):
+        load_tools(str(bare))
+    undocumented = tmp_path / "undocumented.py"
+    undocumented.write_text('def add(a: int, b: int) -> int:\n    """Add."""\n    return a + b\n')
+    with pytest.raises(UserError, match=r"undocumented.py: tool 'add' .*Args: section"):
+        load_tools(str(undocumented))
+    with pytest.raises(UserError, match="no such file"):
+        load_tools(str(tmp_path / "missing.py"))
+    with pytest.raises(UserError, match="neither a .py file nor an importable module"):
+        load_tools("no_such_tools_module")
+    (tmp_path / "empty.py").write_text("X = 1\n")
+    with pytest.raises(UserError, match="no tools found"):
+        load_tools(str(tmp_path / "empty.py"))
+
+
+# ------------------------------------------------------------------------------------------------ running calls
+
+
+def test_every_failure_comes_back_to_the_model_as_text():
+    tools = [calculator, slow, fails, numbers]
+    assert run_tool_call(call("calculator", expression="3*12+2*4"), tools) == "44"
+    assert run_tool_call(call("numbers", a=1), tools) == '{"sum": 3}'  # not a string: JSON
+    assert run_tool_call({"name": "numbers", "arguments": '{"a": 1, "b": 5}'}, tools) == '{"sum": 6}'
+    assert run_tool_call(call("search", query="x"), tools).startswith("Error: there is no tool 'search'; the tools "
+                                                                      "are calculator, fails, numbers, slow")
+    assert run_tool_call(call("numbers", c=1), tools).startswith("Error: bad arguments for numbers:")
+    assert run_tool_call({"name": "numbers", "arguments": "{a: 1"}, tools).startswith("Error: the arguments of "
+                                                                                     "numbers are not valid JSON")
+    assert run_tool_call(call("fails", x=3), tools) == "Error: fails raised RuntimeError: broken on 3"
+    assert run_tool_call(call("calculator", expression="__import__('os')"), tools).startswith(
+        "Error: calculator raised ValueError: \"__import__('os')\" is not allowed")
+
+
+def test_a_hanging_tool_is_stopped_at_the_timeout_and_the_next_call_runs():
+    with ToolRunner([slow, calculator], timeout=0.5) as run:
+        began = time.perf_counter()
+        assert run(call("slow", seconds=30)) == "Error: slow did not finish within 0.5 seconds and was stopped"
+        assert time.perf_counter() - began < 5
+        assert run(call("calculator", expression="2+2")) == "4"  # a fresh worker
+        assert run(call("slow", seconds=0.01)) == "woke"
+
+
+# ------------------------------------------------------------------------------------------------ parsing calls
+
+
+@pytest.fixture(scope="module")
+def chatml_tokenizer(tiny_sft):
+    return AutoTokenizer.from_pretrained(tiny_sft)
+
+
+def with_template(tokenizer, template):
+    copy = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    copy.chat_template = template
+    return copy
+
+
+def round_trip(tok, reply_text, template):
+    """Render a tool-using conversation, parse the hand-written reply's ids, run its calls, render the result."""
+    tools = load_tools(CALCULATOR)
+    schemas = [tool_schema(t) for t in tools]
+    question = [{"role": "user", "content": "What do 3 lamps at 12 and 2 mugs at 4 cost?"}]
+    prompt_ids = tok.apply_chat_template(question, tools=schemas, add_generation_prompt=True, tokenize=True,
+                                         return_dict=True)["input_ids"]
+    reply_ids = tok(reply_text, add_special_tokens=False)["input_ids"]
+    reply = parse_reply(tok, template, reply_ids, prompt_ids, schemas)
+    assert reply["tool_calls"] == [call("calculator", expression="3*12+2*4")]
+    results = [{"role": "tool", "name": "calculator", "content": run_tool_call(c, tools)} for c in reply["tool_calls"]]
+    assert results[0]["content"] == "44"
+    again = tok.apply_chat_template([*question, reply, *results], tools=schemas, add_generation_prompt=True,
+                                    tokenize=False)
+    # The call is rendered back as the model wrote it, the result follows, and the model is asked to go on.
+    prompt = tok.decode(prompt_ids)
+    assert again.startswith(prompt) and "3*12+2*4" in again[len(prompt):] and "44" in again[len(prompt):]
+    return again
+
+
+def test_calls_round_trip_through_the_kits_chatml(chatml_tokenizer, monkeypatch):
+    monkeypatch.setattr(rlhf_kit.model, "CHATML_TEMPLATE", TOOL_CHATML)
+    tok = with_template(chatml_tokenizer, TOOL_CHATML)
+    template = check_tool_parsing(tok)
+    reply = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "3*12+2*4"}}\n</tool_call><|im_end|>'
+    again = round_trip(tok, reply, template)
+    assert again.endswith(reply + "\n<|im_start|>tool\n44<|im_end|>\n<|im_start|>assistant\n")
+    # Malformed JSON in the call: a final answer, as written; nothing is run.
+    bad = tok("<tool_call>\n{\"name\": calculator}\n</tool_call><|im_end|>", add_special_tokens=False)["input_ids"]
+    assert parse_reply(tok, template, bad, [], []) == {"role": "assistant",
+                                                       "content": '<tool_call>\n{"name": calculator}\n</tool_call>'}
+
+
+def test_calls_round_trip_through_llama_and_qwen_templates(chatml_tokenizer):
+    llama = with_template(chatml_tokenizer, llama3_1_chat_template)
+    llama.add_special_tokens({"additional_special_tokens": ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
+                                                            "<|begin_of_text|>"]})
+    round_trip(llama, '{"name": "calculator", "parameters": {"expression": "3*12+2*4"}}<|eot_id|>',
+               check_tool_parsing(llama))
+    qwen = with_template(chatml_tokenizer, qwen2_5_chat_template)
+    round_trip(qwen, '<tool_call>\n{"name": "calculator", "arguments": {"expression": "3*12+2*4"}}\n</tool_call>'
+                     "<|im_end|>", check_tool_parsing(qwen))
+
+
+def test_a_template_nobody_parses_is_refused_before_generation(chatml_tokenizer):
+    tok = with_template(chatml_tokenizer, "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert response_template_for(tok) is None
+    with pytest.raises(UserError, match="Set tokenizer.response_template"):
+        check_tool_parsing(tok)
+    # A response template the tokenizer carries is used, and saved with it (tokenizer_config.json).
+    tok.response_template = {"fields": {"content": {"content": "text"}}}
+    assert check_tool_parsing(tok) == tok.response_template
+
+
+def test_a_saved_response_template_loads_back(chatml_tokenizer, tmp_path):
+    tok = with_template(chatml_tokenizer, qwen2_5_chat_template)
+    tok.response_template = response_template_for(tok)
+    tok.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).response_template == tok.response_template
