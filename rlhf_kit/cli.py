@@ -142,8 +142,22 @@ def _chat(ns: argparse.Namespace) -> int:
 
     chat(ns.model, lines=lines(), write=lambda s: print(s, end="", flush=True),
          max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, system=ns.system, constraint=constraint,
-         retriever=retriever, top_k=ns.top_k or 3)
+         retriever=retriever, top_k=ns.top_k or 3, **_tool_settings(ns))
     return 0
+
+
+def _add_tool_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tools", action="append", metavar="MODULE",
+                   help="tools the model may call: a .py file or module of typed, documented functions "
+                        "(repeatable); the shipped calculator: rlhf_kit.inference.calculator")
+    p.add_argument("--max_tool_rounds", type=int, default=3, metavar="K",
+                   help="with --tools: most rounds of tool calls per response (default: 3)")
+    p.add_argument("--tool_timeout", type=float, default=5.0, metavar="S",
+                   help="with --tools: seconds a tool call may run before it is stopped (default: 5)")
+
+
+def _tool_settings(ns: argparse.Namespace) -> dict:
+    return dict(tools=ns.tools or (), max_tool_rounds=ns.max_tool_rounds, tool_timeout=ns.tool_timeout)
 
 
 def _add_constraint_flags(p: argparse.ArgumentParser) -> None:
@@ -226,7 +240,8 @@ def _generate(ns: argparse.Namespace) -> int:
                     few_shot=ns.few_shot or (), raw=ns.raw, reward_model=ns.reward_model,
                     reward_funcs=ns.reward_funcs or (), reward_weights=ns.reward_weights,
                     answer_pattern=ns.answer_pattern, constraint=_constraint(ns), reflect=ns.reflect,
-                    reflect_min_score=ns.reflect_min_score, retrieve=_retriever(ns), top_k=ns.top_k)
+                    reflect_min_score=ns.reflect_min_score, retrieve=_retriever(ns), top_k=ns.top_k,
+                    **_tool_settings(ns))
     make_job(**settings)  # flags first: a mistake there should not wait for the data to load
     prompts = load_data(ns.prompts, kind="prompt", split=ns.split)
     if prompts is None:
@@ -326,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="a system message")
     _add_constraint_flags(p)
     _add_retrieval_flags(p)
+    _add_tool_flags(p)
     p.set_defaults(func=_chat)
 
     # prefix_chars="+": every --key goes through to the recipe's strict config parser, not to argparse.
@@ -394,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --select reward and --reflect: the judge is the kept response's reward score (>= X)")
     _add_constraint_flags(p)
     _add_retrieval_flags(p)
+    _add_tool_flags(p)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("plan", help="estimate a recipe config's peak GPU memory per process, before loading anything")

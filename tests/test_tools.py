@@ -3,10 +3,10 @@ parsing calls out of generated tokens for the kit's ChatML, Llama 3.1 and Qwen 2
 the CLI and GRPO running real calls end to end on the tiny model."""
 
 import json
+import re
 import time
 
 import pytest
-from conftest import load_recipe
 from transformers import AutoTokenizer
 from trl.chat_template_utils import llama3_1_chat_template, qwen2_5_chat_template
 
@@ -14,9 +14,9 @@ import rlhf_kit.model
 from rlhf_kit.errors import UserError
 from rlhf_kit.inference.calculator import calculator
 from rlhf_kit.inference.constraints import Constraint
-from rlhf_kit.inference.generation import Conversation, Sampling, load_policy, render
+from rlhf_kit.inference.generation import Conversation, Sampling, load_policy
 from rlhf_kit.inference.tools import check_tool_parsing, generate_with_tools, parse_reply
-from rlhf_kit.model import prepare_tokenizer, response_template_for
+from rlhf_kit.model import response_template_for
 from rlhf_kit.tools import ToolRunner, load_tools, run_tool_call, tool_schema
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -251,3 +251,85 @@ def test_a_saved_response_template_loads_back(chatml_tokenizer, tmp_path):
     tok.response_template = response_template_for(tok)
     tok.save_pretrained(tmp_path)
     assert AutoTokenizer.from_pretrained(tmp_path).response_template == tok.response_template
+
+
+# ------------------------------------------------------------------------------------------------ the loop, end to end
+
+CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "3*12+2*4"}}\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def tool_policy(tiny_sft):
+    """The tiny SFT model with the shared tool format as its ChatML (until the template change lands on main)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rlhf_kit.model, "CHATML_TEMPLATE", TOOL_CHATML)
+        policy = load_policy(tiny_sft)
+        policy.tokenizer.chat_template = TOOL_CHATML
+        yield policy
+
+
+def first_round_calls(policy):
+    """A logits processor for the first generate() call only: the response is forced to be the calculator call."""
+    forced, calls = Constraint.from_options(regex=re.escape(CALL)).logits_processor(policy), []
+
+    def processors():
+        calls.append(1)
+        return forced() if len(calls) == 1 else None
+
+    return processors
+
+
+def test_a_real_call_runs_and_the_model_goes_on_with_its_result(tool_policy):
+    tools = load_tools(CALCULATOR)
+    question = [{"role": "user", "content": "What do 3 lamps at 12 and 2 mugs at 4 cost?"}]
+    prompts = [Conversation(question, [{"text": "The lamp costs 12 dollars."}])]
+    sampling = Sampling(n=2, max_new_tokens=96, temperature=1.0, seed=3)
+    gens = generate_with_tools(tool_policy, prompts, tools=tools, sampling=sampling,
+                               logits_processor=first_round_calls(tool_policy), progress=False)
+    assert gens.tool_calls == [1, 1]
+    for transcript, response, prompt_ids in zip(gens.transcripts, gens.responses, gens.prompt_ids):
+        assert transcript[:2] == [{"role": "assistant", "content": "", "tool_calls": [call("calculator",
+                                                                                            expression="3*12+2*4")]},
+                                  {"role": "tool", "name": "calculator", "content": "44"}]
+        # The second round was free: the tiny model wrote no call, and that is the final answer.
+        assert transcript[2:] == [{"role": "assistant", "content": response}] and "<tool_call>" not in response
+        # It was generated after the documents, the tools, the call and its result, rendered by the template.
+        context = tool_policy.tokenizer.decode(prompt_ids)
+        assert "Documents:\n[1] The lamp costs 12 dollars." in context and '"name": "calculator"' in context
+        assert context.endswith(CALL + "<|im_end|>\n<|im_start|>tool\n44<|im_end|>\n<|im_start|>assistant\n")
+    assert gens.generated_tokens[0] > len(gens.response_ids[0])  # both rounds counted
+    # The same seed draws the same trajectories.
+    again = generate_with_tools(tool_policy, prompts, tools=tools, sampling=sampling,
+                                logits_processor=first_round_calls(tool_policy), progress=False)
+    assert again.responses == gens.responses and again.transcripts == gens.transcripts
+
+
+def test_calls_stop_after_max_tool_rounds(tool_policy):
+    forced = Constraint.from_options(regex=re.escape(CALL)).logits_processor(tool_policy)  # every round calls
+    gens = generate_with_tools(tool_policy, ["Hi"], tools=load_tools(CALCULATOR), max_tool_rounds=2,
+                               sampling=Sampling(max_new_tokens=96, temperature=0), logits_processor=forced,
+                               progress=False)
+    assert gens.tool_calls == [2]
+    assert [m["role"] for m in gens.transcripts[0]] == ["assistant", "tool", "assistant", "tool", "assistant"]
+    assert gens.responses[0] == CALL and gens.transcripts[0][-1] == {"role": "assistant", "content": CALL}
+
+
+def test_generate_file_rows_hold_the_exchange_and_resume_checks_the_tool_settings(tool_policy, tmp_path):
+    from rlhf_kit.inference.batch import generate_file
+
+    out = tmp_path / "out.jsonl"
+    forced = Constraint.from_options(regex=re.escape(CALL))
+    settings = dict(tools=[CALCULATOR], max_tool_rounds=1, max_new_tokens=96, n=2, select="vote")
+    generate_file(tool_policy, ["Hi", "Hello"], out, constraint=forced, progress=False, **settings)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["tool_calls"] for row in rows] == [1, 1]
+    assert [m["role"] for m in rows[0]["messages"]] == ["assistant", "tool", "assistant"]
+    assert rows[0]["messages"][1]["content"] == "44" and len(rows[0]["transcripts"]) == 2
+    assert rows[0]["answer"] == CALL  # the vote is on the final responses
+    meta = json.loads((tmp_path / "out.jsonl.meta.json").read_text())
+    assert meta["tools"]["modules"] == [CALCULATOR] and meta["tools"]["schemas"] == [tool_schema(calculator)]
+    with pytest.raises(UserError, match="tools.max_rounds was 1, now 2"):
+        generate_file(tool_policy, ["Hi", "Hello", "Hey"], out, constraint=forced, progress=False,
+                      **{**settings, "max_tool_rounds": 2})
+    with pytest.raises(UserError, match="raw prompting has none"):
+        generate_file(tool_policy, ["Hi"], tmp_path / "raw.jsonl", raw=True, tools=[CALCULATOR])

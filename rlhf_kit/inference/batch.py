@@ -29,6 +29,10 @@ times; each row's `reflection` lists every response it kept, with its verdict (a
 `response`. A model that has not learned to judge its own answers (the tiny one) says what it says: the reward score
 is the more reliable judge where there is a reward model.
 
+Tools (`tools=[module, ...]`, `--tools`): each sample is a trajectory that may call them, up to `max_tool_rounds`
+rounds (`inference.tools.generate_with_tools`); selection works on the final answers, and each row keeps the kept
+sample's exchange with the tools (`messages`, `tool_calls`). The tool settings and schemas are recorded in the meta.
+
 With `raw=True` (base models: no chat template, the prompt is a document to continue, few-shot examples written
 before it as "question\\nanswer" paragraphs) and no `stop`, a response ends at the first newline (`RAW_STOP`): the
 examples teach a one-line answer, and a base model would otherwise go on to write the next question itself.
@@ -55,6 +59,7 @@ from rlhf_kit.inference.generation import (Conversation, Policy, Prompting, Samp
                                           load_few_shot, load_policy, with_documents)
 from rlhf_kit.inference.retrieval import Retriever, with_retrieval
 from rlhf_kit.inference.selection import answer_extractor, majority_vote
+from rlhf_kit.inference.tools import ToolUse, generate_with_tools
 from rlhf_kit.model import load_tokenizer, prepare_tokenizer
 from rlhf_kit.rewards import RewardSources, import_reward_func, load_reward_functions
 from rlhf_kit.rewards import reward_weights as check_reward_weights
@@ -130,6 +135,8 @@ class Job:
     reflection: Reflection = field(default_factory=Reflection)
     retriever: Retriever | None = field(default=None, repr=False)  # passages put into every prompt (`retrieval`)
     top_k: int = 3  # passages per prompt
+    tool_use: ToolUse = field(default_factory=ToolUse)
+    tools: list = field(default_factory=list, repr=False)  # the loaded tool functions, by `make_job`
 
     @property
     def chunk(self) -> int:
@@ -148,6 +155,8 @@ class Job:
             r = self.retriever
             settings["retrieval"] = {"corpus": str(Path(r.corpus).resolve()), "method": r.method, "index_key": r.key,
                                      "top_k": self.top_k}
+        if self.tools:  # only when used, as reflection
+            settings["tools"] = self.tool_use.settings(self.tools)
         return settings
 
     def conversations(self, prompts: list) -> list:
@@ -162,7 +171,8 @@ def make_job(*, n: int = 1, select: str = "first", max_new_tokens: int = 64, tem
              reward_funcs: Sequence[str] = (), reward_weights: Sequence[float] | None = None,
              answer_pattern: str | None = None, constraint=None, reflect: int = 0,
              reflect_min_score: float | None = None, retrieve: Retriever | str | Path | None = None,
-             top_k: int | None = None) -> Job:
+             top_k: int | None = None, tools: Sequence[str] = (), max_tool_rounds: int = 3,
+             tool_timeout: float = 5.0) -> Job:
     """The checked settings of a run; any mistake raises ValueError here, before a model loads. `few_shot` is a list
     of (prompt, completion) pairs or a JSONL file of prompt/completion rows (`generation.load_few_shot`). `retrieve`:
     a Retriever or a corpus path (`Retriever.from_corpus`), whose `top_k` (default 3) passages go into each prompt."""
@@ -185,7 +195,9 @@ def make_job(*, n: int = 1, select: str = "first", max_new_tokens: int = 64, tem
     extract = answer_extractor(answer_pattern) if selection.mode == "vote" else None
     reflection = Reflection(reflect, reflect_min_score)
     reflection.check(selection, prompting)
-    return Job(sampling, prompting, selection, constraint, extract, reflection, retrieve, top_k or 3)
+    tool_use = ToolUse(tuple(tools), max_tool_rounds, tool_timeout)
+    return Job(sampling, prompting, selection, constraint, extract, reflection, retrieve, top_k or 3, tool_use,
+               tool_use.load(prompting))
 
 
 def read_template(path: str | Path) -> str:
@@ -258,8 +270,14 @@ def _rows(policy: Policy, batch: list, columns: dict[str, list], job: Job, funcs
           processors, seed: int) -> tuple[list[dict[str, Any]], int]:
     """One row per prompt of `batch`, its n samples drawn with `seed` and one selected; and the tokens generated."""
     n, pad = job.sampling.n, policy.tokenizer.pad_token_id
-    gens = generate(policy, batch, sampling=replace(job.sampling, seed=seed), prompting=job.prompting,
-                    logits_processor=processors, progress=False)
+    sampling = replace(job.sampling, seed=seed)
+    if job.tools:
+        gens = generate_with_tools(policy, batch, tools=job.tools, sampling=sampling, prompting=job.prompting,
+                                   max_tool_rounds=job.tool_use.max_rounds, timeout=job.tool_use.timeout,
+                                   logits_processor=processors, progress=False)
+    else:
+        gens = generate(policy, batch, sampling=sampling, prompting=job.prompting, logits_processor=processors,
+                        progress=False)
     grouped = gens.grouped()
     rows = [{"prompt": p, "response": responses[0]} for p, responses in zip(batch, grouped)]
     if n > 1:
@@ -279,6 +297,13 @@ def _rows(policy: Policy, batch: list, columns: dict[str, list], job: Job, funcs
             vote = majority_vote(answers)
             row.update(response=responses[vote.index], selected=vote.index, answers=answers,
                        answer=vote.answer, votes=vote.counts)
+    if job.tools:  # the kept response's exchange with the tools; with n > 1 every sample's too
+        for i, row in enumerate(rows):
+            kept = i * n + row.get("selected", 0)
+            row.update(messages=gens.transcripts[kept], tool_calls=gens.tool_calls[kept])
+            if n > 1:
+                row.update(transcripts=gens.transcripts[i * n : (i + 1) * n])
+        return rows, sum(gens.generated_tokens)
     # Generated tokens, the stop token included; the padding after a sequence ended by a stop string is not.
     return rows, sum(len(ids) - _trailing(ids, pad) for ids in gens.response_ids)
 
@@ -349,7 +374,10 @@ def generate_responses(model: str | Policy, prompts, *, constraint=None, progres
     (strings or chat messages) or a prompt dataset (`load_data(..., kind="prompt")`, whose extra columns reach the
     reward functions). `settings`: the keywords of `make_job` (n, select, max_new_tokens, temperature, top_p, seed,
     batch_size, stop, system, template, few_shot, raw, reward_model, reward_funcs, reward_weights, answer_pattern,
-    reflect, reflect_min_score, retrieve, top_k).
+    reflect, reflect_min_score, retrieve, top_k, tools, max_tool_rounds, tool_timeout).
+    With `tools` (tool modules: `rlhf_kit.tools.load_tools`), each sample may call them up to `max_tool_rounds`
+    times (`inference.tools.generate_with_tools`); rows add `messages` (the kept response's exchange after the
+    prompt: calls, results, final answer), `tool_calls` (its number of calls) and with n > 1 `transcripts` (all).
     `constraint`: a `constraints.Constraint`, applied as a logits processor to every sample.
     """
     run = make_job(constraint=constraint, **settings)

@@ -21,13 +21,39 @@ model wrote it. So does a response that still calls tools after the last round.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rlhf_kit.errors import UserError
 from rlhf_kit.inference.generation import Conversation, Generations, Policy, Prompting, Sampling, generate
 from rlhf_kit.model import response_template_for
-from rlhf_kit.tools import ToolRunner, call_name, tool_schema
+from rlhf_kit.tools import ToolRunner, call_name, load_tools, tool_schema
+
+
+@dataclass
+class ToolUse:
+    """The tools of a run (`--tools`, `--max_tool_rounds`, `--tool_timeout`); `load` imports and checks them, so a
+    bad tool module fails before a model loads."""
+
+    modules: Sequence[str] = ()  # .py files or importable modules (`rlhf_kit.tools.load_tools`)
+    max_rounds: int = 3
+    timeout: float = 5.0
+
+    def load(self, prompting: Prompting) -> list[Callable]:
+        if self.max_rounds < 0 or self.timeout <= 0:
+            raise UserError(f"max_tool_rounds must be >= 0 and tool_timeout > 0, got {self.max_rounds} and "
+                            f"{self.timeout}")
+        if self.modules and prompting.raw:
+            raise UserError("tools are listed and called through the chat template; raw prompting has none: drop "
+                            "--raw or --tools")
+        return load_tools(list(self.modules)) if self.modules else []
+
+    def settings(self, tools: list[Callable]) -> dict[str, Any]:
+        """What the run records: the modules, the rounds, the timeout and the tools' schemas (a changed signature
+        or docstring changes what the model is shown)."""
+        return {"modules": list(self.modules), "max_rounds": self.max_rounds, "timeout": self.timeout,
+                "schemas": [tool_schema(t) for t in tools]}
 
 
 @dataclass
