@@ -23,8 +23,10 @@ from rlhf_kit.data.loading import load_data
 from rlhf_kit.training.distributed import end_processes, parallelism, shard_on_cpu
 from rlhf_kit.training.grpo import apply_sampling_global_batch, check_sampling_setup, reward_metrics
 from rlhf_kit.publish.hub import publish_stage, take_over_push
-from rlhf_kit.model import load_model, load_model_tokenizer, lora_config, prepare_tokenizer, stop_token_ids
+from rlhf_kit.model import (load_model, load_model_tokenizer, lora_config, prepare_tokenizer, require_response_template,
+                            stop_token_ids)
 from rlhf_kit.rewards import load_reward_functions
+from rlhf_kit.tools import load_tools
 from rlhf_kit.runs import format_summary, resume_checkpoint, train_and_save, write_stage
 
 
@@ -38,10 +40,13 @@ def main(argv=None, overrides=None, callbacks=None):
     train_data = load_data(data_args.dataset_name, kind="prompt", split=data_args.dataset_train_split, seed=args.seed)
     eval_data = load_data(data_args.eval_source, kind="prompt", split=data_args.dataset_test_split, seed=args.seed)
     check_sampling_setup(model_args, args, has_eval_data=eval_data is not None)
+    tools = load_tools(args.tools) if args.tools else None  # a tool module that fails to load fails now
     resume = resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
 
     tokenizer = load_model_tokenizer(model_args, trust_remote_code=args.trust_remote_code)
     prepare_tokenizer(tokenizer)  # the SFT tokenizer already has its template and pad token: this changes nothing
+    if tools:
+        require_response_template(tokenizer)  # how TRL parses tool calls (it knows only its own templates)
     # Reward functions before the policy: imports, weights and the reward model's gate fail in a second. The
     # missing-stop penalty looks for the policy's stop tokens (its own EOS included), read from its saved config.
     stops = stop_token_ids(tokenizer, model_args.model_name_or_path, revision=model_args.model_revision)
@@ -62,6 +67,7 @@ def main(argv=None, overrides=None, callbacks=None):
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=callbacks,
+        tools=tools,
     )
     args.reward_weights = configured
     shard_on_cpu(trainer)  # an FSDP launch on CPUs shards as it would on GPUs

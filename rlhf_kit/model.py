@@ -107,6 +107,19 @@ def response_template_for(tokenizer: PreTrainedTokenizerBase) -> dict | None:
         return None
     return getattr(probe, "response_template", None)
 
+
+def require_response_template(tokenizer: PreTrainedTokenizerBase) -> dict:
+    """`response_template_for(tokenizer)`, set on the tokenizer (so `parse_response` and TRL read it, and a saved
+    tokenizer keeps it); UserError when there is none, before anything is generated."""
+    template = response_template_for(tokenizer)
+    if template is None:
+        raise UserError("tools: this model's chat template is not one whose tool calls rlhf-kit can parse (it knows "
+                        "its own ChatML and the templates TRL knows: Llama 3.1/3.2, Qwen 2.5/3, ...). Set "
+                        "tokenizer.response_template to a response template for it (transformers' docs: chat "
+                        "response parsing) and save the tokenizer with the model")
+    tokenizer.response_template = template
+    return template
+
 @dataclass
 class ModelArguments(ModelConfig):
     """TRL's `ModelConfig` plus what rlhf-kit adds: chat-token training and the tokenizer source.

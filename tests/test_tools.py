@@ -7,6 +7,7 @@ import re
 import time
 
 import pytest
+from conftest import load_recipe
 from transformers import AutoTokenizer
 from trl.chat_template_utils import llama3_1_chat_template, qwen2_5_chat_template
 
@@ -15,8 +16,8 @@ from rlhf_kit.errors import UserError
 from rlhf_kit.inference.calculator import calculator
 from rlhf_kit.inference.constraints import Constraint
 from rlhf_kit.inference.generation import Conversation, Sampling, load_policy
-from rlhf_kit.inference.tools import check_tool_parsing, generate_with_tools, parse_reply
-from rlhf_kit.model import response_template_for
+from rlhf_kit.inference.tools import generate_with_tools, parse_reply
+from rlhf_kit.model import require_response_template, response_template_for
 from rlhf_kit.tools import ToolRunner, load_tools, run_tool_call, tool_schema
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -215,7 +216,7 @@ def round_trip(tok, reply_text, template):
 def test_calls_round_trip_through_the_kits_chatml(chatml_tokenizer, monkeypatch):
     monkeypatch.setattr(rlhf_kit.model, "CHATML_TEMPLATE", TOOL_CHATML)
     tok = with_template(chatml_tokenizer, TOOL_CHATML)
-    template = check_tool_parsing(tok)
+    template = require_response_template(tok)
     reply = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "3*12+2*4"}}\n</tool_call><|im_end|>'
     again = round_trip(tok, reply, template)
     assert again.endswith(reply + "\n<|im_start|>tool\n44<|im_end|>\n<|im_start|>assistant\n")
@@ -230,20 +231,20 @@ def test_calls_round_trip_through_llama_and_qwen_templates(chatml_tokenizer):
     llama.add_special_tokens({"additional_special_tokens": ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
                                                             "<|begin_of_text|>"]})
     round_trip(llama, '{"name": "calculator", "parameters": {"expression": "3*12+2*4"}}<|eot_id|>',
-               check_tool_parsing(llama))
+               require_response_template(llama))
     qwen = with_template(chatml_tokenizer, qwen2_5_chat_template)
     round_trip(qwen, '<tool_call>\n{"name": "calculator", "arguments": {"expression": "3*12+2*4"}}\n</tool_call>'
-                     "<|im_end|>", check_tool_parsing(qwen))
+                     "<|im_end|>", require_response_template(qwen))
 
 
 def test_a_template_nobody_parses_is_refused_before_generation(chatml_tokenizer):
     tok = with_template(chatml_tokenizer, "{% for m in messages %}{{ m['content'] }}{% endfor %}")
     assert response_template_for(tok) is None
     with pytest.raises(UserError, match="Set tokenizer.response_template"):
-        check_tool_parsing(tok)
+        require_response_template(tok)
     # A response template the tokenizer carries is used, and saved with it (tokenizer_config.json).
     tok.response_template = {"fields": {"content": {"content": "text"}}}
-    assert check_tool_parsing(tok) == tok.response_template
+    assert require_response_template(tok) == tok.response_template
 
 
 def test_a_saved_response_template_loads_back(chatml_tokenizer, tmp_path):
@@ -333,3 +334,66 @@ def test_generate_file_rows_hold_the_exchange_and_resume_checks_the_tool_setting
                       **{**settings, "max_tool_rounds": 2})
     with pytest.raises(UserError, match="raw prompting has none"):
         generate_file(tool_policy, ["Hi"], tmp_path / "raw.jsonl", raw=True, tools=[CALCULATOR])
+
+
+# ------------------------------------------------------------------------------------------------ GRPO with tools
+
+QUESTIONS = ["What is 3*12+2*4?", "What do 3 lamps at 12 and 2 mugs at 4 cost?", "Add 36 and 8.", "Total: 3*12+2*4"]
+
+
+def used_a_tool(prompts, completions, **kwargs):
+    """A reward for GRPO: 1 when the completion called a tool and got 44 back."""
+    return [float(any(m["role"] == "tool" and m["content"] == "44" for m in c)) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def calling_policy(tiny_sft, tmp_path_factory):
+    """The tiny SFT model taught in a few dozen steps to answer QUESTIONS with the calculator call (loss on the call
+    only), saved with the shared tool format: a policy whose rollouts really call the tool."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("calling")
+    tok = with_template(AutoTokenizer.from_pretrained(tiny_sft), TOOL_CHATML)
+    model = AutoModelForCausalLM.from_pretrained(tiny_sft)
+    schemas = [tool_schema(calculator)]
+    call_ids = tok(CALL + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    rows = [tok.apply_chat_template([{"role": "user", "content": q}], tools=schemas, add_generation_prompt=True,
+                                    tokenize=True, return_dict=True)["input_ids"] + call_ids for q in QUESTIONS]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    labels = torch.tensor([[-100] * (len(r) - len(call_ids)) + call_ids + [-100] * (width - len(r)) for r in rows])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(150):
+        loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != tok.pad_token_id), labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss.item() < 0.05, loss.item()
+    # The tools listing makes prompts longer than the tiny model's 256 positions (RoPE has no hard limit), and
+    # TRL drops a tool result that would run past max_position_embeddings.
+    model.config.max_position_embeddings = 1024
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def test_grpo_rollouts_call_the_tools_of_the_recipe_settings(calling_policy, tmp_path, monkeypatch):
+    monkeypatch.setattr(rlhf_kit.model, "CHATML_TEMPLATE", TOOL_CHATML)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}]}) + "\n" for q in QUESTIONS))
+    trainer = load_recipe("grpo")(["--config", "recipes/configs/grpo/tiny.yaml"], overrides={
+        "model_name_or_path": calling_policy, "reward_model_path": None, "reward_funcs": ["test_tools:used_a_tool"],
+        "eval_reward_funcs": [], "dataset_name": str(prompts), "output_dir": str(tmp_path / "grpo"),
+        "tools": [CALCULATOR], "max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 2,
+        "max_completion_length": 128, "eval_strategy": "no", "eval_on_start": False, "save_strategy": "no"})
+    logged = [e for e in trainer.state.log_history if "tools/call_frequency" in e]
+    assert len(logged) == 2 and all(e["tools/call_frequency"] > 0 for e in logged), logged
+    assert all(e["tools/failure_frequency"] == 0 for e in logged)
+    assert max(e["rewards/used_a_tool/mean"] for e in logged) > 0  # the calculator's 44 came back into the rollout
+    assert "tools:\n- rlhf_kit.inference.calculator" in (tmp_path / "grpo" / "rlhf_kit_config.yaml").read_text()
+    with pytest.raises(UserError, match="neither a .py file nor an importable module"):
+        load_recipe("grpo")(["--config", "recipes/configs/grpo/tiny.yaml"], overrides={
+            "model_name_or_path": "no/such/model", "reward_model_path": None, "reward_funcs": ["test_tools:used_a_tool"],
+            "dataset_name": str(prompts), "output_dir": str(tmp_path / "bad"), "tools": ["no_such_tools_module"]})

@@ -10,7 +10,8 @@ from transformers import TextStreamer
 from rlhf_kit.inference.constraints import Constraint
 from rlhf_kit.inference.generation import Conversation, Prompting, Sampling, generate, load_policy, merged_copy_note
 from rlhf_kit.inference.retrieval import Retriever
-from rlhf_kit.inference.tools import ToolUse, check_tool_parsing, generate_with_tools
+from rlhf_kit.inference.tools import ToolUse, generate_with_tools
+from rlhf_kit.model import require_response_template
 
 HELP = "Type a message. /reset starts a new conversation, /exit (or Ctrl-D) quits."
 
@@ -29,7 +30,7 @@ def chat(model_path: str, *, lines: Iterable[str], write: Callable[[str], None],
     functions = tool_use.load(Prompting())  # a bad tool module fails before the model loads
     policy = load_policy(model_path)
     if functions:
-        check_tool_parsing(policy.tokenizer)
+        require_response_template(policy.tokenizer)
     processors = constraint.logits_processor(policy) if constraint is not None else None
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     note = merged_copy_note(policy)

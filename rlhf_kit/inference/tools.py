@@ -27,7 +27,7 @@ from typing import Any
 
 from rlhf_kit.errors import UserError
 from rlhf_kit.inference.generation import Conversation, Generations, Policy, Prompting, Sampling, generate
-from rlhf_kit.model import response_template_for
+from rlhf_kit.model import require_response_template
 from rlhf_kit.tools import ToolRunner, call_name, load_tools, tool_schema
 
 
@@ -66,17 +66,6 @@ class ToolGenerations(Generations):
     generated_tokens: list[int] = field(default_factory=list)
 
 
-def check_tool_parsing(tokenizer) -> dict:
-    """The response template that parses this tokenizer's tool calls, else UserError saying how to give one."""
-    template = response_template_for(tokenizer)
-    if template is None:
-        raise UserError("tools: this model's chat template is not one whose tool calls rlhf-kit can parse (it knows "
-                        "its own ChatML and the templates TRL knows: Llama 3.1/3.2, Qwen 2.5/3, ...). Set "
-                        "tokenizer.response_template to a response template for it (transformers' docs: chat "
-                        "response parsing) and save the tokenizer with the model")
-    return template
-
-
 def parse_reply(tokenizer, template: dict, response_ids: list[int], prompt_ids: list[int],
                 schemas: list[dict]) -> dict[str, Any]:
     """The response as an assistant message, `tool_calls` included when it makes well-formed calls; a response
@@ -101,7 +90,7 @@ def generate_with_tools(policy: Policy, prompts: list, *, tools: list, sampling:
         raise UserError(f"max_tool_rounds must be >= 0, got {max_tool_rounds}")
     s, p = sampling or Sampling(), prompting or Prompting()
     tok = policy.tokenizer
-    template = check_tool_parsing(tok)
+    template = require_response_template(tok)
     schemas = [tool_schema(t) for t in tools]
     listed = replace(p, tools=schemas)
     gens = generate(policy, prompts, sampling=s, prompting=listed, logits_processor=logits_processor,

@@ -8,7 +8,7 @@ completions). TRL's trainers run as they are; the rewards come from `rlhf_kit.re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from trl import GRPOConfig, RLOOConfig
@@ -21,7 +21,16 @@ from rlhf_kit.training.settings import StageSettings, check_eval_data
 
 @dataclass
 class GRPOArguments(StageSettings, GRPOConfig):
-    """TRL's `GRPOConfig` with rlhf-kit's stage settings (bf16 when the hardware has it, global_batch_size)."""
+    """TRL's `GRPOConfig` with rlhf-kit's stage settings (bf16 when the hardware has it, global_batch_size) and the
+    tools the policy may call while it samples."""
+
+    tools: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Tool modules the policy may call during rollouts (.py files or importable modules of typed, "
+                          "documented functions, as `rlhf-kit generate --tools` takes; the shipped calculator: "
+                          "rlhf_kit.inference.calculator). TRL runs the calls and appends their results, up to "
+                          "max_tool_calling_iterations rounds; the results are not trained on."},
+    )
 
 
 @dataclass
