@@ -397,3 +397,32 @@ def test_grpo_rollouts_call_the_tools_of_the_recipe_settings(calling_policy, tmp
         load_recipe("grpo")(["--config", "recipes/configs/grpo/tiny.yaml"], overrides={
             "model_name_or_path": "no/such/model", "reward_model_path": None, "reward_funcs": ["test_tools:used_a_tool"],
             "dataset_name": str(prompts), "output_dir": str(tmp_path / "bad"), "tools": ["no_such_tools_module"]})
+
+
+# ------------------------------------------------------------------------------------------------ the commands
+
+
+def test_generate_command_and_chat_run_the_tools(calling_policy, tmp_path, monkeypatch, capsys):
+    from rlhf_kit.cli import main
+    from rlhf_kit.inference.chat import chat
+
+    monkeypatch.setattr(rlhf_kit.model, "CHATML_TEMPLATE", TOOL_CHATML)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS[:2]))
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", calling_policy, "--prompts", str(prompts), "--output", str(out), "--tools", CALCULATOR,
+                 "--max_tool_rounds", "1", "--tool_timeout", "2", "--temperature", "0", "--max_new_tokens", "96"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["tool_calls"] for row in rows] == [1, 1]
+    assert rows[0]["messages"][:2] == [{"role": "assistant", "content": "",
+                                        "tool_calls": [call("calculator", expression="3*12+2*4")]},
+                                       {"role": "tool", "name": "calculator", "content": "44"}]
+    assert json.loads((tmp_path / "out.jsonl.meta.json").read_text())["tools"]["timeout"] == 2.0
+
+    written = []
+    history = chat(calling_policy, lines=[QUESTIONS[0]], write=written.append, temperature=0, max_new_tokens=96,
+                   tools=[CALCULATOR], max_tool_rounds=1)
+    shown = "".join(written)
+    assert '[calculator({"expression": "3*12+2*4"})]\n[-> 44]\n' in shown
+    assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant"]
+    assert shown.endswith(history[-1]["content"] + "\n")
