@@ -28,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from trl import ModelConfig, get_peft_config, get_quantization_config
-from trl.chat_template_utils import add_response_schema, qwen3_template
+from trl.chat_template_utils import add_response_schema, qwen3_template, supports_tool_calling
 
 from rlhf_kit.config import ConfigError, looks_like_path
 from rlhf_kit.errors import UserError
@@ -110,7 +110,12 @@ def response_template_for(tokenizer: PreTrainedTokenizerBase) -> dict | None:
 
 def require_response_template(tokenizer: PreTrainedTokenizerBase) -> dict:
     """`response_template_for(tokenizer)`, set on the tokenizer (so `parse_response` and TRL read it, and a saved
-    tokenizer keeps it); UserError when there is none, before anything is generated."""
+    tokenizer keeps it); UserError, before anything is generated, when there is none or when the chat template
+    drops tool calls or results (Llama 3.0's does): the model would go on without seeing them."""
+    if not supports_tool_calling(tokenizer):
+        raise UserError("tools: this model's chat template does not render tool calls and tool results (an assistant "
+                        "turn's tool_calls, a tool message); give the model a template that does (rlhf-kit's ChatML, "
+                        "Llama 3.1/3.2's, Qwen 2.5/3's)")
     template = response_template_for(tokenizer)
     if template is None:
         raise UserError("tools: this model's chat template is not one whose tool calls rlhf-kit can parse (it knows "

@@ -24,9 +24,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 CALCULATOR = "rlhf_kit.inference.calculator"
 
-# rlhf-kit's ChatML with the shared tool format (Qwen/Hermes style), as the tool-data change gives CHATML_TEMPLATE;
-# written out here so the parsing is tested on that format whichever lands first.
-TOOL_CHATML = (
+# rlhf-kit's ChatML with the shared tool format (Qwen/Hermes style): CHATML_TEMPLATE once it renders tools, else
+# that format written out here, so the parsing is tested on it whichever change lands first.
+TOOL_CHATML = rlhf_kit.model.CHATML_TEMPLATE if "tool_calls" in rlhf_kit.model.CHATML_TEMPLATE else (
     "{%- if tools %}"
     "{{- '<|im_start|>system\\n' }}"
     "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
@@ -238,7 +238,10 @@ def test_calls_round_trip_through_llama_and_qwen_templates(chatml_tokenizer):
 
 
 def test_a_template_nobody_parses_is_refused_before_generation(chatml_tokenizer):
-    tok = with_template(chatml_tokenizer, "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    dropping = with_template(chatml_tokenizer, "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(UserError, match="does not render tool calls and tool results"):
+        require_response_template(dropping)
+    tok = with_template(chatml_tokenizer, "{{ messages | tojson }}")  # renders calls, but in no format anyone parses
     assert response_template_for(tok) is None
     with pytest.raises(UserError, match="Set tokenizer.response_template"):
         require_response_template(tok)
