@@ -9,7 +9,9 @@ Rewards, weighted as reward_weights says: the reward model (normalized; it score
 its own tokenizer and chat template, end-of-turn token included, exactly as it was trained), reward_funcs, a
 missing-stop penalty (missing_eos_penalty) and, measured but never optimized, eval_reward_funcs. The output directory
 holds the policy adapter, the tokenizer, trainer_state.json (the log), the resolved config, a model card and the
-stage record. An interrupted run resumes from its last checkpoint when started again.
+stage record. An interrupted run resumes from its last checkpoint when started again. With `tools` (tool modules, as
+`rlhf-kit generate --tools` takes them) the policy may call tools while it samples: TRL runs the calls and appends
+their results, which are not trained on, up to max_tool_calling_iterations rounds.
 """
 
 import rlhf_kit  # noqa: F401  before transformers: bitsandbytes then never reaches the Hub (rlhf_kit/hub_kernels.py)
@@ -23,8 +25,8 @@ from rlhf_kit.data.loading import load_data
 from rlhf_kit.training.distributed import end_processes, parallelism, shard_on_cpu
 from rlhf_kit.training.grpo import apply_sampling_global_batch, check_sampling_setup, reward_metrics
 from rlhf_kit.publish.hub import publish_stage, take_over_push
-from rlhf_kit.model import (load_model, load_model_tokenizer, lora_config, prepare_tokenizer, require_response_template,
-                            stop_token_ids)
+from rlhf_kit.model import load_model, load_model_tokenizer, lora_config, prepare_tokenizer, stop_token_ids
+from rlhf_kit.model import require_response_template  # for tools, which only GRPOTrainer takes (not RLOO's)
 from rlhf_kit.rewards import load_reward_functions
 from rlhf_kit.tools import load_tools
 from rlhf_kit.runs import format_summary, resume_checkpoint, train_and_save, write_stage
