@@ -28,7 +28,7 @@ from rlhf_kit.publish.hub import publish_stage, take_over_push
 from rlhf_kit.model import load_model, load_model_tokenizer, lora_config, prepare_tokenizer, stop_token_ids
 from rlhf_kit.model import require_response_template  # for tools, which only GRPOTrainer takes (not RLOO's)
 from rlhf_kit.rewards import load_reward_functions
-from rlhf_kit.tools import load_tools
+from rlhf_kit.tools import ToolRunner, guarded, load_tools
 from rlhf_kit.runs import format_summary, resume_checkpoint, train_and_save, write_stage
 
 
@@ -42,7 +42,8 @@ def main(argv=None, overrides=None, callbacks=None):
     train_data = load_data(data_args.dataset_name, kind="prompt", split=data_args.dataset_train_split, seed=args.seed)
     eval_data = load_data(data_args.eval_source, kind="prompt", split=data_args.dataset_test_split, seed=args.seed)
     check_sampling_setup(model_args, args, has_eval_data=eval_data is not None)
-    tools = load_tools(args.tools) if args.tools else None  # a tool module that fails to load fails now
+    # The tools load now (a bad module fails in a second); their calls run in a worker, stopped at tool_timeout.
+    tools = guarded(ToolRunner(load_tools(args.tools), args.tool_timeout)) if args.tools else None
     resume = resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
 
     tokenizer = load_model_tokenizer(model_args, trust_remote_code=args.trust_remote_code)

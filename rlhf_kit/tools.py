@@ -18,6 +18,7 @@ the same tools.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -129,27 +130,32 @@ class ToolRunner:
             self._worker = self._connection = None
 
     def __call__(self, call: Mapping) -> str:
+        """The call's result as a string, or an "Error: ..." string."""
+        return self.run(call)[1]
+
+    def run(self, call: Mapping) -> tuple[bool, str]:
+        """(whether the tool returned, its result or the error string)."""
         name = call_name(call)
         arguments = call.get("function", call).get("arguments", {})
         if isinstance(arguments, str):  # some formats carry the arguments as JSON text
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
             except json.JSONDecodeError as e:
-                return f"Error: the arguments of {name} are not valid JSON ({e})"
+                return False, f"Error: the arguments of {name} are not valid JSON ({e})"
         problem = _check(name, arguments, self.tools)
         if problem:
-            return problem
+            return False, problem
         if self._worker is None:
             self._start()
         self._connection.send((name, arguments))
         if not self._connection.poll(self.timeout):
             self.close()  # the hanging call dies with its worker; the next call gets a fresh one
-            return f"Error: {name} did not finish within {self.timeout:g} seconds and was stopped"
+            return False, f"Error: {name} did not finish within {self.timeout:g} seconds and was stopped"
         try:
             return self._connection.recv()
         except EOFError:  # the worker died (os._exit, a crash in C code)
             self.close()
-            return f"Error: {name} crashed its worker process"
+            return False, f"Error: {name} crashed its worker process"
 
     def _start(self) -> None:
         # fork: the child has the tools already (a tool from a .py file cannot be pickled over to a spawned one).
@@ -158,6 +164,29 @@ class ToolRunner:
         self._worker = context.Process(target=_serve, args=(child, self.tools), daemon=True)
         self._worker.start()
         child.close()
+
+
+class ToolError(RuntimeError):
+    """A guarded tool's call failed (see `guarded`); the message is what the model is told."""
+
+
+def guarded(runner: ToolRunner) -> list[Callable]:
+    """`runner`'s tools as functions that run their calls in its worker, for callers that call tools directly
+    (TRL's GRPOTrainer): the same names, signatures and docstrings (so the same schemas), a hanging call stopped
+    at the timeout. A failed call raises ToolError with the error string, which TRL counts as a failure and shows
+    the model as `{"error": ...}`."""
+
+    def wrap(tool: Callable) -> Callable:
+        @functools.wraps(tool)
+        def call(**arguments):
+            ok, text = runner.run({"name": tool.__name__, "arguments": arguments})
+            if not ok:
+                raise ToolError(text)
+            return text
+
+        return call
+
+    return [wrap(tool) for tool in runner.tools.values()]
 
 
 def _check(name: str, arguments, tools: Mapping[str, Callable]) -> str | None:
@@ -182,7 +211,7 @@ def _serve(connection, tools: Mapping[str, Callable]) -> None:
             return
         try:
             result = tools[name](**arguments)
-            text = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
+            answer = True, result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
         except Exception as e:  # the model reads what went wrong and may try again
-            text = f"Error: {name} raised {type(e).__name__}: {e}"
-        connection.send(text)
+            answer = False, f"Error: {name} raised {type(e).__name__}: {e}"
+        connection.send(answer)

@@ -389,8 +389,10 @@ def test_grpo_rollouts_call_the_tools_of_the_recipe_settings(calling_policy, tmp
     trainer = load_recipe("grpo")(["--config", "recipes/configs/grpo/tiny.yaml"], overrides={
         "model_name_or_path": calling_policy, "reward_model_path": None, "reward_funcs": ["test_tools:used_a_tool"],
         "eval_reward_funcs": [], "dataset_name": str(prompts), "output_dir": str(tmp_path / "grpo"),
-        "tools": [CALCULATOR], "max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 2,
-        "max_completion_length": 128, "eval_strategy": "no", "eval_on_start": False, "save_strategy": "no"})
+        "tools": [CALCULATOR], "tool_timeout": 10, "max_steps": 2, "per_device_train_batch_size": 4,
+        "num_generations": 2, "max_completion_length": 128, "eval_strategy": "no", "eval_on_start": False,
+        "save_strategy": "no"})
+    assert trainer.tools[0].__wrapped__ is calculator  # TRL calls it through the worker (`rlhf_kit.tools.guarded`)
     logged = [e for e in trainer.state.log_history if "tools/call_frequency" in e]
     assert len(logged) == 2 and all(e["tools/call_frequency"] > 0 for e in logged), logged
     assert all(e["tools/failure_frequency"] == 0 for e in logged)
@@ -398,8 +400,9 @@ def test_grpo_rollouts_call_the_tools_of_the_recipe_settings(calling_policy, tmp
     assert "tools:\n- rlhf_kit.inference.calculator" in (tmp_path / "grpo" / "rlhf_kit_config.yaml").read_text()
     with pytest.raises(UserError, match="neither a .py file nor an importable module"):
         load_recipe("grpo")(["--config", "recipes/configs/grpo/tiny.yaml"], overrides={
-            "model_name_or_path": "no/such/model", "reward_model_path": None, "reward_funcs": ["test_tools:used_a_tool"],
-            "dataset_name": str(prompts), "output_dir": str(tmp_path / "bad"), "tools": ["no_such_tools_module"]})
+            "model_name_or_path": "no/such/model", "reward_model_path": None,
+            "reward_funcs": ["test_tools:used_a_tool"], "dataset_name": str(prompts),
+            "output_dir": str(tmp_path / "bad"), "tools": ["no_such_tools_module"]})
 
 
 # ------------------------------------------------------------------------------------------------ the commands
@@ -429,3 +432,19 @@ def test_generate_command_and_chat_run_the_tools(calling_policy, tmp_path, monke
     assert '[calculator({"expression": "3*12+2*4"})]\n[-> 44]\n' in shown
     assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant"]
     assert shown.endswith(history[-1]["content"] + "\n")
+
+
+def test_guarded_tools_keep_their_schemas_and_raise_what_went_wrong():
+    """What GRPO hands TRL: the same functions to TRL's eyes, their calls run (and stopped) in the worker."""
+    from rlhf_kit.tools import ToolError, guarded
+
+    with ToolRunner([calculator, slow], timeout=0.5) as runner:
+        calc, sleeper = guarded(runner)
+        assert calc.__name__ == "calculator" and tool_schema(calc) == tool_schema(calculator)
+        assert calc(expression="6/2") == "3"
+        with pytest.raises(ToolError, match="did not finish within 0.5 seconds"):
+            sleeper(seconds=30)
+        with pytest.raises(ToolError, match="raised ValueError"):
+            calc(expression="x")
+        with pytest.raises(ToolError, match="bad arguments for calculator"):
+            calc(text="1")

@@ -31,6 +31,11 @@ class GRPOArguments(StageSettings, GRPOConfig):
                           "rlhf_kit.inference.calculator). TRL runs the calls and appends their results, up to "
                           "max_tool_calling_iterations rounds; the results are not trained on."},
     )
+    tool_timeout: float = field(
+        default=5.0,
+        metadata={"help": "Seconds a tool call may run before it is stopped (the calls run in a worker process); a "
+                          "call that fails or is stopped gives the policy an error message, not a crash."},
+    )
 
 
 @dataclass
