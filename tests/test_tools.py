@@ -11,49 +11,17 @@ from conftest import load_recipe
 from transformers import AutoTokenizer
 from trl.chat_template_utils import llama3_1_chat_template, qwen2_5_chat_template
 
-import rlhf_kit.model
 from rlhf_kit.errors import UserError
 from rlhf_kit.inference.calculator import calculator
 from rlhf_kit.inference.constraints import Constraint
 from rlhf_kit.inference.generation import Conversation, Sampling, load_policy
 from rlhf_kit.inference.tools import generate_with_tools, parse_reply
-from rlhf_kit.model import require_response_template, response_template_for
+from rlhf_kit.model import CHATML_TEMPLATE, require_response_template, response_template_for
 from rlhf_kit.tools import ToolRunner, load_tools, run_tool_call, tool_schema
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 CALCULATOR = "rlhf_kit.inference.calculator"
-
-# rlhf-kit's ChatML with the shared tool format (Qwen/Hermes style): CHATML_TEMPLATE once it renders tools, else
-# that format written out here, so the parsing is tested on it whichever change lands first.
-TOOL_CHATML = rlhf_kit.model.CHATML_TEMPLATE if "tool_calls" in rlhf_kit.model.CHATML_TEMPLATE else (
-    "{%- if tools %}"
-    "{{- '<|im_start|>system\\n' }}"
-    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
-    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n<tools>' }}"
-    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
-    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
-    "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'system' and loop.first and tools %}"
-    "{%- elif message['role'] == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- generation %}{{- message['content'] or '' }}"
-    "{%- if message.get('tool_calls') %}{%- if message['content'] %}{{- '\\n' }}{%- endif %}"
-    "{%- for call in message['tool_calls'] %}{%- if not loop.first %}{{- '\\n' }}{%- endif %}"
-    "{{- '<tool_call>\\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' "
-    "+ (call['function']['arguments'] | tojson) + '}\\n</tool_call>' }}"
-    "{%- endfor %}{%- endif %}"
-    "{{- '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
 
 def slow(seconds: float) -> str:
     """Sleep.
@@ -213,9 +181,9 @@ def round_trip(tok, reply_text, template):
     return again
 
 
-def test_calls_round_trip_through_the_kits_chatml(chatml_tokenizer, monkeypatch):
-    monkeypatch.setattr(rlhf_kit.model, "CHATML_TEMPLATE", TOOL_CHATML)
-    tok = with_template(chatml_tokenizer, TOOL_CHATML)
+def test_calls_round_trip_through_the_kits_chatml(chatml_tokenizer):
+    tok = chatml_tokenizer
+    assert tok.chat_template == CHATML_TEMPLATE
     template = require_response_template(tok)
     reply = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "3*12+2*4"}}\n</tool_call><|im_end|>'
     again = round_trip(tok, reply, template)
@@ -264,12 +232,10 @@ CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "3*12+2*
 
 @pytest.fixture(scope="module")
 def tool_policy(tiny_sft):
-    """The tiny SFT model with the shared tool format as its ChatML (until the template change lands on main)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(rlhf_kit.model, "CHATML_TEMPLATE", TOOL_CHATML)
-        policy = load_policy(tiny_sft)
-        policy.tokenizer.chat_template = TOOL_CHATML
-        yield policy
+    """The tiny SFT model: rlhf-kit's ChatML, which lists tools and renders calls in the Qwen/Hermes format."""
+    policy = load_policy(tiny_sft)
+    assert policy.tokenizer.chat_template == CHATML_TEMPLATE
+    return policy
 
 
 def first_round_calls(policy):
@@ -352,12 +318,12 @@ def used_a_tool(prompts, completions, **kwargs):
 @pytest.fixture(scope="module")
 def calling_policy(tiny_sft, tmp_path_factory):
     """The tiny SFT model taught in a few dozen steps to answer QUESTIONS with the calculator call (loss on the call
-    only), saved with the shared tool format: a policy whose rollouts really call the tool."""
+    only): a policy whose rollouts really call the tool."""
     import torch
     from transformers import AutoModelForCausalLM
 
     out = tmp_path_factory.mktemp("calling")
-    tok = with_template(AutoTokenizer.from_pretrained(tiny_sft), TOOL_CHATML)
+    tok = AutoTokenizer.from_pretrained(tiny_sft)
     model = AutoModelForCausalLM.from_pretrained(tiny_sft)
     schemas = [tool_schema(calculator)]
     call_ids = tok(CALL + "<|im_end|>", add_special_tokens=False)["input_ids"]
@@ -382,8 +348,7 @@ def calling_policy(tiny_sft, tmp_path_factory):
     return str(out)
 
 
-def test_grpo_rollouts_call_the_tools_of_the_recipe_settings(calling_policy, tmp_path, monkeypatch):
-    monkeypatch.setattr(rlhf_kit.model, "CHATML_TEMPLATE", TOOL_CHATML)
+def test_grpo_rollouts_call_the_tools_of_the_recipe_settings(calling_policy, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}]}) + "\n" for q in QUESTIONS))
     trainer = load_recipe("grpo")(["--config", "recipes/configs/grpo/tiny.yaml"], overrides={
@@ -408,11 +373,10 @@ def test_grpo_rollouts_call_the_tools_of_the_recipe_settings(calling_policy, tmp
 # ------------------------------------------------------------------------------------------------ the commands
 
 
-def test_generate_command_and_chat_run_the_tools(calling_policy, tmp_path, monkeypatch, capsys):
+def test_generate_command_and_chat_run_the_tools(calling_policy, tmp_path):
     from rlhf_kit.cli import main
     from rlhf_kit.inference.chat import chat
 
-    monkeypatch.setattr(rlhf_kit.model, "CHATML_TEMPLATE", TOOL_CHATML)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS[:2]))
     out = tmp_path / "out.jsonl"
