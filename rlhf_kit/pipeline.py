@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,13 @@ EVALUATION_DEFAULTS = {"prompts": "data/prompts", "split": "test", "num_prompts"
                        # `vote_n`, for a task with a checkable answer (exact_match): a self-consistency section, one
                        # sampled answer against the majority vote of vote_n, answers read by `answer_pattern`
                        # (a regex or module:function, rlhf_kit.inference.selection.answer_extractor).
-                       "vote_n": None, "answer_pattern": None}
+                       "vote_n": None, "answer_pattern": None,
+                       # Retrieval and tools (rlhf_kit.inference.retrieval, rlhf_kit.tools): every trained policy
+                       # again with the top_k passages of the `retrieve` corpus in its prompt (<model>_retrieval),
+                       # and with those and the `tools` modules it may call (<model>_retrieval_tools); the
+                       # self-consistency section then samples with both. Retrieval recall@k is reported when the
+                       # task says which passages a prompt needs (`needed_passages(prompt)`).
+                       "retrieve": None, "top_k": 3, "tools": None, "max_tool_rounds": 3}
 
 
 @dataclass
@@ -184,6 +190,27 @@ def check_pipeline(config: PipelineConfig) -> None:
             answer_extractor(settings["answer_pattern"])
         except ValueError as error:
             raise ConfigError(f"evaluation answer_pattern: {error}") from None
+        _check_assistance(settings)
+
+
+def _check_assistance(settings: dict[str, Any]) -> None:
+    """The retrieval corpus exists and the tool modules load, before any stage runs."""
+    corpus = settings["retrieve"]
+    if corpus is not None and not Path(corpus).exists():
+        raise ConfigError(f"evaluation retrieve: the corpus {corpus} does not exist (a directory of .txt/.md files "
+                          "or a JSONL file with a text column)" + missing_shipped_file(corpus))
+    top_k, rounds = settings["top_k"], settings["max_tool_rounds"]
+    if type(top_k) is not int or top_k < 1 or type(rounds) is not int or rounds < 0:
+        raise ConfigError(f"evaluation top_k must be a whole number >= 1 and max_tool_rounds one >= 0, got top_k="
+                          f"{top_k!r}, max_tool_rounds={rounds!r}")
+    if settings["tools"]:
+        from rlhf_kit.errors import UserError
+        from rlhf_kit.tools import load_tools
+
+        try:
+            load_tools(settings["tools"])
+        except UserError as error:
+            raise ConfigError(f"evaluation tools: {error}") from None
 
 
 def _is_produced(value: str, produced: set[Path]) -> bool:
@@ -338,6 +365,12 @@ POLICY_ROWS = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "grpo": "grpo", "
                "rft": "rft"}
 REPORT_COLUMNS = ["shape_rate", "format_rate", "gold_score", "reward_model_score", "kl_to_reference", "response_tokens",
                   "stop_rate", "gold_win_rate_vs_sft", "rm_win_rate_vs_sft"]
+# Columns shown only when some row has them: a task with checkable answers, tool use.
+OPTIONAL_COLUMNS = ["exact_match", "tool_calls"]
+
+
+def report_columns(results: list) -> list[str]:
+    return REPORT_COLUMNS + [c for c in OPTIONAL_COLUMNS if any(c in r.metrics for r in results)]
 
 
 def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
@@ -384,12 +417,12 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
 
                 r.metrics["rm_win_rate_vs_sft"] = win_rate(prompts, r.responses, sft.responses, rm_judge)
     out = Path(config.output_dir)
-    table = format_table(results, REPORT_COLUMNS)
+    table = format_table(results, report_columns(results))
     rm_eval = _reward_eval(config)
     gains = _gains(results)
     data = {"prompts": len(prompts), "settings": settings, "rows": {r.name: r.metrics for r in results},
             "gains": gains,
-            "reward_model_heldout": rm_eval,
+            "reward_model_heldout": rm_eval, "retrieval": _retrieval_recall(settings, prompts, task),
             "samples": {r.name: list(zip(map(str, prompts[:5]), r.responses[:5])) for r in results}}
     consistency_md = _self_consistency_rows(policies, prompts, task, settings, data) if settings["vote_n"] else []
     (out / "report.json").write_text(json.dumps(data, indent=2))
@@ -408,6 +441,10 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
         source = f", {how}" if how and how != IN_SAMPLE else ""
         md.append(f"Reward model on {rm_eval.get('pairs', '?')} {kind} preference pairs{source} (labelled by the gold "
                   f"annotator): accuracy {rm_eval.get('accuracy', float('nan')):.3f}.")
+    if data["retrieval"]:
+        r = data["retrieval"]
+        md.append(f"Retrieval from {r['corpus']}: recall@{r['top_k']} {r['recall_at_k']:.3f} (the share of the "
+                  "passages each prompt needs that are among its top k).")
     plot = plot_ppo_training(config.stage_dir("ppo"), out / "ppo_training.png") if "ppo" in config.stages else None
     if plot:
         md.append(f"\n![gold and reward-model score against KL during PPO]({plot.name})")
@@ -436,6 +473,14 @@ def _inference_rows(settings: dict[str, Any], policies: dict, prompts: list, rew
         for name, shots in (("base_raw", ()), (f"base_raw_{len(examples)}_shot", examples)):
             rows.append(evaluate_policy(policies["base"], prompts, task=task, reward_model=reward_model, name=name,
                                         prompting=Prompting(raw=True, few_shot=shots), stop=["\n"], **sampled))
+    if settings["retrieve"] or settings["tools"]:
+        assisted = _assistances(settings)
+        for name, policy in policies.items():
+            if name == "base":  # not an assistant: it has not learned to read passages or call tools
+                continue
+            for label, assistance in assisted.items():
+                rows.append(evaluate_policy(policy, prompts, task=task, reward_model=reward_model,
+                                            assistance=assistance, name=f"{name}_{label}", **sampled))
     if settings["constrained"] and getattr(task, "ANSWER_REGEX", None):
         from rlhf_kit.inference.constraints import Constraint
 
@@ -447,10 +492,41 @@ def _inference_rows(settings: dict[str, Any], policies: dict, prompts: list, rew
     return rows
 
 
+def _assistances(settings: dict[str, Any]) -> dict:
+    """The report's assisted settings by row label: retrieval alone, then retrieval with tools (or tools alone)."""
+    from rlhf_kit.inference.evaluation import Assistance
+    from rlhf_kit.inference.retrieval import Retriever
+    from rlhf_kit.tools import load_tools
+
+    retriever = Retriever.from_corpus(settings["retrieve"]) if settings["retrieve"] else None
+    tools = load_tools(settings["tools"]) if settings["tools"] else []
+    base = Assistance(retriever=retriever, top_k=settings["top_k"], max_tool_rounds=settings["max_tool_rounds"])
+    assisted = {"retrieval": base} if retriever is not None else {}
+    if tools:
+        assisted["retrieval_tools" if retriever is not None else "tools"] = replace(base, tools=tools)
+    return assisted
+
+
+def _retrieval_recall(settings: dict[str, Any], prompts: list, task) -> dict[str, Any] | None:
+    """Recall@k of the retriever on the prompts, where the task says which passages each one needs."""
+    needed = getattr(task, "needed_passages", None)
+    if not settings["retrieve"] or needed is None:
+        return None
+    from rlhf_kit.inference.generation import user_text
+    from rlhf_kit.inference.retrieval import Retriever, recall_at_k
+
+    k = settings["top_k"]
+    found = Retriever.from_corpus(settings["retrieve"]).search([user_text(p) for p in prompts], k)
+    return {"corpus": settings["retrieve"], "top_k": k, "recall_at_k": recall_at_k(found, [needed(p) for p in prompts])}
+
+
 # (row, the row it improves on, the column compared): inference-time methods against the policy they start from.
 _GAINS = [("sft_best_of_", "sft", "gold_score"), ("base_raw_", "base_raw", "format_rate"),
           ("base_raw_", "base_raw", "gold_score")]
 _GAINS += [(f"{name}_constrained", name, column) for name in POLICY_ROWS for column in ("shape_rate", "gold_score")]
+_GAINS += [(f"{name}_{label}", name, "exact_match") for name in POLICY_ROWS
+           for label in ("retrieval", "retrieval_tools", "tools")]
+_GAINS += [(f"{name}_retrieval_tools", f"{name}_retrieval", "exact_match") for name in POLICY_ROWS]
 
 
 def _gains(results: list) -> list[dict[str, Any]]:
@@ -461,7 +537,9 @@ def _gains(results: list) -> list[dict[str, Any]]:
     for prefix, baseline, column in _GAINS:
         for r in results:
             base = by_name.get(baseline)
-            if (r.name.startswith(prefix) and r.name != baseline and base is not None
+            # A row name ending in "_" is a family (best-of-n at any n); others name one row.
+            matches = r.name.startswith(prefix) if prefix.endswith("_") else r.name == prefix
+            if (matches and r.name != baseline and base is not None
                     and column in r.per_prompt and column in base.per_prompt):
                 difference, se = paired_difference(r, base, column)
                 gains.append({"row": r.name, "baseline": baseline, "column": column, "difference": difference,
@@ -478,11 +556,16 @@ def _self_consistency_rows(policies: dict, prompts: list, task, settings: dict[s
     Adds the rows to the report's data under "self_consistency" and returns its Markdown section."""
     from rlhf_kit.inference.evaluation import evaluate_self_consistency, format_table
 
+    # With retrieval or tools configured, each sample is the fullest assisted exchange (`_assistances`' last).
+    label, assistance = list(_assistances(settings).items())[-1] if settings["retrieve"] or settings["tools"] else (
+        None, None)
     results = [row for name, policy in policies.items() if name != "base"
                for row in evaluate_self_consistency(policy, prompts, task=task, n=settings["vote_n"],
                                                     answer_pattern=settings["answer_pattern"],
                                                     max_new_tokens=settings["max_new_tokens"],
-                                                    temperature=settings["temperature"], seed=settings["seed"])]
+                                                    temperature=settings["temperature"], seed=settings["seed"],
+                                                    assistance=assistance,
+                                                    name=f"{name}_{label}" if label else name)]
     data["self_consistency"] = {r.name: r.metrics for r in results}
     data["samples"].update({r.name: list(zip(map(str, prompts[:5]), r.responses[:5])) for r in results})
     return ["", f"## Self-consistency: one sampled answer vs the majority vote of {settings['vote_n']}", "",

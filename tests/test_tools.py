@@ -412,3 +412,33 @@ def test_guarded_tools_keep_their_schemas_and_raise_what_went_wrong():
             calc(expression="x")
         with pytest.raises(ToolError, match="bad arguments for calculator"):
             calc(text="1")
+
+
+def test_evaluation_with_retrieval_and_tools_scores_the_final_answers_to_the_prompts_as_given(tool_policy, tmp_path):
+    from types import SimpleNamespace
+
+    from rlhf_kit.inference.evaluation import Assistance, evaluate_policy
+    from rlhf_kit.inference.retrieval import Retriever
+
+    (tmp_path / "catalog").mkdir()
+    (tmp_path / "catalog/lamp.md").write_text("The lamp costs 12 dollars.\n")
+    (tmp_path / "catalog/mug.md").write_text("The mug costs 4 dollars.\n")
+    seen = []
+
+    def metrics(prompts, responses):
+        seen.extend(prompts)
+        return {"exact_match": sum("44" in r for r in responses) / len(responses)}
+
+    task = SimpleNamespace(metrics=metrics, gold_score=lambda p, r: float("44" in r))
+    prompts = ["What do 3 lamps and 2 mugs cost?", "How much does the mug cost?"]
+    assistance = Assistance(retriever=Retriever.from_corpus(tmp_path / "catalog"), top_k=1,
+                            tools=load_tools(CALCULATOR), max_tool_rounds=1)
+    forced = Constraint.from_options(regex=re.escape(CALL))  # every round calls: one round runs, then it stops
+    result = evaluate_policy(tool_policy, prompts, task=task, reference=tool_policy, assistance=assistance,
+                             constraint=forced, max_new_tokens=96, name="sft_retrieval_tools")
+    assert result.metrics["tool_calls"] == 1.0 and result.per_prompt["tool_calls"] == [1.0, 1.0]
+    assert result.responses == [CALL, CALL] and result.metrics["exact_match"] == 0.0  # forced to call again
+    assert set(seen) == set(prompts)  # the task judged the prompts as given, not the retrieved conversations
+    assert "kl_to_reference" not in result.metrics  # the final turn alone is not the exchange's KL
+    # Both rounds' tokens counted: the call twice.
+    assert result.metrics["response_tokens"] > 1.5 * len(tool_policy.tokenizer(CALL)["input_ids"])

@@ -886,7 +886,7 @@ def _build(builder: str, path: str, **kwargs) -> datasets.Dataset:
         raise DataError(f"{path}: could not be read as {builder.upper()}: {type(error).__name__}: {error}") from error
 
 
-def _json_records(path: str):
+def json_records(path: str):
     """Yield (row number, record) from a JSON Lines file (row = line number) or a JSON list (row = position)."""
     with open(path, encoding="utf-8-sig") as f:
         while (first := f.read(1)) and first.isspace():
@@ -922,7 +922,7 @@ def _load_json(path: str, kind: str, max_chars: int | None, source: DataSource) 
     # Validate the rows as written, before Arrow sees them: Arrow would turn a missing key into null and
     # datasets 5.x JSON-encodes a column whose type varies between rows, hiding the bad row.
     columns, first, count = {}, None, 0
-    for _, record in _json_records(path):
+    for _, record in json_records(path):
         columns.update(dict.fromkeys(record))
         first = record if first is None else first
         count += 1
@@ -930,9 +930,9 @@ def _load_json(path: str, kind: str, max_chars: int | None, source: DataSource) 
         raise _source_error(path, "empty file: no rows", [], kind)
     convert = _conversion(source, list(columns), first, kind, path)
     if convert is not None:
-        return _converted(_json_records(path), convert, kind, path, max_chars)
+        return _converted(json_records(path), convert, kind, path, max_chars)
     fmt = detect_format(list(columns), first, kind, path)
-    _validate_rows(_json_records(path), fmt, path, max_chars)
+    _validate_rows(json_records(path), fmt, path, max_chars)
     dataset = _build("json", path)
     if len(dataset) != count:
         raise DataError(f"{path}: datasets read {len(dataset)} rows but the file holds {count}; "
@@ -1208,7 +1208,7 @@ def _head(path: str, rows: int, source: DataSource) -> list[tuple[int, dict]]:
     """The first `rows` (row number, row) of a file, read as `load_data` reads it."""
     ext = _extension(path)
     if ext in (".jsonl", ".json"):
-        return list(itertools.islice(_json_records(path), rows))
+        return list(itertools.islice(json_records(path), rows))
     if ext == ".csv":
         with open(path, newline="", encoding="utf-8-sig") as f:
             records = [{k: (v if v != "" else None) for k, v in row.items()}

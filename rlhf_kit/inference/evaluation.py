@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhf_kit.inference.constraints import Constraint
-from rlhf_kit.inference.generation import Policy, Prompting, Sampling, generate
+from rlhf_kit.inference.generation import Generations, Policy, Prompting, Sampling, generate
+from rlhf_kit.inference.retrieval import Retriever, with_retrieval
 from rlhf_kit.inference.selection import Vote, answer_extractor, majority_vote
+from rlhf_kit.inference.tools import generate_with_tools
 
 
 @dataclass
@@ -78,6 +80,28 @@ def load_task(name: str | None):
     return module
 
 
+@dataclass
+class Assistance:
+    """What a model is given besides the prompt: the top-k passages a retriever finds for it, and tools it may call
+    (plain functions, `rlhf_kit.tools.load_tools`) up to `max_tool_rounds` times. The default gives nothing."""
+
+    retriever: Retriever | None = None
+    top_k: int = 3
+    tools: Sequence = ()
+    max_tool_rounds: int = 3
+    tool_timeout: float = 5.0
+
+    def sample(self, policy: Policy, prompts: list, sampling: Sampling, prompting: Prompting | None = None,
+               logits_processor=None) -> Generations:
+        """`sampling.n` responses per prompt, each the final answer after any tool rounds."""
+        given = with_retrieval(prompts, self.retriever, self.top_k) if self.retriever is not None else prompts
+        if not self.tools:
+            return generate(policy, given, sampling=sampling, prompting=prompting, logits_processor=logits_processor)
+        return generate_with_tools(policy, given, tools=list(self.tools), sampling=sampling, prompting=prompting,
+                                   max_tool_rounds=self.max_tool_rounds, timeout=self.tool_timeout,
+                                   logits_processor=logits_processor)
+
+
 @torch.no_grad()
 def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
                       batch_size: int = 32, temperature: float = 1.0) -> torch.Tensor:
@@ -99,31 +123,41 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
 def evaluate_policy(policy: Policy, prompts: list, *, reward_model=None, reference: Policy | None = None,
                     task=None, max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0,
                     prompting: Prompting | None = None, stop: Sequence[str] = (), name: str | None = None,
-                    constraint: Constraint | None = None) -> EvalResult:
+                    constraint: Constraint | None = None, assistance: Assistance | None = None) -> EvalResult:
     """Sample one response per prompt and measure it: length and stops always, the reward model's score, the KL to
     `reference` and the columns of `task` (`load_task`) when given, each with its standard error. `prompting` (a
     system message, template, few-shot examples, raw document mode) and `stop` strings are generation's.
 
     With a `constraint` (`Constraint.from_options`) every response is generated to match it, and
     `constraint_complete_rate` says how many do: those that max_new_tokens cut short do not. The KL is then that of
-    the two unconstrained models on the constrained samples."""
+    the two unconstrained models on the constrained samples.
+
+    With `assistance` (retrieved passages, tools), the task, the reward model and the win rates judge the final
+    answer to the prompt as given; `response_tokens` counts the tokens generated over every tool round, and
+    `tool_calls` is the mean number of calls per response. The KL is left out where tools were called: the final
+    turn's log-probabilities alone would not be the KL of the whole exchange."""
+    assistance = assistance or Assistance()
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop=stop)
     processors = constraint.logits_processor(policy) if constraint is not None else None
-    gens = generate(policy, prompts, sampling=sampling, prompting=prompting, logits_processor=processors)
+    gens = assistance.sample(policy, prompts, sampling, prompting, processors)
+    tokens = getattr(gens, "generated_tokens", None) or [len(ids) for ids in gens.response_ids]
     per_prompt = {**(task_per_prompt(task, prompts, gens.responses) if task is not None else {}),
-                  "response_tokens": [float(len(ids)) for ids in gens.response_ids],
+                  "response_tokens": [float(t) for t in tokens],
                   "stop_rate": [float(x) for x in gens.stopped]}
+    if assistance.tools:
+        per_prompt["tool_calls"] = [float(x) for x in gens.tool_calls]
     if constraint is not None:
         per_prompt["constraint_complete_rate"] = [float(x) for x in constraint.complete(policy, gens.response_ids)]
     # The task's own metrics as it defines them; the counts and rates are the means of their per-prompt values.
     metrics = {**(task.metrics(prompts, gens.responses) if task is not None else {}),
                **{column: sum(per_prompt[column]) / len(prompts)
-                  for column in ("response_tokens", "stop_rate", "constraint_complete_rate") if column in per_prompt}}
+                  for column in ("response_tokens", "stop_rate", "constraint_complete_rate", "tool_calls")
+                  if column in per_prompt}}
     if reward_model is not None:
         scores = reward_model.score_texts_for(prompts, gens.responses)
         metrics["reward_model_score"] = scores.mean().item()
         per_prompt["reward_model_score"] = scores.tolist()
-    if reference is not None:
+    if reference is not None and not assistance.tools:
         pad = policy.tokenizer.pad_token_id
         scale = temperature if temperature > 0 else 1.0  # greedy decoding: report the temperature-1 KL
         own = sequence_logprobs(policy.model, gens.prompt_ids, gens.response_ids, pad, temperature=scale)
@@ -143,7 +177,8 @@ class VoteResult(EvalResult):
 
 
 def evaluate_self_consistency(policy: Policy, prompts: list, *, task, n: int = 8, answer_pattern: str | None = None,
-                              max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0) -> list[EvalResult]:
+                              max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0,
+                              assistance: Assistance | None = None, name: str | None = None) -> list[EvalResult]:
     """Exact match of one sampled answer against the majority vote over `n` (self-consistency, Wang et al. 2022,
     https://arxiv.org/abs/2203.11171), for a `task` whose metrics include ``exact_match``. Three rows, all read from
     the same `n` samples per prompt, so their differences are paired by prompt:
@@ -157,12 +192,14 @@ def evaluate_self_consistency(policy: Policy, prompts: list, *, task, n: int = 8
       sample is right: the most any way of choosing among them could reach.
 
     Every task column has its standard error (`standard_error`: for a 0/1 exact match, sqrt(p (1 - p) / (N - 1))).
+    With `assistance`, each sample is a whole exchange with the passages and tools, and its final answer votes; the
+    rows are then named after `name` (the policy's name by default).
     """
     if n < 2:
         raise ValueError(f"self-consistency votes among n >= 2 samples, got n={n}")
     extract = answer_extractor(answer_pattern)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, n=n)
-    groups = generate(policy, prompts, sampling=sampling).grouped()
+    groups = (assistance or Assistance()).sample(policy, prompts, sampling).grouped()
     votes = [majority_vote([extract(r) for r in group]) for group in groups]
     picks = {"one_sample": [group[0] for group in groups],
              f"first_answer_of_{n}": [next((r for r in group if extract(r) is not None), group[0]) for group in groups],
@@ -170,7 +207,7 @@ def evaluate_self_consistency(policy: Policy, prompts: list, *, task, n: int = 8
     rows = []
     for label, responses in picks.items():
         row_type = VoteResult if label.startswith("vote") else EvalResult
-        rows.append(row_type(f"{policy.name}_{label}", task.metrics(prompts, responses), responses,
+        rows.append(row_type(f"{name or policy.name}_{label}", task.metrics(prompts, responses), responses,
                              task_per_prompt(task, prompts, responses)))
     if "exact_match" not in rows[0].metrics:
         raise ValueError(f"task {task.__name__} reports no exact_match, which self-consistency measures; its metrics "

@@ -206,7 +206,7 @@ def load_few_shot(path: str) -> list[tuple[str, str]]:
                                  f"answer; this row has roles {[m['role'] for m in row['messages']]}")
             examples.append((turns[0]["content"], turns[1]["content"]))
         else:
-            examples.append((_text_of(row["prompt"]), _text_of_answer(row["completion"])))
+            examples.append((user_text(row["prompt"]), _text_of_answer(row["completion"])))
     return examples
 
 
@@ -214,7 +214,7 @@ def _text_of_answer(completion) -> str:
     return completion if isinstance(completion, str) else completion[-1]["content"]
 
 
-def _text_of(prompt) -> str:
+def user_text(prompt) -> str:
     """The user text of a plain prompt, or of a conversation's last user message."""
     if isinstance(prompt, str):
         return prompt
@@ -231,7 +231,7 @@ def render(tokenizer, prompt, prompting: Prompting | None = None) -> list[int]:
         if isinstance(prompt, Conversation) and prompt.documents:  # a document to continue: the passages head it
             lines.append(documents_message([d["text"] for d in prompt.documents]) + "\n")
         lines += [f"{p.fill(q)}\n{a}\n" for q, a in p.few_shot]
-        text = "\n".join(lines + [f"{p.fill(_text_of(prompt))}\n"])
+        text = "\n".join(lines + [f"{p.fill(user_text(prompt))}\n"])
         return tokenizer(text, add_special_tokens=True)["input_ids"]
     messages = p.request(prompt)
     shots = [m for q, a in p.few_shot for m in ({"role": "user", "content": p.fill(q)},

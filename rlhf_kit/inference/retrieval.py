@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhf_kit.data.loading import DataError, RowError, _json_records
-from rlhf_kit.inference.generation import Conversation, _text_of
+from rlhf_kit.data.loading import DataError, RowError, json_records
+from rlhf_kit.inference.generation import Conversation, user_text
 from rlhf_kit.model import cache_dir
 
 CHUNK_WORDS = 200
@@ -99,7 +99,7 @@ def read_corpus(path: str | Path, *, text_field: str = "text") -> list[tuple[str
                         f"such file, or a {'/'.join(TABLE_FILES)} file with a '{text_field}' column")
     documents = []
     try:
-        for n, row in _json_records(str(path)):
+        for n, row in json_records(str(path)):
             documents.append((_field(row, text_field, path, n), _title(row, path, n), f"{path.name}:{n}"))
     except UnicodeDecodeError:
         raise DataError(f"corpus {path}: not UTF-8 text; save the file as UTF-8") from None
@@ -399,7 +399,7 @@ def with_retrieval(prompts: Sequence, retriever: Retriever, k: int) -> list[Conv
     conversations = [prompt if isinstance(prompt, Conversation) else
                      Conversation([{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt))
                      for prompt in prompts]
-    found = retriever.search([_text_of(c) for c in conversations], k)
+    found = retriever.search([user_text(c) for c in conversations], k)
     return [Conversation(c.messages, [*c.documents, *map(passage_document, passages)])
             for c, passages in zip(conversations, found)]
 
