@@ -89,6 +89,23 @@ def test_pipeline_config_errors(tmp_path):
         PipelineConfig.from_yaml(path)
 
 
+@pytest.mark.parametrize("evaluation, message", [
+    ({"retrieve": "no/such/corpus"}, "evaluation retrieve: the corpus no/such/corpus does not exist"),
+    ({"retrieve": "data/prompts", "top_k": 0}, "top_k must be a whole number >= 1"),
+    ({"tools": ["no_such_tool_module"]}, "evaluation tools: .*no_such_tool_module"),
+])
+def test_retrieval_and_tool_settings_are_checked_before_any_stage_runs(evaluation, message):
+    from rlhf_kit.pipeline import check_pipeline
+
+    config = PipelineConfig(stages={"sft": "recipes/configs/sft/tiny.yaml"}, evaluation=evaluation)
+    ran = []
+    with pytest.raises(ConfigError, match=message):
+        run_pipeline(config, run=lambda cmd, env: ran.append(cmd) or 0)
+    assert not ran
+    with pytest.raises(ConfigError, match=message):
+        check_pipeline(config)
+
+
 def test_pipeline_runs_and_rerun_skips_finished_stages(pipeline):
     config, status, _ = pipeline
     assert status == dict.fromkeys(STAGES, "ran")
