@@ -365,12 +365,13 @@ POLICY_ROWS = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "grpo": "grpo", "
                "rft": "rft"}
 REPORT_COLUMNS = ["shape_rate", "format_rate", "gold_score", "reward_model_score", "kl_to_reference", "response_tokens",
                   "stop_rate", "gold_win_rate_vs_sft", "rm_win_rate_vs_sft"]
-# Columns shown only when some row has them: a task with checkable answers, tool use.
+# Shown for a task with checkable answers and for tool use.
 OPTIONAL_COLUMNS = ["exact_match", "tool_calls"]
 
 
 def report_columns(results: list) -> list[str]:
-    return REPORT_COLUMNS + [c for c in OPTIONAL_COLUMNS if any(c in r.metrics for r in results)]
+    """The report's columns that some row has: a task without the review task's columns leaves those out."""
+    return [c for c in REPORT_COLUMNS + OPTIONAL_COLUMNS if any(c in r.metrics for r in results)]
 
 
 def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:

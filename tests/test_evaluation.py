@@ -74,3 +74,19 @@ def test_standard_errors_and_paired_differences():
     b = EvalResult("b", {"gold": 0.25}, per_prompt={"gold": [1.0, 0.0, 0.0, 0.0]})
     assert a.metrics["gold_se"] == pytest.approx(standard_error([1.0, 0.0, 1.0, 0.0]))
     assert paired_difference(a, b, "gold") == pytest.approx((0.25, standard_error([0.0, 0.0, 1.0, 0.0])))
+
+
+def test_a_task_column_only_some_prompts_have_gets_no_per_prompt_values():
+    """Exact match by kind of question exists only for the prompts of that kind: the per-prompt columns (for standard
+    errors and paired gains) are those every prompt has."""
+    from types import SimpleNamespace
+
+    from rlhf_kit.inference.evaluation import task_per_prompt
+
+    def metrics(prompts, responses):
+        right = [float(p == r) for p, r in zip(prompts, responses)]
+        by_kind = {f"exact_match_{p[0]}": [x for x, q in zip(right, prompts) if q[0] == p[0]] for p in prompts}
+        return {"exact_match": sum(right) / len(right), **{k: sum(v) / len(v) for k, v in by_kind.items()}}
+
+    per_prompt = task_per_prompt(SimpleNamespace(metrics=metrics), ["a1", "b2", "a3"], ["a1", "x", "a3"])
+    assert per_prompt == {"exact_match": [1.0, 0.0, 1.0]}

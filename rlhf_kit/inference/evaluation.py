@@ -59,9 +59,11 @@ def paired_difference(a: EvalResult, b: EvalResult, column: str) -> tuple[float,
 
 
 def task_per_prompt(task, prompts: list, responses: list[str]) -> dict[str, list[float]]:
-    """The task's columns for each prompt alone (its metrics are means over prompts, so these average to them)."""
+    """The task's columns for each prompt alone (its metrics are means over prompts, so these average to them).
+    A column that some prompts do not have (exact match on one kind of question) has no per-prompt values."""
     rows = [task.metrics([p], [r]) for p, r in zip(prompts, responses)]
-    return {column: [float(row[column]) for row in rows] for column in rows[0]} if rows else {}
+    return {column: [float(row[column]) for row in rows] for column in rows[0]
+            if all(column in row for row in rows)} if rows else {}
 
 
 def load_task(name: str | None):
