@@ -38,12 +38,7 @@ _SCHEMA_EXAMPLE = ('{"type": "function", "function": {"name": ..., "description"
 
 def parse_tools(value, field: str = "tools") -> list[dict] | None:
     """The row's tool schemas (a JSON string parsed), checked; None when the row declares none (null or [])."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise RowError(field, f"expected a list of tool schemas or a JSON string of one, got invalid JSON "
-                           f"({error.msg} at character {error.pos})") from None
+    value = _parsed(value, field, "a list of tool schemas or a JSON string of one")
     if value is None or value == []:
         return None
     if not isinstance(value, list):
@@ -106,13 +101,19 @@ def check_tool_calls(calls, field: str, declared: dict[str, dict] | None) -> lis
     return calls
 
 
+def _parsed(value, field: str, expected: str):
+    """A JSON string parsed (other values as they are); RowError saying where the JSON breaks."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as error:
+        raise RowError(field, f"expected {expected}, got invalid JSON ({error.msg} at character {error.pos}) in "
+                       f"{describe(value)}") from None
+
+
 def _arguments(value, field: str) -> dict:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise RowError(field, f"expected a JSON object of arguments, got invalid JSON ({error.msg} at character "
-                           f"{error.pos}) in {describe(value)}") from None
+    value = _parsed(value, field, "a JSON object of arguments")
     if not isinstance(value, dict):
         raise RowError(field, "expected an object of arguments (or a JSON string of one; {} for none), "
                        f"got {describe(value)}")
