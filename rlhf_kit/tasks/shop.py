@@ -233,14 +233,12 @@ def sample_question(rng: random.Random, kind: str, split: Split = "train",
 
 
 def retrieved(rng: random.Random, prompt: Text, catalog: Catalog, k: int) -> list[str]:
-    """The `k` passages a BM25 search of `catalog` returns for a question, up to their order: the needed ones (each
-    passage names one item, and only its own passage shares the question's item words) and random others, shuffled
-    so that a model trained on them reads a passage wherever it stands."""
+    """The `k` passages a BM25 search of `catalog` returns for a question: first the needed ones (each passage names
+    one item, and only its own passage shares the question's item words), then random others (which share none)."""
     needed = needed_passages(prompt, catalog)
     others = [p for p in passages(catalog) if p not in needed]
-    found = needed + rng.sample(others, k - len(needed))
-    rng.shuffle(found)
-    return found
+    rng.shuffle(needed)  # two needed passages score alike: their order is arbitrary
+    return needed + rng.sample(others, k - len(needed))
 
 
 # --- the gold annotator -------------------------------------------------------
