@@ -107,12 +107,14 @@ def shop_conversation(rng: random.Random, split: task.Split) -> dict:
     tools = rng.random() < SHOP_TOOLS
     messages = [shop_documents(shop.retrieved(rng, question, catalog, SHOP_K))] if documents else []
     messages.append(user(question))
-    gold = str(shop.answer(question, catalog))
+    gold, facts = str(shop.answer(question, catalog)), shop.facts_said(question, catalog)
     if kind == "total" and tools:
         call = {"name": "calculator", "arguments": {"expression": shop.expression_of(question, catalog)}}
-        messages += [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]},
+        messages += [{"role": "assistant", "content": facts, "tool_calls": [{"type": "function", "function": call}]},
                      {"role": "tool", "name": "calculator", "content": gold}]
-    messages.append(assistant(gold))
+        messages.append(assistant(gold))
+    else:  # a price or a stock is the fact itself; a total without the calculator is the model's own arithmetic
+        messages.append(assistant(facts if kind != "total" else f"{facts} So they cost {gold} dollars."))
     return {"tools": [shop.CALCULATOR_SCHEMA] if tools else [], "messages": messages}
 
 
@@ -150,11 +152,12 @@ def shop_pretrain_rows(rng: random.Random, n: int, split: task.Split) -> list[di
             question = rng.choice(mine) if mine else shop.sample_question(rng, "total", split, items=shown)
             question = shop.make_prompt(question)
             value = shop.answer(question, catalog)
+            facts = shop.facts_said(question, catalog)
             if kind == "total":  # the calculator's call as a model writes it, so its JSON gets merges too
                 call = {"name": "calculator", "arguments": {"expression": shop.expression_of(question, catalog)}}
-                sentences.append(f"{question}\n<tool_call>\n{json.dumps(call)}\n</tool_call>\n{value}")
+                sentences.append(f"{question} {facts}\n<tool_call>\n{json.dumps(call)}\n</tool_call>\n{value}")
             else:
-                sentences.append(f"{question} {value}.")
+                sentences.append(f"{question} {facts}")
         documents = shop_documents(sentences[:len(shown)])["content"]
         rows.append({"text": documents + "\n" + "\n".join(sentences[len(shown):])})
     # The tool listing the chat template puts in the system turn, in a few rows: several hundred characters that a

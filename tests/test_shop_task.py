@@ -39,6 +39,9 @@ def test_gold_answers_by_hand():
     assert shop.answer("What do 3 lamps and 2 mugs cost?", catalog) == 44
     assert shop.expression_of("How much are 3 lamps and 2 mugs?", catalog) == "3*12+2*4"
     assert shop.answer("What do 2 boxes and 5 brushes cost?", catalog) == 70  # plurals in -es
+    assert shop.facts_said("What do 3 lamps and 2 mugs cost?", catalog) == ("The lamp costs 12 dollars. "
+                                                                            "The mug costs 4 dollars.")
+    assert shop.facts_said("How many mugs does the shop have?", catalog) == "There are 9 mugs in stock."
     assert shop.needed_passages("What do 3 lamps and 2 mugs cost?", catalog) == [
         "The lamp costs 12 dollars. There are 5 lamps in stock.", "The mug costs 4 dollars. There are 9 mugs in stock."]
     # The user message of a conversation is read, as the shipped prompts give it.
@@ -69,14 +72,16 @@ def test_prompts_outside_the_task_are_refused(prompt):
 
 # --- reading a response and the annotator ----------------------------------------------
 @pytest.mark.parametrize("response, number", [
-    ("44", 44), (" 44\n", 44), ("44.", 44), ("$44", 44), ("44 dollars", 44), ("44 dollars.", 44),
-    ("It is 44.", None), ("4 4", None), ("", None), ("forty-four", None), ("44 or 45", None),
+    ("44", 44), (" 44\n", 44), ("$44", 44), ("44 dollars.", 44), ("The lamp costs 12 dollars.", 12),
+    ("There are 5 lamps in stock.", 5),
+    ("The lamp costs 12 dollars. The mug costs 4 dollars. So they cost 44 dollars.", 44),
+    ("", None), ("forty-four", None),
     ('<tool_call>\n{"name": "calculator", "arguments": {"expression": "3*12+2*4"}}\n</tool_call>', None),
     ([{"role": "assistant", "content": "", "tool_calls": [{"type": "function"}]},
       {"role": "tool", "name": "calculator", "content": "44"}, {"role": "assistant", "content": "44"}], 44),
     ([{"role": "assistant", "content": None}], None),
 ])
-def test_answer_of_reads_a_bare_number_from_the_final_answer(response, number):
+def test_answer_of_reads_the_last_number_of_the_final_answer(response, number):
     assert shop.answer_of(response) == number
 
 
@@ -131,6 +136,18 @@ def test_shop_files_are_reproducible_byte_for_byte():
         assert first[name] == second[name] == (DATA / name).read_text(encoding="utf-8"), name
 
 
+def catalog_of(messages: list[dict]) -> dict:
+    """The facts the retrieved passages of a demonstration state."""
+    if messages[0]["role"] != "system":
+        return {}
+    catalog = {}
+    for line in messages[0]["content"].split("\n")[1:]:
+        item, price, stock = re.fullmatch(r"\[\d\] The (\w+) costs (\d+) dollars\. There are (\d+) \w+ in stock\.",
+                                          line).groups()
+        catalog[item] = shop.Fact(int(price), int(stock))
+    return catalog
+
+
 def test_sft_rows_are_trl_tool_calling_conversations_with_the_right_answers():
     rows = read_jsonl(DATA / "shop/sft/train.jsonl")
     kinds = {"calls": 0, "documents": 0}
@@ -146,17 +163,14 @@ def test_sft_rows_are_trl_tool_calling_conversations_with_the_right_answers():
             call = messages[-3]["tool_calls"][0]["function"]
             assert row["tools"] and shop.question_of(question).kind == "total" and call["name"] == "calculator"
             assert str(eval(call["arguments"]["expression"], {})) == messages[-2]["content"] == messages[-1]["content"]
+            if roles[0] == "system":
+                assert messages[-3]["content"] == shop.facts_said(question, catalog_of(messages))
         if roles[0] == "system":
             kinds["documents"] += 1
             lines = messages[0]["content"].split("\n")
             assert lines[0] == "Documents:" and [line[:4] for line in lines[1:]] == ["[1] ", "[2] ", "[3] "]
             # The needed passages are among the retrieved ones, so the demonstrated answer follows from them.
-            catalog = {}
-            for line in lines[1:]:
-                item, price, stock = re.fullmatch(r"\[\d\] The (\w+) costs (\d+) dollars\. There are (\d+) \w+ in "
-                                                  r"stock\.", line).groups()
-                catalog[item] = shop.Fact(int(price), int(stock))
-            assert str(shop.answer(question, catalog)) == messages[-1]["content"]
+            assert shop.answer_of(messages) == shop.answer(question, catalog_of(messages))
     assert 0.25 < kinds["calls"] / len(rows) < 0.35  # totals (half) with the calculator listed (60%)
     assert 0.85 < kinds["documents"] / len(rows) < 0.95
 

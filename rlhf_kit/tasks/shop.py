@@ -6,9 +6,10 @@ A shop sells 24 items, each with a price in whole dollars and a stock count, one
 
 and a user asks about one item's price or stock, or the total of a purchase::
 
-    How much does the lamp cost?          ->  12         (needs the lamp's passage: retrieval)
-    How many lamps are in stock?          ->  5          (retrieval)
-    What do 3 lamps and 2 mugs cost?      ->  3*12+2*4   (retrieval, then arithmetic: the calculator tool)
+    How much does the lamp cost?          ->  The lamp costs 12 dollars.      (needs the lamp's passage: retrieval)
+    How many lamps are in stock?          ->  There are 5 lamps in stock.     (retrieval)
+    What do 3 lamps and 2 mugs cost?      ->  The lamp costs 12 dollars. The mug costs 4 dollars. + calculator(3*12+2*4)
+                                          ->  44                              (retrieval, then the calculator tool)
 
 The catalog the questions are scored against (`TEST_CATALOG`, shipped as the retrieval corpus
 ``data/shop/catalog.jsonl``) is fixed, and no training text states one of its facts: every SFT demonstration and
@@ -17,7 +18,7 @@ pretraining paragraph is about a random *training* catalog in which no item has 
 the pipeline `recipes/configs/pipeline/tiny-tools.yaml` measures exact match without tools, with retrieval, and with
 retrieval and the calculator.
 
-The gold annotator is exact match: `answer_of(response)` (the number the final answer gives) must equal
+The gold annotator is exact match: `answer_of(response)` (the last number of the final answer) must equal
 `answer(prompt)`. The generators are pure functions of a ``random.Random``, so the shipped files
 (``data/make_datasets.py``) are reproducible byte for byte. The split is a function of the question (a CRC of its
 text), so no test question appears in the training data, whatever catalog it is asked of.
@@ -199,6 +200,17 @@ def answer(prompt: Text, catalog: Catalog = TEST_CATALOG) -> int:
     return sum(count * catalog[item].price for count, item in zip(question.counts, question.items))
 
 
+def facts_said(prompt: Text, catalog: Catalog = TEST_CATALOG) -> str:
+    """The facts a question needs, as the assistant says them before it answers (``The lamp costs 12 dollars.``):
+    the words of the passage, so a tiny model finds the number by copying what follows the same words above (an
+    induction head), which it learns far sooner than looking an item up from the question's words alone."""
+    question = _question(prompt)
+    if question.kind == "stock":
+        item = question.items[0]
+        return f"There are {catalog[item].stock} {PLURALS[item]} in stock."
+    return " ".join(f"The {item} costs {catalog[item].price} dollars." for item in question.items)
+
+
 def needed_passages(prompt: Text, catalog: Catalog = TEST_CATALOG) -> list[str]:
     """The catalog passages a question needs (one, or two for a total): what retrieval recall@k counts."""
     return [passage(item, catalog[item]) for item in _question(prompt).items]
@@ -243,16 +255,16 @@ def retrieved(rng: random.Random, prompt: Text, catalog: Catalog, k: int) -> lis
 
 # --- the gold annotator -------------------------------------------------------
 _TOOL_CALL = re.compile(r"<tool_call>.*?(</tool_call>|$)", re.DOTALL)
-_NUMBER = re.compile(r"\$?\s*([0-9]+)(?:\s*dollars)?\s*\.?")
+_NUMBER = re.compile(r"[0-9]+")
 
 
 def answer_of(response: Text) -> int | None:
-    """The number the final answer gives: the last assistant message (tool calls left out), which must be a number
-    alone (``50``, ``$50``, ``50 dollars.``); else None. Also an answer extractor for self-consistency
-    (``answer_pattern: rlhf_kit.tasks.shop:answer_of``)."""
-    text = _TOOL_CALL.sub("", _content(response, role="assistant") or "").strip()
-    match = _NUMBER.fullmatch(text)
-    return int(match.group(1)) if match else None
+    """The number the final answer gives: the last number of the last assistant message (tool calls left out), as
+    answers end with it (``12``, ``The lamp costs 12 dollars.``, ``... So they cost 44 dollars.``); None if it has
+    none. Also an answer extractor for self-consistency (``answer_pattern: rlhf_kit.tasks.shop:answer_of``)."""
+    text = _TOOL_CALL.sub("", _content(response, role="assistant") or "")
+    numbers = _NUMBER.findall(text)
+    return int(numbers[-1]) if numbers else None
 
 
 def gold_score(prompt: Text, response: Text) -> float:
