@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlhf_kit.tasks import answers  # noqa: E402
 from rlhf_kit.tasks import review as task  # noqa: E402
+from rlhf_kit.tasks import shop  # noqa: E402
 
 SYSTEM_FRACTION = 0.1  # share of SFT conversations that open with a system message
 N_EXAMPLES = 20  # rows in each data/examples/ file
@@ -74,6 +75,96 @@ def answers_sft_rows(rng: random.Random, n: int, split: task.Split) -> list[dict
 def answers_prompt_rows(rng: random.Random, n: int, split: task.Split) -> list[dict]:
     # The gold answer rides along as a column, as `item` does in prompts/: reward functions receive it.
     return [{"prompt": [user(p)], "answer": a} for p, a in answers.examples(rng, n, split)]
+
+
+# --- the shop (rlhf_kit.tasks.shop): retrieval and the calculator -------------------------------
+SHOP_K = 3  # passages retrieved per question, as the pipeline's `--retrieve` top-k
+SHOP_KINDS = {"price": 0.3, "stock": 0.2, "total": 0.5}  # share of SFT demonstrations by kind of question
+SHOP_DOCUMENTS = 0.9  # share of demonstrations with retrieved passages (the rest: the question alone)
+SHOP_TOOLS = 0.6  # share with the calculator listed (the rest answer a total themselves, as without tools)
+
+
+# The system turn's tool listing in the shared format of the kit's ChatML (rlhf_kit/model.py), for the pretraining text.
+SHOP_TOOLS_LISTING = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n<tools>\n"
+    + json.dumps(shop.CALCULATOR_SCHEMA) + "\n</tools>\n\nFor each function call, return a json object with function "
+    "name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
+    "\"arguments\": <args-json-object>}\n</tool_call>")
+
+
+def shop_documents(texts: list[str]) -> dict[str, str]:
+    # The shared format of retrieved passages: a system message, numbered from 1, as inference renders them.
+    return {"role": "system", "content": "Documents:\n" + "\n".join(f"[{i}] {t}" for i, t in enumerate(texts, 1))}
+
+
+def shop_conversation(rng: random.Random, split: task.Split) -> dict:
+    """One demonstration about its own random training catalog: the retrieved passages, the question, and the
+    calculator's call and result before the answer when a total is asked and the tool is listed."""
+    catalog = shop.train_catalog(rng)
+    kind = rng.choices(list(SHOP_KINDS), weights=list(SHOP_KINDS.values()))[0]
+    question = shop.make_prompt(shop.sample_question(rng, kind, split))
+    documents = rng.random() < SHOP_DOCUMENTS
+    tools = rng.random() < SHOP_TOOLS
+    messages = [shop_documents(shop.retrieved(rng, question, catalog, SHOP_K))] if documents else []
+    messages.append(user(question))
+    gold, facts = str(shop.answer(question, catalog)), shop.facts_said(question, catalog)
+    if kind == "total" and tools:
+        call = {"name": "calculator", "arguments": {"expression": shop.expression_of(question, catalog)}}
+        messages += [{"role": "assistant", "content": facts, "tool_calls": [{"type": "function", "function": call}]},
+                     {"role": "tool", "name": "calculator", "content": gold}]
+        messages.append(assistant(gold))
+    else:  # a price or a stock is the fact itself; a total without the calculator is the model's own arithmetic
+        messages.append(assistant(facts if kind != "total" else f"{facts} So they cost {gold} dollars."))
+    return {"tools": [shop.CALCULATOR_SCHEMA] if tools else [], "messages": messages}
+
+
+def shop_sft_rows(rng: random.Random, n: int, split: task.Split) -> list[dict]:
+    return [shop_conversation(rng, split) for _ in range(n)]
+
+
+def shop_prompt_rows(rng: random.Random, n: int, split: task.Split) -> list[dict]:
+    # Questions about the test catalog (the retrieval corpus), with their gold answer as a column. Test takes every
+    # held-out price and stock question (there are few), then distinct totals.
+    questions = [q for q in shop.all_single_questions() if shop.split_of(q) == split][:n // 4 if split == "train"
+                                                                                      else n]
+    while len(questions) < n:
+        question = shop.sample_question(rng, "total", split)
+        if question not in questions:
+            questions.append(question)
+    rng.shuffle(questions)
+    return [{"prompt": [user(shop.make_prompt(q))], "answer": shop.answer(shop.make_prompt(q))} for q in questions]
+
+
+def shop_pretrain_rows(rng: random.Random, n: int, split: task.Split) -> list[dict]:
+    """Plain text in the shop's words, about random training catalogs (never a test fact): a few passages, then
+    questions about them answered (a total by the calculator's call), so a from-scratch tokenizer has merges for the
+    items, the numbers and the tool-call JSON."""
+    rows = []
+    for _ in range(n):
+        catalog = shop.train_catalog(rng)
+        shown = rng.sample(shop.ITEMS, rng.randint(2, 5))
+        sentences = [shop.passage(item, catalog[item]) for item in shown]
+        # Questions about items the paragraph has just listed, so their answers follow from the text.
+        singles = [q for q in shop.all_single_questions() if q.items[0] in shown and shop.split_of(q) == split]
+        # Many questions per paragraph: looking a fact up in the text above is what the model must learn first.
+        for kind in [rng.choice(("price", "stock")) for _ in shown] + ["total"]:
+            mine = [q for q in singles if q.kind == kind]
+            question = rng.choice(mine) if mine else shop.sample_question(rng, "total", split, items=shown)
+            question = shop.make_prompt(question)
+            value = shop.answer(question, catalog)
+            facts = shop.facts_said(question, catalog)
+            if kind == "total":  # the calculator's call as a model writes it, so its JSON gets merges too
+                call = {"name": "calculator", "arguments": {"expression": shop.expression_of(question, catalog)}}
+                sentences.append(f"{question} {facts}\n<tool_call>\n{json.dumps(call)}\n</tool_call>\n{value}")
+            else:
+                sentences.append(f"{question} {facts}")
+        documents = shop_documents(sentences[:len(shown)])["content"]
+        rows.append({"text": documents + "\n" + "\n".join(sentences[len(shown):])})
+    # The tool listing the chat template puts in the system turn, in a few rows: several hundred characters that a
+    # tokenizer without merges for them would spend one token each on, in every SFT demonstration.
+    for i in range(0, n, 10):
+        rows[i]["text"] += "\n\n" + SHOP_TOOLS_LISTING
+    return rows
 
 
 # --- small examples of every other accepted format --------------------------
@@ -127,6 +218,8 @@ SIZES = {"pretrain": (4000, 200), "sft": (2000, 200), "preference": (3000, 300),
 STAGE_ROWS = {"pretrain": pretrain_rows, "sft": sft_rows, "preference": preference_rows, "prompts": prompt_rows}
 ANSWERS_SIZES = {"sft": (2000, 200), "prompts": (1000, 100)}
 ANSWERS_ROWS = {"sft": answers_sft_rows, "prompts": answers_prompt_rows}
+SHOP_SIZES = {"pretrain": (3000, 100), "sft": (4000, 200), "prompts": (400, 100)}
+SHOP_ROWS = {"pretrain": shop_pretrain_rows, "sft": shop_sft_rows, "prompts": shop_prompt_rows}
 EXAMPLES = (sft_prompt_completion, sft_prompt_completion_conversational, sft_text,
             preference_implicit, preference_standard, prompts_standard)
 
@@ -146,6 +239,13 @@ def build_files(seed: int = 0) -> dict[str, str]:
         for split, n in (("train", n_train), ("test", n_test)):
             name = f"answers/{kind}/{split}.jsonl"
             files[name] = to_jsonl(ANSWERS_ROWS[kind](rng(name), n, split))
+    for kind, (n_train, n_test) in SHOP_SIZES.items():
+        for split, n in (("train", n_train), ("test", n_test)):
+            name = f"shop/{kind}/{split}.jsonl"
+            files[name] = to_jsonl(SHOP_ROWS[kind](rng(name), n, split))
+    # The retrieval corpus: one passage per item of the catalog the test questions are about.
+    files["shop/catalog.jsonl"] = to_jsonl({"text": shop.passage(item, fact), "item": item}
+                                           for item, fact in shop.TEST_CATALOG.items())
     # Few-shot examples for prompting the base model as a document (the report's base_raw rows): the first three SFT
     # training demonstrations, as prompt/completion rows.
     first = [json.loads(line)["messages"] for line in files["sft/train.jsonl"].splitlines()[:3]]
