@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlhf_kit.tasks import answers  # noqa: E402
 from rlhf_kit.tasks import review as task  # noqa: E402
+from rlhf_kit.inference.calculator import calculator  # noqa: E402
+from rlhf_kit.model import TOOLS_INSTRUCTIONS, TOOLS_PREAMBLE  # noqa: E402
 from rlhf_kit.tasks import shop  # noqa: E402
 
 SYSTEM_FRACTION = 0.1  # share of SFT conversations that open with a system message
@@ -85,11 +87,7 @@ SHOP_TOOLS = 0.6  # share with the calculator listed (the rest answer a total th
 
 
 # The system turn's tool listing in the shared format of the kit's ChatML (rlhf_kit/model.py), for the pretraining text.
-SHOP_TOOLS_LISTING = (
-    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n<tools>\n"
-    + json.dumps(shop.CALCULATOR_SCHEMA) + "\n</tools>\n\nFor each function call, return a json object with function "
-    "name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
-    "\"arguments\": <args-json-object>}\n</tool_call>")
+SHOP_TOOLS_LISTING = TOOLS_PREAMBLE + json.dumps(shop.CALCULATOR_SCHEMA) + TOOLS_INSTRUCTIONS
 
 
 def shop_documents(texts: list[str]) -> dict[str, str]:
@@ -110,9 +108,12 @@ def shop_conversation(rng: random.Random, split: task.Split) -> dict:
     gold, facts = str(shop.answer(question, catalog)), shop.facts_said(question, catalog)
     if kind == "total" and tools:
         call = {"name": "calculator", "arguments": {"expression": shop.expression_of(question, catalog)}}
+        # The answer quotes the calculator's "expression = value": a number after the same words is what a tiny
+        # model learns to copy (a bare result right after the tool turn, it did not learn to copy at all).
+        result = calculator(call["arguments"]["expression"])
         messages += [{"role": "assistant", "content": facts, "tool_calls": [{"type": "function", "function": call}]},
-                     {"role": "tool", "name": "calculator", "content": gold}]
-        messages.append(assistant(gold))
+                     {"role": "tool", "name": "calculator", "content": result}]
+        messages.append(assistant(f"So they cost {result} dollars."))
     else:  # a price or a stock is the fact itself; a total without the calculator is the model's own arithmetic
         messages.append(assistant(facts if kind != "total" else f"{facts} So they cost {gold} dollars."))
     return {"tools": [shop.CALCULATOR_SCHEMA] if tools else [], "messages": messages}
@@ -151,11 +152,12 @@ def shop_pretrain_rows(rng: random.Random, n: int, split: task.Split) -> list[di
             mine = [q for q in singles if q.kind == kind]
             question = rng.choice(mine) if mine else shop.sample_question(rng, "total", split, items=shown)
             question = shop.make_prompt(question)
-            value = shop.answer(question, catalog)
             facts = shop.facts_said(question, catalog)
             if kind == "total":  # the calculator's call as a model writes it, so its JSON gets merges too
                 call = {"name": "calculator", "arguments": {"expression": shop.expression_of(question, catalog)}}
-                sentences.append(f"{question} {facts}\n<tool_call>\n{json.dumps(call)}\n</tool_call>\n{value}")
+                result = calculator(call["arguments"]["expression"])
+                sentences.append(f"{question} {facts}\n<tool_call>\n{json.dumps(call)}\n</tool_call>\n{result}\n"
+                                 f"So they cost {result} dollars.")
             else:
                 sentences.append(f"{question} {facts}")
         documents = shop_documents(sentences[:len(shown)])["content"]
@@ -172,6 +174,94 @@ def shop_pretrain_rows(rng: random.Random, n: int, split: task.Split) -> list[di
 # non-conversational data: the completion is appended to the prompt as is.
 def sft_prompt_completion(rng: random.Random) -> list[dict]:
     return [{"prompt": p, "completion": " " + r} for p, r in task.sft_examples(rng, N_EXAMPLES)]
+
+
+def sft_tool_calls(rng: random.Random) -> list[dict]:
+    # TRL's tool-calling format, written by hand (no generator: the calls and results are the point): a call and its
+    # result, two calls in one turn answered by id, a turn with no call, and `tools` given as a JSON string.
+    return (
+    [{'tools': [{'type': 'function',
+                 'function': {'name': 'calculator',
+                              'description': 'Evaluate an arithmetic expression.',
+                              'parameters': {'type': 'object',
+                                             'properties': {'expression': {'type': 'string',
+                                                                           'description': "The expression, e.g. '3 "
+                                                                                          "* (4 + 5)'."}},
+                                             'required': ['expression']}}}],
+      'messages': [{'role': 'user', 'content': 'What is 17 times 23?'},
+                   {'role': 'assistant',
+                    'tool_calls': [{'type': 'function',
+                                    'id': 'call_0',
+                                    'function': {'name': 'calculator', 'arguments': {'expression': '17 * 23'}}}]},
+                   {'role': 'tool', 'tool_call_id': 'call_0', 'name': 'calculator', 'content': '391'},
+                   {'role': 'assistant', 'content': '17 times 23 is 391.'}]},
+     {'tools': [{'type': 'function',
+                 'function': {'name': 'calculator',
+                              'description': 'Evaluate an arithmetic expression.',
+                              'parameters': {'type': 'object',
+                                             'properties': {'expression': {'type': 'string',
+                                                                           'description': "The expression, e.g. '3 "
+                                                                                          "* (4 + 5)'."}},
+                                             'required': ['expression']}}},
+                {'type': 'function',
+                 'function': {'name': 'get_price',
+                              'description': 'Look up the price of an item in the shop.',
+                              'parameters': {'type': 'object',
+                                             'properties': {'item': {'type': 'string',
+                                                                     'description': "The item's name."},
+                                                            'quantity': {'type': 'integer',
+                                                                         'description': 'How many.'}},
+                                             'required': ['item']}}}],
+      'messages': [{'role': 'system', 'content': "You are the shop's assistant."},
+                   {'role': 'user', 'content': 'How much do 3 teapots and a lamp cost?'},
+                   {'role': 'assistant',
+                    'content': 'Let me look up both prices.',
+                    'tool_calls': [{'type': 'function',
+                                    'id': 'call_0',
+                                    'function': {'name': 'get_price',
+                                                 'arguments': {'item': 'teapot', 'quantity': 3}}},
+                                   {'type': 'function',
+                                    'id': 'call_1',
+                                    'function': {'name': 'get_price', 'arguments': {'item': 'lamp'}}}]},
+                   {'role': 'tool', 'tool_call_id': 'call_0', 'name': 'get_price', 'content': '36.00'},
+                   {'role': 'tool', 'tool_call_id': 'call_1', 'name': 'get_price', 'content': '24.50'},
+                   {'role': 'assistant',
+                    'tool_calls': [{'type': 'function',
+                                    'id': 'call_2',
+                                    'function': {'name': 'calculator',
+                                                 'arguments': {'expression': '36.00 + 24.50'}}}]},
+                   {'role': 'tool', 'tool_call_id': 'call_2', 'name': 'calculator', 'content': '60.5'},
+                   {'role': 'assistant', 'content': 'Together they cost 60.50.'}]},
+     {'tools': [{'type': 'function',
+                 'function': {'name': 'calculator',
+                              'description': 'Evaluate an arithmetic expression.',
+                              'parameters': {'type': 'object',
+                                             'properties': {'expression': {'type': 'string',
+                                                                           'description': "The expression, e.g. '3 "
+                                                                                          "* (4 + 5)'."}},
+                                             'required': ['expression']}}},
+                {'type': 'function',
+                 'function': {'name': 'get_price',
+                              'description': 'Look up the price of an item in the shop.',
+                              'parameters': {'type': 'object',
+                                             'properties': {'item': {'type': 'string',
+                                                                     'description': "The item's name."},
+                                                            'quantity': {'type': 'integer',
+                                                                         'description': 'How many.'}},
+                                             'required': ['item']}}}],
+      'messages': [{'role': 'user', 'content': 'Hello!'},
+                   {'role': 'assistant', 'content': 'Hello! Ask me about prices in the shop.'}]},
+     {'tools': '[{"type": "function", "function": {"name": "get_price", "description": "Look up the price of an '
+               'item in the shop.", "parameters": {"type": "object", "properties": {"item": {"type": "string", '
+               '"description": "The item\'s name."}, "quantity": {"type": "integer", "description": "How many."}}, '
+               '"required": ["item"]}}}]',
+      'messages': [{'role': 'user', 'content': 'What does a tent cost?'},
+                   {'role': 'assistant',
+                    'tool_calls': [{'type': 'function',
+                                    'function': {'name': 'get_price', 'arguments': '{"item": "tent"}'}}]},
+                   {'role': 'tool', 'content': '120.00'},
+                   {'role': 'assistant', 'content': 'A tent costs 120.00.'}]}]
+    )
 
 
 def sft_prompt_completion_conversational(rng: random.Random) -> list[dict]:
@@ -221,7 +311,7 @@ ANSWERS_ROWS = {"sft": answers_sft_rows, "prompts": answers_prompt_rows}
 SHOP_SIZES = {"pretrain": (3000, 100), "sft": (4000, 200), "prompts": (400, 100)}
 SHOP_ROWS = {"pretrain": shop_pretrain_rows, "sft": shop_sft_rows, "prompts": shop_prompt_rows}
 EXAMPLES = (sft_prompt_completion, sft_prompt_completion_conversational, sft_text,
-            preference_implicit, preference_standard, prompts_standard)
+            preference_implicit, preference_standard, prompts_standard, sft_tool_calls)
 
 
 def build_files(seed: int = 0) -> dict[str, str]:

@@ -181,6 +181,31 @@ def test_report_adds_inference_rows_with_standard_errors_and_paired_gains(pipeli
     assert gains[("base_constrained", "shape_rate")]["difference"] > 0.5
 
 
+def test_report_adds_retrieval_and_tool_rows_their_gains_recall_and_a_vote_over_whole_exchanges(pipeline):
+    """The shop's questions on the pipeline's models: every trained policy with retrieval, and with retrieval and the
+    calculator; exact-match gains over the row each adds to; recall@k of the retriever; and self-consistency sampled
+    with both. (These review-task models have not learned the shop: the test checks the wiring, not the numbers.)"""
+    import dataclasses
+
+    config, _, _ = pipeline
+    config = dataclasses.replace(config, evaluation={
+        "prompts": "data/shop/prompts", "task": "rlhf_kit.tasks.shop", "num_prompts": 6, "max_new_tokens": 16,
+        "retrieve": "data/shop/catalog.jsonl", "top_k": 3, "tools": ["rlhf_kit.inference.calculator"],
+        "max_tool_rounds": 1, "vote_n": 2, "answer_pattern": "rlhf_kit.tasks.shop:answer_of"})
+    data = report(config)
+    rows = data["rows"]
+    for name in ("sft", "ppo"):
+        assert {f"{name}_retrieval", f"{name}_retrieval_tools"} <= set(rows)
+        assert "tool_calls" in rows[f"{name}_retrieval_tools"] and "tool_calls" not in rows[f"{name}_retrieval"]
+    assert "base_retrieval" not in rows  # a base model is not asked to read passages or call tools
+    gains = {(g["row"], g["baseline"]) for g in data["gains"] if g["column"] == "exact_match"}
+    assert {("sft_retrieval", "sft"), ("sft_retrieval_tools", "sft"), ("sft_retrieval_tools", "sft_retrieval")} <= gains
+    assert data["retrieval"] == {"corpus": "data/shop/catalog.jsonl", "top_k": 3, "recall_at_k": 1.0}
+    assert {"sft_retrieval_tools_one_sample", "sft_retrieval_tools_vote_of_2"} <= set(data["self_consistency"])
+    md = (config.stage_dir("sft").parent / "report.md").read_text()
+    assert "| sft_retrieval_tools |" in md and "recall@3 1.000" in md and "| exact_match | tool_calls |" in md
+
+
 def test_rl_alternatives_and_rejection_sampling_are_wired_from_sft_and_reward(tmp_path):
     stages = {name: f"recipes/configs/{name}/tiny.yaml" for name in ("sft", "reward", "grpo", "rloo", "dpo",
                                                                       "best_of_n")}

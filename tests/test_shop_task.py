@@ -10,6 +10,7 @@ import re
 import pytest
 from conftest import REPO, read_jsonl
 
+from rlhf_kit.inference.calculator import calculator
 from rlhf_kit.tasks import shop
 from rlhf_kit.tasks.shop import TEST_CATALOG
 
@@ -162,7 +163,9 @@ def test_sft_rows_are_trl_tool_calling_conversations_with_the_right_answers():
             kinds["calls"] += 1
             call = messages[-3]["tool_calls"][0]["function"]
             assert row["tools"] and shop.question_of(question).kind == "total" and call["name"] == "calculator"
-            assert str(eval(call["arguments"]["expression"], {})) == messages[-2]["content"] == messages[-1]["content"]
+            result = calculator(call["arguments"]["expression"])  # "5*26+3*24 = 202"
+            assert messages[-2]["content"] == result and messages[-1]["content"] == f"So they cost {result} dollars."
+            assert shop.answer_of(messages) == int(result.split(" = ")[1])
             if roles[0] == "system":
                 assert messages[-3]["content"] == shop.facts_said(question, catalog_of(messages))
         if roles[0] == "system":

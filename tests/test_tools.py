@@ -17,6 +17,7 @@ from rlhf_kit.inference.constraints import Constraint
 from rlhf_kit.inference.generation import Conversation, Sampling, load_policy
 from rlhf_kit.inference.tools import generate_with_tools, parse_reply
 from rlhf_kit.model import CHATML_TEMPLATE, require_response_template, response_template_for
+from rlhf_kit.tasks.shop import CALCULATOR_SCHEMA
 from rlhf_kit.tools import ToolRunner, load_tools, run_tool_call, tool_schema
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -63,7 +64,7 @@ def call(name, **arguments):
                                                 ("-(2.5*4)", "-10"), ("7 // 2 + 7 % 2", "4"), ("2**10", "1024"),
                                                 (" (1 + 2) * +3 ", "9"), ("0.1+0.2", "0.3")])
 def test_calculator_does_arithmetic(expression, result):
-    assert calculator(expression) == result
+    assert calculator(expression) == f"{expression.strip()} = {result}"  # what was computed, and its value
 
 
 @pytest.mark.parametrize("expression, message", [("__import__('os')", "not allowed"), ("x + 1", "not allowed"),
@@ -82,6 +83,8 @@ def test_calculator_schema_is_the_one_training_data_holds():
     assert schema["parameters"]["properties"].keys() == {"expression"}
     assert schema["parameters"]["properties"]["expression"]["type"] == "string"
     assert schema["parameters"]["required"] == ["expression"]
+    # The shop task's demonstrations list exactly what inference lists.
+    assert tool_schema(calculator) == CALCULATOR_SCHEMA
 
 
 # ------------------------------------------------------------------------------------------------ loading tools
@@ -125,7 +128,7 @@ def test_a_tool_the_model_cannot_be_told_about_fails_when_loaded(tmp_path):
 
 def test_every_failure_comes_back_to_the_model_as_text():
     tools = [calculator, slow, fails, numbers]
-    assert run_tool_call(call("calculator", expression="3*12+2*4"), tools) == "44"
+    assert run_tool_call(call("calculator", expression="3*12+2*4"), tools) == "3*12+2*4 = 44"
     assert run_tool_call(call("numbers", a=1), tools) == '{"sum": 3}'  # not a string: JSON
     assert run_tool_call({"name": "numbers", "arguments": '{"a": 1, "b": 5}'}, tools) == '{"sum": 6}'
     assert run_tool_call(call("search", query="x"), tools).startswith("Error: there is no tool 'search'; the tools "
@@ -143,7 +146,7 @@ def test_a_hanging_tool_is_stopped_at_the_timeout_and_the_next_call_runs():
         began = time.perf_counter()
         assert run(call("slow", seconds=30)) == "Error: slow did not finish within 0.5 seconds and was stopped"
         assert time.perf_counter() - began < 5
-        assert run(call("calculator", expression="2+2")) == "4"  # a fresh worker
+        assert run(call("calculator", expression="2+2")) == "2+2 = 4"  # a fresh worker
         assert run(call("slow", seconds=0.01)) == "woke"
 
 
@@ -172,7 +175,7 @@ def round_trip(tok, reply_text, template):
     reply = parse_reply(tok, template, reply_ids, prompt_ids, schemas)
     assert reply["tool_calls"] == [call("calculator", expression="3*12+2*4")]
     results = [{"role": "tool", "name": "calculator", "content": run_tool_call(c, tools)} for c in reply["tool_calls"]]
-    assert results[0]["content"] == "44"
+    assert results[0]["content"] == "3*12+2*4 = 44"
     again = tok.apply_chat_template([*question, reply, *results], tools=schemas, add_generation_prompt=True,
                                     tokenize=False)
     # The call is rendered back as the model wrote it, the result follows, and the model is asked to go on.
@@ -187,7 +190,7 @@ def test_calls_round_trip_through_the_kits_chatml(chatml_tokenizer):
     template = require_response_template(tok)
     reply = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "3*12+2*4"}}\n</tool_call><|im_end|>'
     again = round_trip(tok, reply, template)
-    assert again.endswith(reply + "\n<|im_start|>tool\n44<|im_end|>\n<|im_start|>assistant\n")
+    assert again.endswith(reply + "\n<|im_start|>tool\n" + RESULT + "<|im_end|>\n<|im_start|>assistant\n")
     # Malformed JSON in the call: a final answer, as written; nothing is run.
     bad = tok("<tool_call>\n{\"name\": calculator}\n</tool_call><|im_end|>", add_special_tokens=False)["input_ids"]
     assert parse_reply(tok, template, bad, [], []) == {"role": "assistant",
@@ -227,6 +230,7 @@ def test_a_saved_response_template_loads_back(chatml_tokenizer, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the loop, end to end
 
+RESULT = "3*12+2*4 = 44"  # the calculator's answer to CALL: what it computed, and the value
 CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "3*12+2*4"}}\n</tool_call>'
 
 
@@ -260,13 +264,13 @@ def test_a_real_call_runs_and_the_model_goes_on_with_its_result(tool_policy):
     for transcript, response, prompt_ids in zip(gens.transcripts, gens.responses, gens.prompt_ids):
         assert transcript[:2] == [{"role": "assistant", "content": "", "tool_calls": [call("calculator",
                                                                                             expression="3*12+2*4")]},
-                                  {"role": "tool", "name": "calculator", "content": "44"}]
+                                  {"role": "tool", "name": "calculator", "content": RESULT}]
         # The second round was free: the tiny model wrote no call, and that is the final answer.
         assert transcript[2:] == [{"role": "assistant", "content": response}] and "<tool_call>" not in response
         # It was generated after the documents, the tools, the call and its result, rendered by the template.
         context = tool_policy.tokenizer.decode(prompt_ids)
         assert "Documents:\n[1] The lamp costs 12 dollars." in context and '"name": "calculator"' in context
-        assert context.endswith(CALL + "<|im_end|>\n<|im_start|>tool\n44<|im_end|>\n<|im_start|>assistant\n")
+        assert context.endswith(f"{CALL}<|im_end|>\n<|im_start|>tool\n{RESULT}<|im_end|>\n<|im_start|>assistant\n")
     assert gens.generated_tokens[0] > len(gens.response_ids[0])  # both rounds counted
     # The same seed draws the same trajectories.
     again = generate_with_tools(tool_policy, prompts, tools=tools, sampling=sampling,
@@ -294,7 +298,7 @@ def test_generate_file_rows_hold_the_exchange_and_resume_checks_the_tool_setting
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["tool_calls"] for row in rows] == [1, 1]
     assert [m["role"] for m in rows[0]["messages"]] == ["assistant", "tool", "assistant"]
-    assert rows[0]["messages"][1]["content"] == "44" and len(rows[0]["transcripts"]) == 2
+    assert rows[0]["messages"][1]["content"] == RESULT and len(rows[0]["transcripts"]) == 2
     assert rows[0]["answer"] == CALL  # the vote is on the final responses
     meta = json.loads((tmp_path / "out.jsonl.meta.json").read_text())
     assert meta["tools"]["modules"] == [CALCULATOR] and meta["tools"]["schemas"] == [tool_schema(calculator)]
@@ -312,7 +316,7 @@ QUESTIONS = ["What is 3*12+2*4?", "What do 3 lamps at 12 and 2 mugs at 4 cost?",
 
 def used_a_tool(prompts, completions, **kwargs):
     """A reward for GRPO: 1 when the completion called a tool and got 44 back."""
-    return [float(any(m["role"] == "tool" and m["content"] == "44" for m in c)) for c in completions]
+    return [float(any(m["role"] == "tool" and m["content"] == RESULT for m in c)) for c in completions]
 
 
 @pytest.fixture(scope="module")
@@ -386,14 +390,14 @@ def test_generate_command_and_chat_run_the_tools(calling_policy, tmp_path):
     assert [row["tool_calls"] for row in rows] == [1, 1]
     assert rows[0]["messages"][:2] == [{"role": "assistant", "content": "",
                                         "tool_calls": [call("calculator", expression="3*12+2*4")]},
-                                       {"role": "tool", "name": "calculator", "content": "44"}]
+                                       {"role": "tool", "name": "calculator", "content": RESULT}]
     assert json.loads((tmp_path / "out.jsonl.meta.json").read_text())["tools"]["timeout"] == 2.0
 
     written = []
     history = chat(calling_policy, lines=[QUESTIONS[0]], write=written.append, temperature=0, max_new_tokens=96,
                    tools=[CALCULATOR], max_tool_rounds=1)
     shown = "".join(written)
-    assert '[calculator({"expression": "3*12+2*4"})]\n[-> 44]\n' in shown
+    assert '[calculator({"expression": "3*12+2*4"})]\n[-> 3*12+2*4 = 44]\n' in shown
     assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant"]
     assert shown.endswith(history[-1]["content"] + "\n")
 
@@ -405,7 +409,7 @@ def test_guarded_tools_keep_their_schemas_and_raise_what_went_wrong():
     with ToolRunner([calculator, slow], timeout=0.5) as runner:
         calc, sleeper = guarded(runner)
         assert calc.__name__ == "calculator" and tool_schema(calc) == tool_schema(calculator)
-        assert calc(expression="6/2") == "3"
+        assert calc(expression="6/2") == "6/2 = 3"
         with pytest.raises(ToolError, match="did not finish within 0.5 seconds"):
             sleeper(seconds=30)
         with pytest.raises(ToolError, match="raised ValueError"):

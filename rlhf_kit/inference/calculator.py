@@ -4,10 +4,14 @@ The expression is parsed with Python's `ast` and only numbers and arithmetic are
 names, calls, attributes and strings are refused, and so are powers and results too large to be arithmetic a model
 asked for (`2**10**10` would hang the worker for minutes and fill memory).
 
+The result restates what was computed, `expression = value`: a reply can then quote it, and a small model learns
+to copy the value from right after the "=" (it copies a number after the same words far sooner than one after a turn
+marker alone; the shop task's tiny model did not learn the latter at all in its training budget).
+
     >>> calculator("3*12+2*4")
-    '44'
-    >>> calculator("6/2"), calculator("1/3"), calculator("-(2.5*4)"), calculator("7 // 2 + 7 % 2")
-    ('3', '0.3333333333', '-10', '4')
+    '3*12+2*4 = 44'
+    >>> calculator("6/2"), calculator("1/3"), calculator(" -(2.5*4) "), calculator("7 // 2 + 7 % 2")
+    ('6/2 = 3', '1/3 = 0.3333333333', '-(2.5*4) = -10', '7 // 2 + 7 % 2 = 4')
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 
 
 def calculator(expression: str) -> str:
-    """Evaluate an arithmetic expression and return the result.
+    """Evaluate an arithmetic expression and return it with its value.
 
     Args:
         expression: The arithmetic expression to evaluate, such as 3*12+2*4.
@@ -36,7 +40,7 @@ def calculator(expression: str) -> str:
         tree = ast.parse(expression.strip(), mode="eval")
     except SyntaxError:
         raise ValueError(f"{expression!r} is not an arithmetic expression; allowed: {ALLOWED}") from None
-    return _format(_evaluate(tree.body))
+    return f"{expression.strip()} = {_format(_evaluate(tree.body))}"
 
 
 def _evaluate(node: ast.AST) -> int | float:

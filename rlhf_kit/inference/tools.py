@@ -3,7 +3,8 @@ model goes on, up to `max_tool_rounds` times.
 
     tools = load_tools("rlhf_kit.inference.calculator")
     gens = generate_with_tools(policy, ["What do 3 lamps at 12 and 2 mugs at 4 cost?"], tools=tools)
-    gens.responses[0], gens.transcripts[0], gens.tool_calls[0]  # "44", [assistant calls, tool "44", assistant "44"], 1
+    gens.responses[0], gens.tool_calls[0]  # "The total is 3*12+2*4 = 44.", 1
+    gens.transcripts[0]  # [assistant calling, tool "3*12+2*4 = 44", assistant "The total is 3*12+2*4 = 44."]
 
 The tools are listed through the chat template (`Prompting.tools`, their JSON schemas), and a response is parsed
 with the response template of that chat template (`rlhf_kit.model.response_template_for`: Qwen's tool format for

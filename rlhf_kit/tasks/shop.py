@@ -77,12 +77,14 @@ CALCULATOR_SCHEMA = {
     "type": "function",
     "function": {
         "name": "calculator",
-        "description": "Evaluate an arithmetic expression of numbers, + - * / and parentheses.",
+        "description": "Evaluate an arithmetic expression and return it with its value.",
         "parameters": {
             "type": "object",
-            "properties": {"expression": {"type": "string", "description": "The expression, e.g. 3*12+2*4."}},
+            "properties": {"expression": {"type": "string",
+                                          "description": "The arithmetic expression to evaluate, such as 3*12+2*4."}},
             "required": ["expression"],
         },
+        "return": {"type": "string"},
     },
 }
 
