@@ -406,7 +406,8 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
                                           missing_eos_penalty=stage.get("missing_eos_penalty"), task=task,
                                           max_new_tokens=settings["max_new_tokens"],
                                           temperature=settings["temperature"], seed=settings["seed"]))
-    results += _inference_rows(settings, policies, prompts, reward_model, task)
+    assisted = _assistances(settings)  # the retriever and the tools, loaded once for every row that uses them
+    results += _inference_rows(settings, policies, prompts, reward_model, task, assisted)
     sft = next((r for r in results if r.name == "sft"), None)
     for r in results:
         if sft is not None:
@@ -423,9 +424,10 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
     gains = _gains(results)
     data = {"prompts": len(prompts), "settings": settings, "rows": {r.name: r.metrics for r in results},
             "gains": gains,
-            "reward_model_heldout": rm_eval, "retrieval": _retrieval_recall(settings, prompts, task),
+            "reward_model_heldout": rm_eval, "retrieval": _retrieval_recall(settings, assisted, prompts, task),
             "samples": {r.name: list(zip(map(str, prompts[:5]), r.responses[:5])) for r in results}}
-    consistency_md = _self_consistency_rows(policies, prompts, task, settings, data) if settings["vote_n"] else []
+    consistency_md = (_self_consistency_rows(policies, prompts, task, settings, data, assisted) if settings["vote_n"]
+                      else [])
     (out / "report.json").write_text(json.dumps(data, indent=2))
     md = [f"# rlhf-kit pipeline report ({len(prompts)} held-out prompts)", "", table, ""]
     if gains:
@@ -455,7 +457,8 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
     return data
 
 
-def _inference_rows(settings: dict[str, Any], policies: dict, prompts: list, reward_model, task) -> list:
+def _inference_rows(settings: dict[str, Any], policies: dict, prompts: list, reward_model, task,
+                    assisted: dict) -> list:
     """The report rows that use a model better without training it (see EVALUATION_DEFAULTS)."""
     from rlhf_kit.inference.evaluation import evaluate_policy
     from rlhf_kit.inference.generation import Prompting, load_few_shot
@@ -474,8 +477,7 @@ def _inference_rows(settings: dict[str, Any], policies: dict, prompts: list, rew
         for name, shots in (("base_raw", ()), (f"base_raw_{len(examples)}_shot", examples)):
             rows.append(evaluate_policy(policies["base"], prompts, task=task, reward_model=reward_model, name=name,
                                         prompting=Prompting(raw=True, few_shot=shots), stop=["\n"], **sampled))
-    if settings["retrieve"] or settings["tools"]:
-        assisted = _assistances(settings)
+    if assisted:
         for name, policy in policies.items():
             if name == "base":  # not an assistant: it has not learned to read passages or call tools
                 continue
@@ -494,7 +496,10 @@ def _inference_rows(settings: dict[str, Any], policies: dict, prompts: list, rew
 
 
 def _assistances(settings: dict[str, Any]) -> dict:
-    """The report's assisted settings by row label: retrieval alone, then retrieval with tools (or tools alone)."""
+    """The report's assisted settings by row label: retrieval alone, then retrieval with tools (or tools alone);
+    none when neither `retrieve` nor `tools` is set."""
+    if not (settings["retrieve"] or settings["tools"]):
+        return {}
     from rlhf_kit.inference.evaluation import Assistance
     from rlhf_kit.inference.retrieval import Retriever
     from rlhf_kit.tools import load_tools
@@ -508,16 +513,17 @@ def _assistances(settings: dict[str, Any]) -> dict:
     return assisted
 
 
-def _retrieval_recall(settings: dict[str, Any], prompts: list, task) -> dict[str, Any] | None:
-    """Recall@k of the retriever on the prompts, where the task says which passages each one needs."""
+def _retrieval_recall(settings: dict[str, Any], assisted: dict, prompts: list, task) -> dict[str, Any] | None:
+    """Recall@k of the report's retriever on the prompts, where the task says which passages each one needs."""
     needed = getattr(task, "needed_passages", None)
-    if not settings["retrieve"] or needed is None:
+    retriever = next((a.retriever for a in assisted.values() if a.retriever is not None), None)
+    if retriever is None or needed is None:
         return None
     from rlhf_kit.inference.generation import user_text
-    from rlhf_kit.inference.retrieval import Retriever, recall_at_k
+    from rlhf_kit.inference.retrieval import recall_at_k
 
     k = settings["top_k"]
-    found = Retriever.from_corpus(settings["retrieve"]).search([user_text(p) for p in prompts], k)
+    found = retriever.search([user_text(p) for p in prompts], k)
     return {"corpus": settings["retrieve"], "top_k": k, "recall_at_k": recall_at_k(found, [needed(p) for p in prompts])}
 
 
@@ -551,15 +557,15 @@ def _gains(results: list) -> list[dict[str, Any]]:
 CONSISTENCY_COLUMNS = ["exact_match", "gain_vs_one_sample", "gain_vs_first_answer", "pass_at_n", "answer_rate"]
 
 
-def _self_consistency_rows(policies: dict, prompts: list, task, settings: dict[str, Any], data: dict) -> list[str]:
+def _self_consistency_rows(policies: dict, prompts: list, task, settings: dict[str, Any], data: dict,
+                           assisted: dict) -> list[str]:
     """Self-consistency for every trained policy (the base model is not asked): exact match of one sampled answer, of
     the first readable one and of the majority vote of `vote_n`, from the same samples (`evaluate_self_consistency`).
     Adds the rows to the report's data under "self_consistency" and returns its Markdown section."""
     from rlhf_kit.inference.evaluation import evaluate_self_consistency, format_table
 
     # With retrieval or tools configured, each sample is the fullest assisted exchange (`_assistances`' last).
-    label, assistance = list(_assistances(settings).items())[-1] if settings["retrieve"] or settings["tools"] else (
-        None, None)
+    label, assistance = list(assisted.items())[-1] if assisted else (None, None)
     results = [row for name, policy in policies.items() if name != "base"
                for row in evaluate_self_consistency(policy, prompts, task=task, n=settings["vote_n"],
                                                     answer_pattern=settings["answer_pattern"],
