@@ -81,9 +81,11 @@ def answers_prompt_rows(rng: random.Random, n: int, split: task.Split) -> list[d
 
 # --- the shop (rlhf_kit.tasks.shop): retrieval and the calculator -------------------------------
 SHOP_K = 3  # passages retrieved per question, as the pipeline's `--retrieve` top-k
-SHOP_KINDS = {"price": 0.3, "stock": 0.2, "total": 0.5}  # share of SFT demonstrations by kind of question
+# Share of SFT demonstrations by kind of question. Mostly totals: they are most of the test prompts, and the only kind
+# where the model must tell apart the passages of two items the question names (0.5 totals: exact match 0.16).
+SHOP_KINDS = {"price": 0.15, "stock": 0.1, "total": 0.75}
 SHOP_DOCUMENTS = 0.9  # share of demonstrations with retrieved passages (the rest: the question alone)
-SHOP_TOOLS = 0.6  # share with the calculator listed (the rest answer a total themselves, as without tools)
+SHOP_TOOLS = 0.8  # share with the calculator listed (the rest answer a total themselves, as without tools)
 
 
 # The system turn's tool listing in the shared format of the kit's ChatML (rlhf_kit/model.py), for the pretraining text.
@@ -147,8 +149,9 @@ def shop_pretrain_rows(rng: random.Random, n: int, split: task.Split) -> list[di
         sentences = [shop.passage(item, catalog[item]) for item in shown]
         # Questions about items the paragraph has just listed, so their answers follow from the text.
         singles = [q for q in shop.all_single_questions() if q.items[0] in shown and shop.split_of(q) == split]
-        # Many questions per paragraph: looking a fact up in the text above is what the model must learn first.
-        for kind in [rng.choice(("price", "stock")) for _ in shown] + ["total"]:
+        # Many questions per paragraph: looking a fact up in the text above is what the model must learn first, and
+        # two totals, each of which needs the facts of two items the paragraph lists told apart.
+        for kind in [rng.choice(("price", "stock")) for _ in shown[:2]] + ["total", "total"]:
             mine = [q for q in singles if q.kind == kind]
             question = rng.choice(mine) if mine else shop.sample_question(rng, "total", split, items=shown)
             question = shop.make_prompt(question)

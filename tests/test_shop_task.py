@@ -174,8 +174,10 @@ def test_sft_rows_are_trl_tool_calling_conversations_with_the_right_answers():
             assert lines[0] == "Documents:" and [line[:4] for line in lines[1:]] == ["[1] ", "[2] ", "[3] "]
             # The needed passages are among the retrieved ones, so the demonstrated answer follows from them.
             assert shop.answer_of(messages) == shop.answer(question, catalog_of(messages))
-    assert 0.25 < kinds["calls"] / len(rows) < 0.35  # totals (half) with the calculator listed (60%)
-    assert 0.85 < kinds["documents"] / len(rows) < 0.95
+    # The shares the generator draws with: totals with the calculator listed, and demonstrations with passages.
+    make = load_make_datasets()
+    assert kinds["calls"] / len(rows) == pytest.approx(make.SHOP_KINDS["total"] * make.SHOP_TOOLS, abs=0.03)
+    assert kinds["documents"] / len(rows) == pytest.approx(make.SHOP_DOCUMENTS, abs=0.03)
 
 
 def test_prompts_carry_their_gold_answer_about_the_test_catalog():
