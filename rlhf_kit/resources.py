@@ -62,11 +62,14 @@ def copy_shipped(target: str | Path, overwrite: bool = False) -> list[Path]:
 
 
 def shipped_files(root: Path) -> list[Path]:
-    """The files of SHIPPED under `root` (a checkout or an installed copy), without Python's byte-code caches."""
+    """The files of SHIPPED under `root` (a checkout or an installed copy), without the caches a checkout builds in
+    place: Python's byte-code and the retrieval index beside a corpus (`<corpus>.rlhf-kit-index/`, or
+    `.rlhf-kit-index/` in a corpus directory: rlhf_kit.inference.retrieval.INDEX_SUFFIX), which is rebuilt on use."""
     files = []
     for name in SHIPPED:
         path = root / name
         for file in [path] if path.is_file() else sorted(path.rglob("*")):
-            if file.is_file() and "__pycache__" not in file.parts and file.suffix != ".pyc":
+            cached = "__pycache__" in file.parts or any(part.endswith(".rlhf-kit-index") for part in file.parts)
+            if file.is_file() and not cached and file.suffix != ".pyc":
                 files.append(file)
     return files

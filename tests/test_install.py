@@ -98,11 +98,14 @@ def test_an_installed_wheel_runs_the_shipped_pipeline_from_an_empty_directory(ve
 
 
 def test_init_copies_the_shipped_files_and_overwrites_none_unasked(tmp_path, capsys):
+    from rlhf_kit.inference.retrieval import Retriever
+
+    Retriever.from_corpus(REPO / "data/shop/catalog.jsonl")  # a checkout that has searched the corpus holds its index
     assert main(["init", str(tmp_path)]) == 0
     for name in ("recipes/configs/pipeline/tiny.yaml", "recipes/sft.py", "accelerate_config.yaml",
                  "accelerate_configs/zero3.yaml", "data/sft/train.jsonl"):
         assert (tmp_path / name).read_bytes() == (REPO / name).read_bytes()
-    assert not list(tmp_path.rglob("__pycache__"))
+    assert not list(tmp_path.rglob("__pycache__")) and not list(tmp_path.rglob("*.rlhf-kit-index"))
     (tmp_path / "data/sft/train.jsonl").write_text("mine\n")
     assert main(["init", str(tmp_path)]) == 2
     assert "would be overwritten" in capsys.readouterr().err
