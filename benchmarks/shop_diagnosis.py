@@ -3,8 +3,9 @@
     python benchmarks/shop_diagnosis.py outputs/tiny-tools/sft                     # sampled at temperature 1
     python benchmarks/shop_diagnosis.py outputs/tiny-tools/sft --temperature 0     # greedy
 
-The model answers the pipeline's evaluation (`recipes/configs/pipeline/tiny-tools.yaml`: 100 held-out prompts of
-data/shop/prompts, BM25 top 3 from data/shop/catalog.jsonl, the calculator, two tool rounds). Besides exact match by
+The model answers the evaluation of a pipeline config (`--config`, by default
+`recipes/configs/pipeline/tiny-tools.yaml`: 100 held-out prompts of data/shop/prompts, BM25 top 3 from
+data/shop/catalog.jsonl, the calculator, two tool rounds), read from that file. Besides exact match by
 kind of question, it splits the totals by the two steps a total needs (`rlhf_kit.tasks.shop`):
 
 - **prices**: the calculator is called with the right expression, i.e. each item's price was copied from the passage
@@ -24,6 +25,7 @@ from rlhf_kit.data.loading import load_data
 from rlhf_kit.inference.evaluation import Assistance
 from rlhf_kit.inference.generation import Sampling, load_policy
 from rlhf_kit.inference.retrieval import Retriever, with_retrieval
+from rlhf_kit.pipeline import EVALUATION_DEFAULTS, PipelineConfig
 from rlhf_kit.tasks import shop
 from rlhf_kit.tools import load_tools
 
@@ -31,20 +33,24 @@ from rlhf_kit.tools import load_tools
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--num_prompts", type=int, default=100)
+    parser.add_argument("--config", default="recipes/configs/pipeline/tiny-tools.yaml")
+    parser.add_argument("--temperature", type=float, help="instead of the config's")
     args = parser.parse_args()
 
-    prompts = load_data("data/shop/prompts", kind="prompt", split="test")["prompt"][: args.num_prompts]
-    retriever = Retriever.from_corpus("data/shop/catalog.jsonl")
-    assistance = Assistance(retriever=retriever, top_k=3, tools=load_tools(["rlhf_kit.inference.calculator"]),
-                            max_tool_rounds=2)
+    settings = {**EVALUATION_DEFAULTS, **PipelineConfig.from_yaml(args.config).evaluation}
+    temperature = settings["temperature"] if args.temperature is None else args.temperature
+    prompts = load_data(settings["prompts"], kind="prompt", split=settings["split"])["prompt"]
+    prompts = prompts[: settings["num_prompts"]]
+    retriever, k = Retriever.from_corpus(settings["retrieve"]), settings["top_k"]
+    assistance = Assistance(retriever=retriever, top_k=k, tools=load_tools(settings["tools"]),
+                            max_tool_rounds=settings["max_tool_rounds"])
     out = assistance.sample(load_policy(args.model, "sft"), prompts,
-                            Sampling(max_new_tokens=48, temperature=args.temperature, seed=0))
-    print({k: round(v, 3) for k, v in shop.metrics(prompts, out.responses).items()})
+                            Sampling(max_new_tokens=settings["max_new_tokens"], temperature=temperature,
+                                     seed=settings["seed"]))
+    print({name: round(v, 3) for name, v in shop.metrics(prompts, out.responses).items()})
 
     steps, by_position = Counter(), Counter()
-    for prompt, given, transcript in zip(prompts, with_retrieval(prompts, retriever, 3), out.transcripts):
+    for prompt, given, transcript in zip(prompts, with_retrieval(prompts, retriever, k), out.transcripts):
         question = shop.question_of(prompt)
         if question.kind != "total":
             continue

@@ -97,6 +97,12 @@ def shop_documents(texts: list[str]) -> dict[str, str]:
     return {"role": "system", "content": "Documents:\n" + "\n".join(f"[{i}] {t}" for i, t in enumerate(texts, 1))}
 
 
+def shop_calculator_call(question: str, catalog: shop.Catalog) -> tuple[dict, str]:
+    """The calculator call a total question needs (name and arguments) and what the calculator answers to it."""
+    expression = shop.expression_of(question, catalog)
+    return {"name": "calculator", "arguments": {"expression": expression}}, calculator(expression)
+
+
 def shop_conversation(rng: random.Random, split: task.Split) -> dict:
     """One demonstration about its own random training catalog: the retrieved passages, the question, and the
     calculator's call and result before the answer when a total is asked and the tool is listed."""
@@ -109,10 +115,9 @@ def shop_conversation(rng: random.Random, split: task.Split) -> dict:
     messages.append(user(question))
     gold, facts = str(shop.answer(question, catalog)), shop.facts_said(question, catalog)
     if kind == "total" and tools:
-        call = {"name": "calculator", "arguments": {"expression": shop.expression_of(question, catalog)}}
         # The answer quotes the calculator's "expression = value": a number after the same words is what a tiny
         # model learns to copy (a bare result right after the tool turn, it did not learn to copy at all).
-        result = calculator(call["arguments"]["expression"])
+        call, result = shop_calculator_call(question, catalog)
         messages += [{"role": "assistant", "content": facts, "tool_calls": [{"type": "function", "function": call}]},
                      {"role": "tool", "name": "calculator", "content": result}]
         messages.append(assistant(f"So they cost {result} dollars."))
@@ -157,8 +162,7 @@ def shop_pretrain_rows(rng: random.Random, n: int, split: task.Split) -> list[di
             question = shop.make_prompt(question)
             facts = shop.facts_said(question, catalog)
             if kind == "total":  # the calculator's call as a model writes it, so its JSON gets merges too
-                call = {"name": "calculator", "arguments": {"expression": shop.expression_of(question, catalog)}}
-                result = calculator(call["arguments"]["expression"])
+                call, result = shop_calculator_call(question, catalog)
                 sentences.append(f"{question} {facts}\n<tool_call>\n{json.dumps(call)}\n</tool_call>\n{result}\n"
                                  f"So they cost {result} dollars.")
             else:

@@ -2,7 +2,8 @@
 
     tools = load_tools(["rlhf_kit.inference.calculator", "my_tools.py"])
     with ToolRunner(tools, timeout=5.0) as run:
-        run({"type": "function", "function": {"name": "calculator", "arguments": {"expression": "3*12+2*4"}}})  # "3*12+2*4 = 44"
+        # "3*12+2*4 = 44"
+        run({"type": "function", "function": {"name": "calculator", "arguments": {"expression": "3*12+2*4"}}})
 
 A tool module is a .py file or an importable module; its tools are the public functions defined in it (imported
 ones are not), or its `TOOLS` list when it has one. Each needs a type hint on every argument and a docstring with an
