@@ -3,6 +3,7 @@
     python benchmarks/generate_speed.py                      # tiny + 512x8 random models, n=1 and n=8, 1 thread
     python benchmarks/generate_speed.py --sft outputs/tiny/sft --shapes 512x8 --n 1,8 --prompts 16 --repeats 3
     python benchmarks/generate_speed.py --sft outputs/tiny/sft --shapes 512x8 --n 8 --few-shot 8 --prefill-once
+    python benchmarks/generate_speed.py --shapes 512x8 --n 8 --vllm   # where vLLM is installed (.venv-vllm)
 
 rlhf-kit's side is `rlhf_kit.inference.generation.generate` as every inference command calls it: prompts rendered
 with the chat template, `batch_size` sequences per `model.generate` call (n samples per prompt through
@@ -26,6 +27,10 @@ stops early, at lengths that differ within a batch, which is where batching wast
 `--few-shot K` puts K examples (from data/sft) before each prompt as chat turns: long prompts, where computing each
 prompt n times (num_return_sequences) costs most of the time. `--prefill-once` also times rlhf-kit with
 `Sampling(prefill_once=True)`: each prompt computed once, its KV cache shared by its n samples.
+
+`--vllm` also times `generate` on the same model loaded with `load_policy(..., backend="vllm")`: a vLLM engine
+(continuous batching, paged KV cache, its own kernels) drawing the same number of samples with the same settings;
+the last column adds its ratio to rlhf-kit's transformers path (`generation_backend: hf`).
 """
 
 import argparse
@@ -50,6 +55,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32, help="rlhf-kit's sequences per generate() call")
     parser.add_argument("--few-shot", type=int, default=0, help="examples before each prompt (long prompts)")
     parser.add_argument("--prefill-once", action="store_true", help="also time Sampling(prefill_once=True)")
+    parser.add_argument("--vllm", action="store_true", help="also time the vLLM backend (needs vLLM installed)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a shared box)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results to this file")
@@ -71,11 +77,14 @@ def main():
           f"{args.batch_size}, {args.few_shot} few-shot examples, {args.threads} thread(s), median of {args.repeats}")
     print(f"  {'model':<10} {'params':>7} {'n':>2} {'side':<16} {'tokens':>6} {'tokens/s':>9} {'ratio':>6}  all runs")
     for label, path in models.items():
-        sides = load_sides(path)
+        sides = load_sides(path, args.vllm)
         for n in map(int, args.n.split(",")):
             results.append(measure(label, sides, prompts, shots, n, args))
             print_rows(results[-1])
-    print("  ratio: rlhf-kit tokens/s / plain loop tokens/s, median of the per-repeat ratios")
+    print("  ratio: tokens/s / plain loop tokens/s, median of the per-repeat ratios")
+    for result in results:
+        if "vllm / hf" in result:
+            print(f"  {result['model']} n={result['n']}: vLLM / rlhf-kit (hf) tokens/s = {result['vllm / hf']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 
@@ -120,7 +129,7 @@ def random_model(shape: str, tokenizer, out: Path) -> str:
     return str(out)
 
 
-def load_sides(path: str) -> dict:
+def load_sides(path: str, vllm: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -132,21 +141,24 @@ def load_sides(path: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     params = sum(p.numel() for p in plain.parameters())
     return {"policy": policy, "plain": plain, "tokenizer": tokenizer, "params": params,
-            "stops": stop_token_ids(policy.tokenizer, policy.model), "pad": policy.tokenizer.pad_token_id}
+            "stops": stop_token_ids(policy.tokenizer, policy.model), "pad": policy.tokenizer.pad_token_id,
+            "vllm": load_policy(path, backend="vllm") if vllm else None}
 
 
 def measure(label: str, sides: dict, prompts: list, shots: list, n: int, args) -> dict:
     from rlhf_kit.inference.generation import Prompting, Sampling, generate
 
     prompting = Prompting(few_shot=shots)
-    def rlhf_kit(prompts, **options):
+    def rlhf_kit(prompts, policy=sides["policy"], **options):
         sampling = Sampling(n=n, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, **options)
-        gens = generate(sides["policy"], prompts, sampling=sampling, prompting=prompting, progress=False)
+        gens = generate(policy, prompts, sampling=sampling, prompting=prompting, progress=False)
         return sum(map(len, gens.response_ids))
 
     runs = {"plain loop": lambda p: plain_loop(sides, p, shots, n, args.max_new_tokens), "rlhf-kit": rlhf_kit}
     if args.prefill_once and n > 1:  # with one sample per prompt it is the default path
         runs["prefill once"] = lambda p: rlhf_kit(p, prefill_once=True)
+    if sides["vllm"] is not None:
+        runs["vllm"] = lambda p: rlhf_kit(p, policy=sides["vllm"])
     for run in runs.values():  # warm-up: the first generate() call of a process pays one-time set-up
         run(prompts[:2])
     timings = {kind: [] for kind in runs}
@@ -158,8 +170,11 @@ def measure(label: str, sides: dict, prompts: list, shots: list, n: int, args) -
             timings[kind].append({"tokens": tokens, "seconds": time.perf_counter() - start})
     rates = {kind: [t["tokens"] / t["seconds"] for t in ts] for kind, ts in timings.items()}
     ratios = {kind: statistics.median(r / p for r, p in zip(rates[kind], rates["plain loop"])) for kind in rates}
-    return {"model": label, "params": sides["params"], "n": n, "timings": timings, "ratios": ratios,
-            "tokens_per_second": {kind: statistics.median(r) for kind, r in rates.items()}}
+    result = {"model": label, "params": sides["params"], "n": n, "timings": timings, "ratios": ratios,
+              "tokens_per_second": {kind: statistics.median(r) for kind, r in rates.items()}}
+    if "vllm" in rates:
+        result["vllm / hf"] = statistics.median(v / h for v, h in zip(rates["vllm"], rates["rlhf-kit"]))
+    return result
 
 
 def plain_loop(sides: dict, prompts: list, shots: list, n: int, max_new_tokens: int) -> int:

@@ -20,7 +20,7 @@ from rlhf_kit.errors import run_main
 from rlhf_kit.stages import recipe_arguments
 from rlhf_kit.data.loading import load_data
 from rlhf_kit.training.distributed import end_processes
-from rlhf_kit.inference.generation import Policy
+from rlhf_kit.inference.generation import Policy, with_engine
 from rlhf_kit.model import load_model, load_model_tokenizer, prepare_tokenizer, stop_token_ids
 from rlhf_kit.rewards import load_reward_functions
 from rlhf_kit.runs import format_summary, write_stage
@@ -44,13 +44,17 @@ def main(argv=None, overrides=None, callbacks=None):
         sources, tokenizer, stop_ids=stops, weights=args.reward_weights, device=device,
         trust_remote_code=args.trust_remote_code)
     model = load_model(model_args, tokenizer, trust_remote_code=args.trust_remote_code)
-    if not (model_args.load_in_4bit or model_args.load_in_8bit):  # bitsandbytes placed a quantized model already
+    vllm = args.generation_backend == "vllm"  # then a vLLM engine samples and the model stays on the CPU
+    if not (model_args.load_in_4bit or model_args.load_in_8bit or vllm):  # bitsandbytes placed a quantized model
         model = model.to(device)
     policy = Policy(model_args.model_name_or_path, model.eval(), tokenizer)
+    if vllm:
+        with_engine(policy, model_args.model_name_or_path)
 
     metrics = write_best_of_n(policy, prompts, args.output_dir, n=args.n, reward_funcs=reward_funcs, weights=weights,
                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               batch_size=args.batch_size, seed=args.seed)
+    policy.close()
     if "accuracy" in reward_report:
         metrics["reward_model_accuracy"] = reward_report["accuracy"]
 

@@ -83,6 +83,7 @@ def main(argv=None, overrides=None, callbacks=None):
         metrics.update({f"{k}_at_start": v for k, v in start.items() if k.startswith("eval_")})
         metrics.update({k: v for k, v in final.items() if k.startswith("eval_")})
     trainer.save_state()  # trainer_state.json: the log history, periodic evaluations included
+    trainer.close()  # the vLLM engine, with generation_backend: vllm
     if "accuracy" in rewards.report:
         metrics["reward_model_accuracy"] = rewards.report["accuracy"]
 

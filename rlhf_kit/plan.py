@@ -151,6 +151,10 @@ class Sharding:
 class Estimate:
     stage: str
     parts: dict[str, float]  # bytes per process
+    # PPO with generation_backend vllm: the share of a GPU's memory vLLM reserves (vllm_gpu_memory_utilization), or
+    # the bytes it reserves when vllm_kv_cache_gb fixes its cache. It takes that much even when it needs less.
+    engine_share: float | None = None
+    engine_bytes: float | None = None
 
     @property
     def total(self) -> float:
@@ -160,6 +164,12 @@ class Estimate:
     def needed(self) -> float:
         """Bytes a GPU must have: the estimate plus the CUDA context and allocator slack."""
         return self.total * (1 + FRAGMENTATION) + CONTEXT_BYTES
+
+    def needed_on(self, gpu_bytes: float) -> float:
+        """`needed` on a GPU of `gpu_bytes`: a colocated vLLM engine counts for what it reserves there."""
+        engine = self.parts.get("vllm engine", 0.0)
+        reserved = self.engine_bytes if self.engine_bytes is not None else (self.engine_share or 0.0) * gpu_bytes
+        return self.needed + max(reserved - engine, 0.0)
 
 
 def recipe_values(config: dict[str, Any], stage: str) -> dict[str, Any]:
@@ -254,6 +264,18 @@ def estimate(config: dict, stage: str, sharding: Sharding = Sharding(), shape: S
                               f"know: set {length_key} to the longest sequence to plan for.")
         seq = int(values[length_key])
         logit_tokens = batch * seq
+    engine = {}
+    if stage == "ppo" and values.get("generation_backend") == "vllm":
+        # vLLM holds its own copy of the merged policy in the compute dtype and a KV cache for the process's whole
+        # rollout (it schedules every prompt at once); transformers' generate and its cache are not used.
+        rollout = batch * int(values["gradient_accumulation_steps"]) * int(values["num_mini_batches"])
+        parts["kv cache"] = 0.0
+        kv = 2 * shape.layers * shape.kv_width * rollout * seq * width
+        parts["vllm engine"] = shape.params * width + kv
+        if values["vllm_kv_cache_gb"] is not None:
+            engine["engine_bytes"] = shape.params * width + float(values["vllm_kv_cache_gb"]) * GIB
+        else:
+            engine["engine_share"] = float(values["vllm_gpu_memory_utilization"])
     sequences = batch * (2 if stage in ("reward", "dpo") else 1)  # chosen and rejected in one forward
     tokens = sequences * seq
     per_token_layer = (11 * shape.hidden + 3 * shape.kv_width + 4 * shape.intermediate) * width
@@ -265,7 +287,7 @@ def estimate(config: dict, stage: str, sharding: Sharding = Sharding(), shape: S
         activations *= 2  # the policy and the critic forward, both kept for one backward
     parts["activations"] = activations
     parts["logits"] = 0.0 if stage == "reward" else (2 if stage == "dpo" else 1) * logit_tokens * shape.vocab * 4 * 2
-    return Estimate(stage, parts)
+    return Estimate(stage, parts, **engine)
 
 
 def stage_of(config_path: str | Path) -> str:
@@ -291,8 +313,11 @@ def format_plan(result: Estimate, gpus: list[tuple[str, int]], sharding: Shardin
     lines.append(f"  {'peak':<13} {result.total / GIB:8.2f} GiB  (+ context and slack: {result.needed / GIB:.2f} GiB)")
     if not gpus:
         lines.append("  no GPU visible: nothing to check the estimate against")
+    if result.engine_share is not None:
+        lines.append(f"  vLLM reserves {result.engine_share:.0%} of each GPU (vllm_gpu_memory_utilization), at least "
+                     f"the vllm engine line above")
     for i, (name, total) in enumerate(gpus[: sharding.gpus]):
-        verdict = "fits" if result.needed <= total else "does NOT fit"
+        verdict = "fits" if result.needed_on(total) <= total else "does NOT fit"
         lines.append(f"  GPU {i} {name}: {total / GIB:.1f} GiB -> {verdict}")
     if gpus and len(gpus) < sharding.gpus:
         lines.append(f"  only {len(gpus)} GPU(s) visible for {sharding.gpus} process(es)")

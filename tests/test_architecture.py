@@ -13,7 +13,7 @@ PACKAGE = Path(rlhf_kit.__file__).parent
 LAYERS = [
     {"rlhf_kit.cli", "rlhf_kit.pipeline", "rlhf_kit.plan"},
     {"rlhf_kit.inference", "rlhf_kit.training", "rlhf_kit.publish"},
-    {"rlhf_kit.rewards", "rlhf_kit.tools"},
+    {"rlhf_kit.rewards", "rlhf_kit.tools", "rlhf_kit.vllm_engine"},
     {"rlhf_kit.model", "rlhf_kit.runs", "rlhf_kit.data"},
     {"rlhf_kit.checkpoints", "rlhf_kit.config", "rlhf_kit.resources", "rlhf_kit.stages"},
     {"rlhf_kit.errors", "rlhf_kit.hub_kernels"},

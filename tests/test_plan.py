@@ -120,3 +120,32 @@ def test_says_whether_it_fits_the_visible_gpus(monkeypatch, capsys):
     assert "does NOT fit" in capsys.readouterr().out
     assert cli.main(["plan", str(REPO / "recipes/configs/export/tiny.yaml")]) == 2
     assert "pass --stage" in capsys.readouterr().err
+
+
+def test_ppo_with_vllm_counts_the_engines_copy_and_what_it_reserves(monkeypatch, capsys, tmp_path):
+    """generation_backend: vllm adds vLLM's own copy of the weights (compute dtype) and its KV cache for the whole
+    rollout, drops transformers' generation cache, and on a GPU counts what vLLM reserves when that is more."""
+    config = yaml.safe_load((REPO / "recipes/configs/ppo/llama-8b-lora.yaml").read_text())
+    hf = estimate(config, "ppo")
+    ours = estimate({**config, "generation_backend": "vllm"}, "ppo")
+    shape = SHAPES["8b"]
+    rollout, seq = 8 * 2 * 4, 512 + 256  # per_device x accumulation x mini-batches; max prompt + response
+    kv = 2 * shape.layers * shape.kv_width * rollout * seq * 2
+    assert ours.parts["vllm engine"] == shape.params * 2 + kv
+    assert ours.parts["kv cache"] == 0 and hf.parts["kv cache"] > 0
+    assert {k: v for k, v in ours.parts.items() if k not in ("vllm engine", "kv cache")} == \
+        {k: v for k, v in hf.parts.items() if k != "kv cache"}
+    # vLLM takes vllm_gpu_memory_utilization of the GPU even when its weights and cache need less.
+    assert ours.needed_on(80e9) == ours.needed + max(0.3 * 80e9 - ours.parts["vllm engine"], 0)
+    assert ours.needed_on(400e9) > ours.needed  # 30% of 400 GB is more than the engine needs
+    fixed = estimate({**config, "generation_backend": "vllm", "vllm_kv_cache_gb": 40}, "ppo")
+    assert fixed.needed_on(80e9) == fixed.needed + shape.params * 2 + 40 * GIB - fixed.parts["vllm engine"]
+    # The command: 8B LoRA PPO with vLLM colocated fits one 80 GB GPU, not a 48 GB one.
+    path = tmp_path / "ppo.yaml"
+    path.write_text(yaml.safe_dump({**config, "generation_backend": "vllm"}))
+    monkeypatch.setattr("rlhf_kit.plan.visible_gpus", lambda: [("H100", 80 * 10**9)])
+    assert cli.main(["plan", str(path), "--stage", "ppo"]) == 0
+    out = capsys.readouterr().out
+    assert "vllm engine" in out and "vLLM reserves 30%" in out and "-> fits" in out
+    monkeypatch.setattr("rlhf_kit.plan.visible_gpus", lambda: [("L40S", 48 * 10**9)])
+    assert cli.main(["plan", str(path), "--stage", "ppo"]) == 1

@@ -63,6 +63,7 @@ from rlhf_kit.inference.tools import ToolUse, generate_with_tools
 from rlhf_kit.model import load_tokenizer, prepare_tokenizer
 from rlhf_kit.rewards import RewardSources, import_reward_func, load_reward_functions
 from rlhf_kit.rewards import reward_weights as check_reward_weights
+from rlhf_kit.vllm_engine import check_backend, require_vllm
 
 SELECT = ("first", "reward", "vote")
 RAW_STOP = ("\n",)  # the default stop of raw prompting: one-line answers
@@ -137,6 +138,7 @@ class Job:
     top_k: int = 3  # passages per prompt
     tool_use: ToolUse = field(default_factory=ToolUse)
     tools: list = field(default_factory=list, repr=False)  # the loaded tool functions, by `make_job`
+    generation_backend: str = "hf"  # "vllm": a vLLM engine samples (rlhf_kit.vllm_engine)
 
     @property
     def chunk(self) -> int:
@@ -157,6 +159,8 @@ class Job:
                                      "top_k": self.top_k}
         if self.tools:  # only when used, as reflection
             settings["tools"] = self.tool_use.settings(self.tools)
+        if self.generation_backend != "hf":  # another sampler draws other samples: a resumed file must not mix them
+            settings["generation_backend"] = self.generation_backend
         return settings
 
     def conversations(self, prompts: list) -> list:
@@ -172,7 +176,7 @@ def make_job(*, n: int = 1, select: str = "first", max_new_tokens: int = 64, tem
              answer_pattern: str | None = None, constraint=None, reflect: int = 0,
              reflect_min_score: float | None = None, retrieve: Retriever | str | Path | None = None,
              top_k: int | None = None, tools: Sequence[str] = (), max_tool_rounds: int = 3,
-             tool_timeout: float = 5.0) -> Job:
+             tool_timeout: float = 5.0, generation_backend: str = "hf") -> Job:
     """The checked settings of a run; any mistake raises ValueError here, before a model loads. `few_shot` is a list
     of (prompt, completion) pairs or a JSONL file of prompt/completion rows (`generation.load_few_shot`). `retrieve`:
     a Retriever or a corpus path (`Retriever.from_corpus`), whose `top_k` (default 3) passages go into each prompt."""
@@ -196,8 +200,17 @@ def make_job(*, n: int = 1, select: str = "first", max_new_tokens: int = 64, tem
     reflection = Reflection(reflect, reflect_min_score)
     reflection.check(selection, prompting)
     tool_use = ToolUse(tuple(tools), max_tool_rounds, tool_timeout)
+    try:
+        check_backend(generation_backend)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if generation_backend == "vllm":
+        if constraint is not None:
+            raise UserError("constrained output (--regex, --json_schema, --choices) runs on the transformers backend "
+                            "only; drop --generation_backend vllm or the constraint")
+        require_vllm()
     return Job(sampling, prompting, selection, constraint, extract, reflection, retrieve, top_k or 3, tool_use,
-               tool_use.load(prompting))
+               tool_use.load(prompting), generation_backend)
 
 
 def read_template(path: str | Path) -> str:
@@ -244,7 +257,7 @@ def _load(model: str | Policy, job: Job) -> tuple[Policy, list, list[float]]:
         sources = RewardSources(reward_model_path=job.selection.reward_model,
                                 reward_funcs=list(job.selection.reward_funcs))
         funcs, weights, _ = load_reward_functions(sources, tokenizer, weights=job.selection.reward_weights)
-    policy = model if isinstance(model, Policy) else load_policy(model)
+    policy = model if isinstance(model, Policy) else load_policy(model, backend=job.generation_backend)
     return policy, funcs, weights
 
 

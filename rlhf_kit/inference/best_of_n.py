@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from rlhf_kit.inference.generation import Generations, Policy, Sampling, generate
 from rlhf_kit.rewards import as_completions, call_reward_func
+from rlhf_kit.vllm_engine import check_backend, require_vllm
 
 DATA_FILE = "train.jsonl"
 
@@ -52,11 +53,18 @@ class BestOfNArguments:
         default=None, metadata={"help": "One weight per reward source, the reward model first; default 1 each."}
     )
     seed: int = field(default=0, metadata={"help": "Sampling seed (each chunk adds the index of its first prompt)."})
+    generation_backend: str = field(
+        default="hf", metadata={"help": "What samples: transformers' generate (hf) or a vLLM engine (vllm, needs the "
+                                "[vllm] extra)."}
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub."})
 
     def __post_init__(self):
         if not self.output_dir:
             raise ValueError("output_dir is required: the directory that receives train.jsonl")
+        check_backend(self.generation_backend)
+        if self.generation_backend == "vllm":
+            require_vllm()
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if not self.temperature > 0:

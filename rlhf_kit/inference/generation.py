@@ -28,6 +28,7 @@ from rlhf_kit.data.loading import DataError, load_data
 from rlhf_kit.errors import UserError
 from rlhf_kit.model import (ModelArguments, is_adapter_dir, load_model, load_tokenizer, merged_cache_path,
                             prepare_tokenizer, stop_token_ids)
+from rlhf_kit.vllm_engine import VLLMEngine, check_backend, engine_model_dir, require_vllm
 
 
 @dataclass
@@ -36,21 +37,42 @@ class Policy:
     model: torch.nn.Module
     tokenizer: object
     merged_copy: Path | None = None  # where an adapter's merged full model was written (it stays there, cached)
+    engine: VLLMEngine | None = None  # generation_backend vllm: this engine samples, `model` stays on the CPU
+
+    def close(self) -> None:
+        """Stop the vLLM engine, if any (it holds its own copy of the weights and a KV cache)."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
 
-def load_policy(path: str, name: str | None = None) -> Policy:
+def load_policy(path: str, name: str | None = None, backend: str = "hf") -> Policy:
     """Any stage's output: a full model, or a LoRA adapter (merged into its base once and cached on disk, under
     $RLHF_KIT_CACHE or $HF_HOME: `merged_copy` says where).
 
     A base model gets the same chat template SFT gives it, so base and SFT answer the very same prompts. With GPUs the
     model is placed on them (`device_map="auto"`: spread over several when it does not fit on one); else on the CPU.
+    With `backend="vllm"` a vLLM engine loads the (merged) model and does the sampling; the transformers model
+    stays on the CPU for what is read from it (its config, its stop tokens).
     """
+    if check_backend(backend) == "vllm":
+        require_vllm()  # before a model loads
     tokenizer = load_tokenizer(path)
     prepare_tokenizer(tokenizer)
-    placement = "auto" if torch.cuda.is_available() else None
+    placement = "auto" if torch.cuda.is_available() and backend == "hf" else None
     model = load_model(ModelArguments(model_name_or_path=path), tokenizer, device_map=placement).eval()
     merged = merged_cache_path(path) if is_adapter_dir(path) else None
-    return Policy(name or Path(path).name, model, tokenizer, merged_copy=merged)
+    policy = Policy(name or Path(path).name, model, tokenizer, merged_copy=merged)
+    return with_engine(policy, path) if backend == "vllm" else policy
+
+
+def with_engine(policy: Policy, path: str) -> Policy:
+    """`policy` sampling through a vLLM engine that loads `path` (an adapter: the merged copy `load_model` caches),
+    in the policy model's dtype. On a CPU its KV cache is 1 GB (vLLM's CPU backend would otherwise reserve a share of
+    the machine's memory)."""
+    policy.engine = VLLMEngine(engine_model_dir(path), dtype=str(policy.model.dtype).removeprefix("torch."),
+                               kv_cache_gb=None if torch.cuda.is_available() else 1.0)
+    return policy
 
 
 def merged_copy_note(policy: Policy) -> str | None:
@@ -278,8 +300,11 @@ def generate(policy: Policy, prompts: list, *, sampling: Sampling | None = None,
     s = sampling or Sampling()
     tok, model = policy.tokenizer, policy.model
     stops = set(stop_token_ids(tok, model))
-    torch.manual_seed(s.seed)
     out = Generations(prompts=list(prompts), responses=[], prompt_ids=[], response_ids=[], stopped=[], n=s.n)
+    if policy.engine is not None:
+        _generate_with_engine(policy, out, s, prompting, stops, logits_processor, streamer)
+        return out
+    torch.manual_seed(s.seed)
     chunk = max(1, s.batch_size // s.n)
     label = f"generating ({policy.name})"
     for start in tqdm(range(0, len(prompts), chunk), desc=label, disable=not progress or len(prompts) <= chunk):
@@ -300,18 +325,44 @@ def generate(policy: Policy, prompts: list, *, sampling: Sampling | None = None,
                              **({"logits_processor": processors} if processors else {}),
                              **({"streamer": streamer} if streamer is not None else {}))
         for row_index, row in enumerate(gen[:, width:].tolist()):
-            cut = next((i + 1 for i, t in enumerate(row) if t in stops), None)
-            response = row[:cut] if cut else row
-            text = tok.decode(response, skip_special_tokens=True)
-            stopped = cut is not None
-            if s.stop:
-                text, hit = _cut_at_stop_string(text, s.stop)
-                stopped = stopped or hit
-            out.prompt_ids.append(ids[row_index // s.n])
-            out.response_ids.append(response)
-            out.stopped.append(stopped)
-            out.responses.append(text.strip())
+            _add_response(out, ids[row_index // s.n], row, stops, tok, s.stop)
     return out
+
+
+def _add_response(out: Generations, prompt_ids: list[int], row: list[int], stops: set[int], tok,
+                  stop_strings: Sequence[str]) -> None:
+    """One sampled row, cut after its first stop token (padding after it dropped) and at a stop string."""
+    cut = next((i + 1 for i, t in enumerate(row) if t in stops), None)
+    response = row[:cut] if cut else row
+    text = tok.decode(response, skip_special_tokens=True)
+    stopped = cut is not None
+    if stop_strings:
+        text, hit = _cut_at_stop_string(text, stop_strings)
+        stopped = stopped or hit
+    out.prompt_ids.append(prompt_ids)
+    out.response_ids.append(response)
+    out.stopped.append(stopped)
+    out.responses.append(text.strip())
+
+
+def _generate_with_engine(policy: Policy, out: Generations, s: Sampling, prompting, stops: set[int],
+                          logits_processor, streamer) -> None:
+    """`generate` on the policy's vLLM engine: the same prompts, stop tokens and sampling settings.
+
+    Each prompt's samples are seeded from `s.seed` and the prompt's index, so they do not depend on the batch; they
+    are not the HF path's samples (another random stream). A stop string is cut off the text afterwards (vLLM here
+    has no tokenizer to find it with), so the response's token ids may run past it.
+    """
+    if logits_processor is not None or streamer is not None:
+        raise UserError("constrained output (--regex, --json_schema, --choices) and streaming (chat) run on the "
+                        "transformers backend only; drop --generation_backend vllm for them")
+    ids = [render(policy.tokenizer, p, prompting) for p in out.prompts]
+    # Children of a request get seed + their index (vLLM): spacing prompts n apart keeps every sample's seed apart.
+    seeds = [s.seed * 1_000_003 + i * s.n for i in range(len(ids))]
+    result = policy.engine.generate(ids, max_tokens=s.max_new_tokens, temperature=s.temperature, n=s.n,
+                                    top_p=s.top_p, top_k=s.top_k, stop_token_ids=sorted(stops), seeds=seeds)
+    for i, row in enumerate(result.token_ids):
+        _add_response(out, ids[i // s.n], row, stops, policy.tokenizer, s.stop)
 
 
 def _prefill_once(model, input_ids, attention, n: int):

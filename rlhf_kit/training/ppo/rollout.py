@@ -33,6 +33,7 @@ class Rollout:
     stopped: Tensor                   # (B,) bool: the response contains the stop token
     completions: list[str] = field(default_factory=list)  # B decoded responses, stop token removed
     old_logprobs: Tensor | None = None   # (B, T) log-probs of the sampling policy, from the training forward
+    sampler_logprobs: Tensor | None = None  # (B, T) the same as the sampler (vLLM) computed them; only logged
     ref_logprobs: Tensor | None = None   # (B, T) log-probs of the reference (adapter disabled)
     values: Tensor | None = None         # (B, T) critic values of the state before each response token
     reward_components: dict[str, Tensor] = field(default_factory=dict)  # (B,) CPU scores of each reward source
@@ -86,6 +87,15 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Ten
             ids[row, width - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
             mask[row, width - len(seq):] = 1
     return ids, mask
+
+
+def right_pad(sequences: Sequence[Sequence], pad_value, dtype=torch.long) -> Tensor:
+    """Lists of unequal length -> ``(B, T)`` with `pad_value` after each list's end."""
+    width = max((len(s) for s in sequences), default=0)
+    out = torch.full((len(sequences), width), pad_value, dtype=dtype)
+    for row, seq in enumerate(sequences):
+        out[row, : len(seq)] = torch.as_tensor(list(seq), dtype=dtype)
+    return out
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:

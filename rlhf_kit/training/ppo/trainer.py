@@ -53,6 +53,7 @@ from transformers import GenerationConfig, Trainer, TrainerControl, TrainerState
 from transformers.trainer_utils import TrainOutput
 
 from rlhf_kit.checkpoints import last_valid_checkpoint, staged_checkpoint, staging_dir, tensor_bytes
+from rlhf_kit.errors import UserError
 from rlhf_kit.training.distributed import shard_on_cpu
 from rlhf_kit.training.ppo.losses import (
     AdaptiveKLController,
@@ -67,9 +68,10 @@ from rlhf_kit.training.ppo.losses import (
 )
 from rlhf_kit.model import stop_token_ids
 from rlhf_kit.rewards import Rewards, as_completions, call_reward_func, reward_weights
-from rlhf_kit.training.ppo.rollout import Rollout, assemble_rewards, left_pad, truncate_at_stop
+from rlhf_kit.training.ppo.rollout import Rollout, assemble_rewards, left_pad, right_pad, truncate_at_stop
 from rlhf_kit.training.ppo.config import PPOConfig
 from rlhf_kit.training.ppo.model import CRITIC, POLICY, build_policy_and_critic, eval_mode
+from rlhf_kit.vllm_engine import VLLMEngine, merged_weights
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +124,9 @@ class PPOTrainer(Trainer):
             model, peft_config, critic=args.critic, reward_model=reward_model, critic_model=critic_model,
             activation_checkpointing=args.activation_checkpointing,
             activation_checkpointing_kwargs=args.activation_checkpointing_kwargs)
+        if args.generation_backend == "vllm" and policy.quantization_method is not None:
+            raise UserError("generation_backend: vllm samples from the policy with its LoRA merged, which a quantized "
+                            "(QLoRA) base cannot hold; use generation_backend: hf, or LoRA on an unquantized base")
         # Our own sampling config replaces the model's: a checkpoint's generation_config.json may set top_p, top_k
         # or a repetition penalty, and any of them would sample from a distribution the log-probs do not describe.
         policy.lm.generation_config = GenerationConfig(
@@ -142,6 +147,8 @@ class PPOTrainer(Trainer):
         else:
             self.kl_ctl = FixedKLController(args.kl_coef)
         self._trend: list[tuple[float, float, float]] = []  # (score, kl, response length) per update
+        self._engine: VLLMEngine | None = None  # generation_backend: vllm, built at the first rollout
+        self._engine_holds: int | None = None  # the update whose weights the engine holds
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------------------------------------ the loop
@@ -158,6 +165,7 @@ class PPOTrainer(Trainer):
         while self.state.global_step < self.state.max_steps and not self.control.should_training_stop:
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             rollout = self.rollout(self._prompt_batch(self.state.global_step))
+            self._release_engine()
             self.score(rollout)
             self.compute_advantages(rollout)
             stats = self.update(rollout)
@@ -248,20 +256,75 @@ class PPOTrainer(Trainer):
         tokenizer, device = self.processing_class, self.args.device
         query_ids, query_mask = left_pad([self._encoder(p) for p in prompts], tokenizer.pad_token_id)
         query_ids, query_mask = query_ids.to(device), query_mask.to(device)
-        pieces = []
-        with eval_mode(self.model), self.accelerator.autocast():
-            for chunk in torch.arange(len(prompts)).split(self.args.rollout_forward_batch_size):
-                generated = self.model(query_ids[chunk], query_mask[chunk], part="generate",
-                                       gather_weights=self.args.gather_weights_for_generation)
-                pieces.append(generated[:, query_ids.shape[1]:])  # (b, T_chunk): the new tokens only
-        width = max(p.shape[1] for p in pieces)
-        responses = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=tokenizer.pad_token_id)
-                               for p in pieces])
+        if self.args.generation_backend == "vllm":
+            responses, sampler_logprobs = self._sample_with_vllm(query_ids, query_mask)
+        else:
+            responses, sampler_logprobs = self._sample_with_hf(query_ids, query_mask), None
         response_ids, response_mask, stopped = truncate_at_stop(responses, self.stop_token_ids, tokenizer.pad_token_id)
         rollout = Rollout(prompts, columns, query_ids, query_mask, response_ids, response_mask, stopped)
         rollout.completions = self._decode(rollout)
         self._score_logprobs_and_values(rollout)
+        if sampler_logprobs is not None:
+            rollout.sampler_logprobs = sampler_logprobs[:, : response_ids.shape[1]] * response_mask
         return rollout
+
+    def _sample_with_hf(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) new tokens from the policy's own `generate`, right-padded."""
+        pieces = []
+        with eval_mode(self.model), self.accelerator.autocast():
+            for chunk in torch.arange(len(query_ids)).split(self.args.rollout_forward_batch_size):
+                generated = self.model(query_ids[chunk], query_mask[chunk], part="generate",
+                                       gather_weights=self.args.gather_weights_for_generation)
+                pieces.append(generated[:, query_ids.shape[1]:])  # (b, T_chunk): the new tokens only
+        width = max(p.shape[1] for p in pieces)
+        pad = self.processing_class.pad_token_id
+        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad) for p in pieces])
+
+    def _sample_with_vllm(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) new tokens from this process's vLLM engine, right-padded, and vLLM's log-probs of them.
+
+        The engine is given the policy as it is now (LoRA merged) when the weights changed since the last push. Each
+        prompt's sample is seeded from the run's random stream, so a resumed run draws what the interrupted one
+        would have, whatever the batch around it. Sampling settings are the HF path's: the training temperature,
+        no top-k / top-p, the same stop tokens, response_length new tokens at most.
+        """
+        args, engine = self.args, self._vllm_engine()
+        if self._engine_holds != self.state.global_step:
+            engine.load_weights(merged_weights(self.model.lm, POLICY))
+            self._engine_holds = self.state.global_step
+        rows = [ids[mask.bool()].tolist() for ids, mask in zip(query_ids.cpu(), query_mask.cpu())]
+        seeds = torch.randint(0, 2**31 - 1, (len(rows),)).tolist()
+        out = engine.generate(rows, max_tokens=args.response_length, temperature=args.temperature,
+                              stop_token_ids=self.stop_token_ids, seeds=seeds)
+        device = query_ids.device
+        responses = right_pad(out.token_ids, self.processing_class.pad_token_id).to(device)
+        return responses, right_pad(out.logprobs, 0.0, dtype=torch.float32).to(device)
+
+    def _vllm_engine(self) -> VLLMEngine:
+        """This process's vLLM engine, built at the first rollout for the policy's architecture and dtype."""
+        if self._engine is None:
+            args, lm = self.args, self.model.lm
+            positions = getattr(lm.config, "max_position_embeddings", None) or 4096
+            kv_cache_gb = args.vllm_kv_cache_gb
+            if kv_cache_gb is None and not torch.cuda.is_available():
+                kv_cache_gb = 1.0  # vLLM's CPU backend otherwise reserves a share of all the machine's memory
+            self._engine = VLLMEngine.for_model(
+                lm, max_model_len=min(positions, (args.max_prompt_length or 4096) + args.response_length),
+                memory_fraction=args.vllm_gpu_memory_utilization, kv_cache_gb=kv_cache_gb, seed=args.seed,
+                enable_sleep_mode=args.vllm_sleep_between_rollouts)
+        return self._engine
+
+    def close(self) -> None:
+        """Shut the vLLM engine down (generation_backend: vllm); a later rollout would start a new one."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine, self._engine_holds = None, None
+
+    def _release_engine(self) -> None:
+        """With vllm_sleep_between_rollouts, give vLLM's GPU memory back to training until the next rollout."""
+        if self._engine is not None and self.args.vllm_sleep_between_rollouts:
+            self._engine.sleep()
+            self._engine_holds = None  # its weights are gone: the next rollout pushes them again
 
     def _score_logprobs_and_values(self, rollout: Rollout) -> None:
         """Old log-probs (the training forward pass at the sampling temperature), reference log-probs and values."""
@@ -441,6 +504,10 @@ class PPOTrainer(Trainer):
         }
         for name, values in rollout.reward_components.items():
             metrics[f"reward/{name}"] = values.mean()
+        if rollout.sampler_logprobs is not None:
+            # How far the sampler's log-probs are from the trainer's: the importance-sampling gap between them.
+            gap = (rollout.sampler_logprobs - rollout.old_logprobs).abs() * mask
+            metrics["rollout/sampler_logprob_gap"] = gap.sum() / mask.sum().clamp(min=1)
         return self._mean_over_processes(metrics)
 
     def _mean_over_processes(self, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
