@@ -32,6 +32,9 @@ from rlhf_kit.tasks import shop  # noqa: E402
 
 SYSTEM_FRACTION = 0.1  # share of SFT conversations that open with a system message
 N_EXAMPLES = 20  # rows in each data/examples/ file
+# Pairs that differ only in the item, added to the preference training split: without them the reward model stays
+# near chance on the held-out pairs of that kind (README, issue 20).
+WRONG_ITEM_PAIRS = 3000
 
 
 def user(content: str) -> dict[str, str]:
@@ -57,12 +60,15 @@ def sft_rows(rng: random.Random, n: int, split: task.Split) -> list[dict]:
 
 
 def preference_rows(rng: random.Random, n: int, split: task.Split) -> list[dict]:
-    # Label noise only in train: test measures agreement with the gold annotator itself.
+    # Label noise only in train: test measures agreement with the gold annotator itself, on the generator's own mix.
     noise = 0.1 if split == "train" else 0.0
-    return [
-        {"prompt": [user(p.prompt)], "chosen": [assistant(p.chosen)], "rejected": [assistant(p.rejected)]}
-        for p in task.preference_pairs(rng, n, split, noise=noise)
-    ]
+    pairs = task.preference_pairs(rng, n, split, noise=noise)
+    if split == "train":
+        # Drawn after the mixed pairs, so those stay what they were; shuffled in so a file read in order is mixed too.
+        pairs += task.wrong_item_pairs(rng, WRONG_ITEM_PAIRS, split, noise=noise)
+        rng.shuffle(pairs)
+    return [{"prompt": [user(p.prompt)], "chosen": [assistant(p.chosen)], "rejected": [assistant(p.rejected)]}
+            for p in pairs]
 
 
 def prompt_rows(rng: random.Random, n: int, split: task.Split) -> list[dict]:

@@ -25,14 +25,18 @@ from rlhf_kit.training.reward_model import (
     check_reward_setup,
     evaluate_reward_model,
     fit_normalization,
+    ensemble_report,
     format_report,
     hold_out,
+    member_arguments,
+    member_data,
     read_whole,
     reference_samples,
     reward_lora_config,
     reward_metadata,
+    write_ensemble,
 )
-from rlhf_kit.rewards import IN_SAMPLE, RewardModel, write_reward_files
+from rlhf_kit.rewards import IN_SAMPLE, RewardModel, load_reward_model, read_reward_file, write_reward_files
 from rlhf_kit.publish.hub import publish_stage, take_over_push
 from rlhf_kit.data.lengths import count_over_length, length_metrics
 from rlhf_kit.runs import format_summary, resume_checkpoint, train_and_save, write_stage
@@ -68,43 +72,67 @@ def main(argv=None, overrides=None, callbacks=None):
                              "split; give a file (used whole) or a directory with that split.")
     conversational = detect_dataset_format(train_data, "preference").endswith("_conversational")
     check_reward_setup(model_args, args, has_eval_data=held_out != IN_SAMPLE)
-    resume = resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    # One reward model, or an ensemble: K LoRA adapters trained one after another, each in its own directory.
+    members = member_arguments(args)
+    resumes = [resume_checkpoint(member.output_dir, args.resume_from_checkpoint) for member in members]
 
     tokenizer = load_model_tokenizer(model_args, trust_remote_code=args.trust_remote_code)
     added = prepare_tokenizer(tokenizer)
     # TRL's RewardTrainer drops training pairs longer than max_length; counted here, with the rendering it uses.
     dropped = length_metrics(count_over_length(data_args.dataset_name, "preference", data_args.dataset_train_split,
                                                tokenizer, args.max_length), args.max_length, action="dropped")
-    model = load_model(model_args, tokenizer, sequence_classification=True, trust_remote_code=args.trust_remote_code)
-    base_model = model.config.name_or_path  # the SFT adapter's merged directory, or the base itself
+    losses = []
+    for member, resume in zip(members, resumes):
+        if len(members) > 1:
+            set_seed(member.seed)
+        model = load_model(model_args, tokenizer, sequence_classification=True,
+                           trust_remote_code=args.trust_remote_code)
+        base_model = model.config.name_or_path  # the SFT adapter's merged directory, or the base itself
+        trainer = RewardTrainer(
+            model=model,
+            args=member,
+            train_dataset=member_data(train_data, args, member),
+            eval_dataset=eval_data if args.eval_strategy != "no" and held_out != IN_SAMPLE else None,
+            processing_class=tokenizer,
+            peft_config=reward_lora_config(model_args, tokenizer, added),
+            callbacks=callbacks,
+        )
+        # The whole run's loss, a resume's start included; each member resumes from its own checkpoints.
+        losses.append(train_and_save(trainer, resume, member.output_dir))
 
-    trainer = RewardTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_data,
-        eval_dataset=eval_data if args.eval_strategy != "no" and held_out != IN_SAMPLE else None,
-        processing_class=tokenizer,
-        peft_config=reward_lora_config(model_args, tokenizer, added),
-        callbacks=callbacks,
-    )
-    train_loss = train_and_save(trainer, resume, args.output_dir)  # the whole run's loss, a resume's start included
-
-    # Normalize and evaluate with the scoring code PPO uses. Every process scores (a sharded model needs all
-    # of them in each forward); only the main one writes.
-    reward_model = RewardModel(trainer.model, tokenizer, conversational=conversational)
-    batch_size = args.per_device_eval_batch_size
-    reference = reference_samples(reference_data, args.reference_pairs, args.seed)
-    normalization = fit_normalization(reward_model.score(reference, batch_size=batch_size, normalize=False))
-    reward_model.offset, reward_model.scale = normalization["offset"], normalization["scale"]
-    report = evaluate_reward_model(reward_model, eval_data, buckets=args.calibration_buckets, batch_size=batch_size)
-    metrics = {"train_loss": train_loss, **normalization, **dropped, "eval_accuracy": report["accuracy"],
+        # Normalize and evaluate with the scoring code PPO uses. Every process scores (a sharded model needs all
+        # of them in each forward); only the main one writes.
+        reward_model = RewardModel(trainer.model, tokenizer, conversational=conversational)
+        batch_size = args.per_device_eval_batch_size
+        reference = reference_samples(reference_data, args.reference_pairs, args.seed)
+        normalization = fit_normalization(reward_model.score(reference, batch_size=batch_size, normalize=False))
+        reward_model.offset, reward_model.scale = normalization["offset"], normalization["scale"]
+        report = evaluate_reward_model(reward_model, eval_data, buckets=args.calibration_buckets,
+                                       batch_size=batch_size)
+        if len(members) > 1 and trainer.is_world_process_zero():
+            write_reward_files(member.output_dir, reward_metadata(
+                model_args, base_model, normalization=normalization, report=report,
+                reference={"source": str(reference_source), "samples": len(reference)}, conversational=conversational),
+                report)
+    if len(members) > 1:  # the ensemble's files, then its own report, scored as every stage after will score it
+        if trainer.is_world_process_zero():
+            write_ensemble(args, members, tokenizer, conversational=conversational)
+        trainer.accelerator.wait_for_everyone()
+        report = ensemble_report(evaluate_reward_model(load_reward_model(args.output_dir), eval_data,
+                                                       buckets=args.calibration_buckets, batch_size=batch_size),
+                                 members)
+        normalization = {"offset": 0.0, "scale": 1.0}
+    metrics = {"train_loss": sum(losses) / len(losses), **normalization, **dropped, "eval_accuracy": report["accuracy"],
                "eval_mean_margin": report["mean_margin"], "eval_calibration_error": report["calibration_error"]}
     if held_out is not None:  # not the data's own test split: pairs held out here, or none (the gate reads this)
         report["held_out"] = metrics["eval_held_out"] = held_out
     if trainer.is_world_process_zero():
-        metadata = reward_metadata(model_args, base_model, normalization=normalization, report=report,
-                                   reference={"source": str(reference_source), "samples": len(reference)},
-                                   conversational=conversational)
+        if len(members) == 1:
+            metadata = reward_metadata(model_args, base_model, normalization=normalization, report=report,
+                                       reference={"source": str(reference_source), "samples": len(reference)},
+                                       conversational=conversational)
+        else:
+            metadata = {**read_reward_file(args.output_dir), "accuracy": report["accuracy"]}
         write_reward_files(args.output_dir, metadata, report)
         save_config(args.output_dir, data_args, model_args, args)
         write_stage(args.output_dir, "reward", model=model_args.model_name_or_path, data=data_args.dataset_name,

@@ -103,9 +103,9 @@ def _eval(ns: argparse.Namespace) -> int:
     prompts = load_data(ns.prompts, kind="prompt", split=ns.split)["prompt"][: ns.num_prompts]
     reward_model = None
     if ns.reward_model:
-        from rlhf_kit.rewards import RewardModel
+        from rlhf_kit.rewards import load_reward_model
 
-        reward_model = RewardModel.from_pretrained(ns.reward_model)
+        reward_model = load_reward_model(ns.reward_model)  # a single reward model or an ensemble
         judges["rm_win_rate"] = lambda p, r: reward_model.score_texts_for([p], [r]).item()
     reference = load_policy(ns.reference, "reference") if ns.reference else None  # scored, never sampled from
     results = []

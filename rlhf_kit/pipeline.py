@@ -388,9 +388,9 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
     prompts = prompts_data["prompt"][: settings["num_prompts"]]
     reward_model = None
     if "reward" in config.stages:
-        from rlhf_kit.rewards import RewardModel
+        from rlhf_kit.rewards import load_reward_model
 
-        reward_model = RewardModel.from_pretrained(str(config.stage_dir("reward")))
+        reward_model = load_reward_model(str(config.stage_dir("reward")))  # a single reward model or an ensemble
     policies = {name: load_policy(str(config.stage_dir(stage)), name) for name, stage in POLICY_ROWS.items()
                 if stage in config.stages}
     reference = policies.get("sft")
@@ -592,7 +592,8 @@ def _reward_eval(config: PipelineConfig) -> dict[str, Any] | None:
 
 def plot_ppo_training(ppo_dir: Path, png: Path) -> Path | None:
     """Gold and reward-model score against KL across PPO's periodic evaluations: over-optimization shows as the
-    reward-model curve still rising while the gold curve flattens or falls."""
+    reward-model curve still rising while the gold curve flattens or falls (and, with a reward ensemble, as its
+    members' disagreement rising)."""
     import json
 
     state = ppo_dir / "trainer_state.json"
@@ -608,7 +609,8 @@ def plot_ppo_training(ppo_dir: Path, png: Path) -> Path | None:
 
     kl = [e["eval_kl"] for e in history]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("eval_reward/gold", "gold score"), ("eval_reward/rm", "reward model (normalized)")):
+    for key, label in (("eval_reward/gold", "gold score"), ("eval_reward/rm", "reward model (normalized)"),
+                       ("eval_reward/rm_std", "reward ensemble's disagreement (std)")):
         if any(key in e for e in history):
             ax.plot(kl, [e.get(key, float("nan")) for e in history], marker="o", label=label)
     ax.set_xlabel("KL(policy || SFT), nats per response")

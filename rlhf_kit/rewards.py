@@ -10,6 +10,10 @@ tokenizer with its chat template, `rlhf_kit_reward.json` (normalization and how 
 `(raw - offset) / scale`, where offset and scale make the scores on a reference set mean 0 / std 1, so a KL
 coefficient means the same thing whichever reward model PPO uses.
 
+A reward stage trained with `ensemble_size` K > 1 holds K such reward models as LoRA adapters on one base
+(`member-<k>/`); `load_reward_model(path)` loads either kind, an ensemble as a `RewardEnsemble` that scores with an
+aggregate of its members (`aggregate_scores`: mean, mean - lambda * std, or min) and measures their `disagreement`.
+
 Every RL stage declares its reward sources with `RewardSources` and loads them with `load_rewards`: PPO scores with
 the `Rewards` it returns directly; GRPO, RLOO and best-of-N take them as TRL-style functions,
 `fn(prompts, completions, **kwargs)`, which `load_reward_functions(RewardSources(...), tokenizer, stop_ids=...)`
@@ -38,6 +42,10 @@ from rlhf_kit.model import IM_END, ModelArguments, is_adapter_dir, load_model
 from rlhf_kit.runs import EVAL_FILE, REWARD_FILE
 
 HEAD = "score"  # the one-output linear layer of transformers' *ForSequenceClassification models
+# How a reward ensemble's members combine (`aggregate_scores`), and its key in rlhf_kit_reward.json:
+# {"members": [member directories], "aggregate", "coef"}.
+AGGREGATES = ("mean", "mean_minus_std", "min")
+ENSEMBLE_KEY = "ensemble"
 DEFAULT_MIN_ACCURACY = 0.6
 # reward_eval.json's "held_out" when the pairs scored are the training pairs (the data had none to spare).
 IN_SAMPLE = "in-sample"
@@ -121,6 +129,10 @@ class RewardModel:
             raise FileNotFoundError(f"reward model {path} {what} (working directory {os.getcwd()}); pass a reward "
                                     "stage output_dir")
         meta = read_reward_file(path)
+        if meta.get(ENSEMBLE_KEY):
+            raise ValueError(f"{path} is a reward ensemble (ensemble_size > 1): load it with load_reward_model or "
+                             "RewardEnsemble.from_pretrained; one member is a reward model of its own "
+                             f"({path}/member-0)")
         saved_head = _saved_head(path)
         if not saved_head:
             raise ValueError(f"{path} holds no '{HEAD}' head weights: the adapter was saved without the reward head, "
@@ -217,6 +229,145 @@ class RewardModel:
             raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
         samples = [self.to_sample(p, c) for p, c in zip(prompts, completions)]
         return self.score(samples, batch_size=batch_size, normalize=normalize)
+
+
+def disagreement(members: Tensor) -> Tensor:
+    """(N,) spread of K members' (K, N) normalized scores: their standard deviation (population, so 0 for K=1)."""
+    return members.double().std(dim=0, correction=0).float()
+
+
+def aggregate_scores(members: Tensor, aggregate: str = "mean", coef: float = 1.0) -> Tensor:
+    """(N,) ensemble score from K members' (K, N) normalized scores.
+
+    mean: the members' average. mean_minus_std: the average less `coef` times their disagreement, so a response the
+    members argue about scores low (the conservative objective of Coste et al. 2023). min: the worst member's score.
+    """
+    if members.dim() != 2 or members.shape[0] < 1:
+        raise ValueError(f"expected (K, N) member scores with K >= 1, got shape {tuple(members.shape)}")
+    if aggregate == "mean":
+        return members.mean(dim=0)
+    if aggregate == "mean_minus_std":
+        return members.mean(dim=0) - coef * disagreement(members)
+    if aggregate == "min":
+        return members.min(dim=0).values
+    raise ValueError(f"reward ensemble aggregate must be one of {list(AGGREGATES)}, got {aggregate!r}")
+
+
+class RewardEnsemble(RewardModel):
+    """K reward models that are LoRA adapters, each with its own score head, on one shared base: an ensemble that
+    costs one base model plus K adapters, not K models.
+
+    `score` returns the aggregate (`aggregate_scores`) of the members' scores, each normalized with its own offset
+    and scale, so the ensemble's scores are already in normalized units: its own offset is 0 and scale 1, and
+    `normalize` has no effect. `score_members` gives the (K, N) member scores, from which `disagreement` measures how
+    much the members argue (the over-optimization monitor logs it).
+    """
+
+    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, members: Sequence[dict[str, Any]], *,
+                 aggregate: str = "mean", coef: float = 1.0, conversational: bool = True,
+                 metadata: dict[str, Any] | None = None):
+        super().__init__(model, tokenizer, conversational=conversational, metadata=metadata)
+        aggregate_scores(torch.zeros(1, 1), aggregate, coef)  # an unknown aggregate fails here, not mid-training
+        self.members = [dict(m) for m in members]  # adapter, offset, scale, source of each, in order
+        self.aggregate, self.coef = aggregate, float(coef)
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, device=None, dtype=None, trust_remote_code: bool = False,
+                        aggregate: str | None = None, coef: float | None = None) -> RewardEnsemble:
+        """Load an ensemble stage output: the shared base once, then each member's adapter and head onto it.
+        `aggregate` and `coef` override the ones the stage recorded."""
+        path = str(path)
+        meta = read_reward_file(path)
+        spec = meta.get(ENSEMBLE_KEY)
+        if not spec:
+            raise ValueError(f"{path} is a single reward model, not an ensemble; load it with RewardModel")
+        dirs = [str(Path(path) / member) for member in spec["members"]]
+        metas = [read_reward_file(d) for d in dirs]
+        if not all(m.get("adapter") for m in metas) or any(m.get("quantization", {}).get("load_in_4bit")
+                                                            or m.get("quantization", {}).get("load_in_8bit")
+                                                            for m in metas):
+            raise ValueError(f"the members of ensemble {path} must be LoRA adapters on an unquantized base")
+        bases = {_base_model(d, m) for d, m in zip(dirs, metas)}
+        if len(bases) != 1:
+            raise ValueError(f"the members of ensemble {path} are adapters on different bases ({sorted(bases)}); an "
+                             "ensemble shares one base")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = str(dtype if dtype is not None else metas[0].get("dtype") or "float32").removeprefix("torch.")
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        args = ModelArguments(model_name_or_path=bases.pop(), dtype=dtype)
+        with _quiet_head_report(True):
+            model = load_model(args, tokenizer, sequence_classification=True, trust_remote_code=trust_remote_code)
+        from peft import PeftModel
+
+        members = []
+        for k, (member_dir, member_meta) in enumerate(zip(dirs, metas)):
+            saved_head = _saved_head(member_dir)
+            if not saved_head:
+                raise ValueError(f"ensemble member {member_dir} holds no '{HEAD}' head weights")
+            name = f"member-{k}"
+            if k == 0:
+                model = PeftModel.from_pretrained(model, member_dir, adapter_name=name)
+            else:
+                model.load_adapter(member_dir, adapter_name=name)
+            members.append({"adapter": name, "offset": member_meta.get("offset", 0.0),
+                            "scale": member_meta.get("scale", 1.0), "source": member_dir})
+        model = model.to(device)
+        return cls(model, tokenizer, members, aggregate=aggregate or spec.get("aggregate", "mean"),
+                   coef=spec.get("coef", 1.0) if coef is None else coef,
+                   conversational=meta.get("conversational", tokenizer.chat_template is not None),
+                   metadata={**meta, "source": path})
+
+    def save_pretrained(self, output_dir: str | Path) -> None:
+        raise ValueError("a reward ensemble is saved by the reward stage (ensemble_size > 1); copy its output "
+                         "directory to move it")
+
+    @torch.no_grad()
+    def score_members(self, samples: Sequence[Sample], *, batch_size: int = 16) -> torch.Tensor:
+        """(K, N) normalized scores of every member on N samples, in member order."""
+        active = self.model.active_adapter
+        try:
+            rows = []
+            for member in self.members:
+                self.model.set_adapter(member["adapter"])
+                raw = super().score(samples, batch_size=batch_size, normalize=False)
+                rows.append((raw - member["offset"]) / member["scale"])
+        finally:
+            self.model.set_adapter(active)
+        return torch.stack(rows)
+
+    def score(self, samples: Sequence[Sample], *, batch_size: int = 16, normalize: bool = True) -> torch.Tensor:
+        """(N,) aggregate of the members' normalized scores (`normalize` has no effect: see the class)."""
+        return aggregate_scores(self.score_members(samples, batch_size=batch_size), self.aggregate, self.coef)
+
+    def score_members_for(self, prompts: Sequence[Sample], completions: Sequence[str | list[dict[str, str]]], *,
+                          batch_size: int = 16) -> torch.Tensor:
+        """(K, N) member scores for N (prompt, completion) pairs."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
+        return self.score_members([self.to_sample(p, c) for p, c in zip(prompts, completions)],
+                                  batch_size=batch_size)
+
+    def critic_reference(self) -> RewardModel:
+        """The first member as a plain RewardModel view (its adapter active, its own normalization): what PPO copies
+        its critic from."""
+        first = self.members[0]
+        self.model.set_adapter(first["adapter"])
+        return RewardModel(self.model, self.tokenizer, offset=first["offset"], scale=first["scale"],
+                           conversational=self.conversational,
+                           metadata={**read_reward_file(first["source"]), "source": first["source"]})
+
+
+def load_reward_model(path: str, *, device=None, dtype=None, trust_remote_code: bool = False,
+                      aggregate: str | None = None, coef: float | None = None) -> RewardModel:
+    """A reward stage output as a RewardModel, or a RewardEnsemble when the stage trained one (ensemble_size > 1);
+    `aggregate` and `coef` override an ensemble's recorded scoring and are refused for a single model."""
+    if read_reward_file(path).get(ENSEMBLE_KEY):
+        return RewardEnsemble.from_pretrained(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                              aggregate=aggregate, coef=coef)
+    if aggregate not in (None, "mean"):
+        raise ValueError(f"reward_aggregate {aggregate!r} needs a reward ensemble; {path} is a single reward model "
+                         "(train one with ensemble_size > 1)")
+    return RewardModel.from_pretrained(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 @contextmanager
@@ -397,9 +548,36 @@ class RewardModelFunction:
         self.__name__ = name
 
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        if isinstance(self.reward_model, RewardEnsemble):
+            members = self.reward_model.score_members_for(prompts, completions, batch_size=self.batch_size)
+            self.last = (list(prompts), list(completions), members)  # for EnsembleDisagreement, called next
+            return aggregate_scores(members, self.reward_model.aggregate, self.reward_model.coef).tolist()
         rewards = self.reward_model.score_texts_for(prompts, completions, batch_size=self.batch_size,
                                                     normalize=self.normalize)
         return rewards.tolist()
+
+
+class EnsembleDisagreement:
+    """A TRL-style function, weight 0: a reward ensemble's disagreement (std of its members) on each completion, so
+    GRPO and RLOO log it (`rewards/reward_model_std/mean`) beside the score, as PPO logs `reward/rm_std`.
+
+    It reuses the member scores of the `RewardModelFunction` called just before it on the same completions (TRL calls
+    the functions in order on one batch), and scores them again otherwise.
+    """
+
+    __name__ = "reward_model_std"
+
+    def __init__(self, scorer: RewardModelFunction):
+        self.scorer = scorer
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        last = getattr(self.scorer, "last", None)
+        if last is not None and last[0] == list(prompts) and last[1] == list(completions):
+            members = last[2]
+        else:
+            members = self.scorer.reward_model.score_members_for(prompts, completions,
+                                                                 batch_size=self.scorer.batch_size)
+        return disagreement(members).tolist()
 
 
 class MissingStopPenalty:
@@ -463,6 +641,15 @@ class RewardSources:
     reward_batch_size: int = field(
         default=REWARD_BATCH_SIZE, metadata={"help": "Samples per reward-model forward pass."}
     )
+    reward_aggregate: str | None = field(
+        default=None,
+        metadata={"help": f"For a reward ensemble (a reward stage trained with ensemble_size > 1): how its members' "
+                  f"scores combine, one of {list(AGGREGATES)}; mean_minus_std and min are conservative, scoring low "
+                  "what the members disagree on. Default: what the reward stage recorded."},
+    )
+    reward_aggregate_coef: float | None = field(
+        default=None, metadata={"help": "lambda of mean_minus_std (mean - lambda * std). Default: the stage's."}
+    )
 
 
 @dataclass
@@ -510,6 +697,8 @@ def load_rewards(sources: RewardSources, policy_tokenizer: PreTrainedTokenizerBa
                  weights: Sequence[float] | None = None, device=None, trust_remote_code: bool = False) -> Rewards:
     """Import the reward functions, check them against `weights` (the method's reward_weights), gate and load the
     reward model. Cheap checks (imports, weights, the gate) run before the reward model loads."""
+    if sources.reward_aggregate is not None:
+        aggregate_scores(torch.zeros(1, 1), sources.reward_aggregate)  # an unknown name fails before any loading
     funcs = [import_reward_func(name) for name in sources.reward_funcs]
     measured = [import_reward_func(name) for name in sources.eval_reward_funcs]
     reward_weights(bool(sources.reward_model_path), funcs, weights)
@@ -517,8 +706,8 @@ def load_rewards(sources: RewardSources, policy_tokenizer: PreTrainedTokenizerBa
     if sources.reward_model_path:
         report = gate(sources.reward_model_path, policy_tokenizer, min_accuracy=sources.min_reward_accuracy,
                       allow_weak_reward_model=sources.allow_weak_reward_model)
-        model = RewardModel.from_pretrained(sources.reward_model_path, device=device,
-                                            trust_remote_code=trust_remote_code)
+        model = load_reward_model(sources.reward_model_path, device=device, trust_remote_code=trust_remote_code,
+                                  aggregate=sources.reward_aggregate, coef=sources.reward_aggregate_coef)
     return Rewards(model, funcs, measured, missing_eos_penalty=sources.missing_eos_penalty,
                    batch_size=sources.reward_batch_size, report=report)
 
@@ -530,7 +719,8 @@ def load_reward_functions(sources: RewardSources, policy_tokenizer: PreTrainedTo
     report: `load_rewards` in TRL's form.
 
     Order: the reward model (normalized, scoring prompt + completion rendered with its own tokenizer and template),
-    then `reward_funcs`, then the missing-stop penalty (weight 1), then `eval_reward_funcs` (weight 0). `weights`
+    then `reward_funcs`, then the missing-stop penalty (weight 1), then, for a reward ensemble, its disagreement
+    (`EnsembleDisagreement`, weight 0), then `eval_reward_funcs` (weight 0). `weights`
     covers the first two groups, as PPO's reward_weights does; default 1 each. `stop_ids` are the policy's stop
     tokens, `rlhf_kit.model.stop_token_ids(tokenizer, policy)`, needed for the missing-stop penalty.
     """
@@ -542,12 +732,15 @@ def load_reward_functions(sources: RewardSources, policy_tokenizer: PreTrainedTo
                            trust_remote_code=trust_remote_code)
     weights = reward_weights(rewards.reward_model is not None, rewards.funcs, weights)
     funcs = list(rewards.funcs)
+    measured = list(rewards.eval_funcs)
     if rewards.reward_model is not None:
         funcs.insert(0, RewardModelFunction(rewards.reward_model, batch_size=rewards.batch_size))
+        if isinstance(rewards.reward_model, RewardEnsemble):  # the over-optimization monitor's signal, logged
+            measured.insert(0, EnsembleDisagreement(funcs[0]))
     if rewards.missing_eos_penalty:
         funcs.append(MissingStopPenalty(stop_ids, rewards.missing_eos_penalty))
         weights.append(1.0)
-    return funcs + rewards.eval_funcs, weights + [0.0] * len(rewards.eval_funcs), rewards.report
+    return funcs + measured, weights + [0.0] * len(measured), rewards.report
 
 
 def import_reward_func(spec: str) -> RewardFunc:

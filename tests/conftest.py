@@ -103,11 +103,11 @@ def tiny_sft(tiny_base, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_reward(tiny_sft, tmp_path_factory) -> str:
     """A LoRA reward model trained from `tiny_sft` by the reward recipe, as the pipeline does (held-out accuracy
-    about 0.8, so it passes the gate). About 7 s."""
+    about 0.8, so it passes the gate). About 14 s: 300 steps, since the shipped pairs became mostly wrong-item pairs."""
     out = tmp_path_factory.mktemp("tiny-reward")
     with trained_quietly():
         load_recipe("reward")(["--config", "recipes/configs/reward/tiny.yaml"], overrides={
-            "model_name_or_path": tiny_sft, "output_dir": str(out), "max_steps": 150,
+            "model_name_or_path": tiny_sft, "output_dir": str(out), "use_peft": True, "max_steps": 300,
             "per_device_train_batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 0, "eval_strategy": "no",
             "save_strategy": "no", "logging_steps": 50, "disable_tqdm": True, "report_to": "none"})
     return str(out)

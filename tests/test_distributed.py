@@ -234,7 +234,7 @@ def test_sft_on_two_processes_matches_one(sft_pair):
 def test_reward_on_two_processes_matches_one(sft_pair, tmp_path):
     sft, _ = sft_pair
     argv = ["--config", "recipes/configs/reward/tiny.yaml", "--model_name_or_path", str(sft), *FAST,
-            "--reference_pairs", "16"]
+            "--reference_pairs", "16", "--use_peft", "true"]
     launch(1, "recipes/reward.py", [*argv, "--output_dir", str(tmp_path / "one")])
     launch(2, "recipes/reward.py", [*argv, "--output_dir", str(tmp_path / "two")])
     assert (processes_used(tmp_path / "one"), processes_used(tmp_path / "two")) == (1, 2)

@@ -54,8 +54,9 @@ def sft(tiny_base, tmp_path_factory):
 def reward(sft):
     out = sft.parent / "reward"
     load_recipe("reward")(["--config", "recipes/configs/reward/tiny.yaml"], overrides={
-        "model_name_or_path": str(sft), "output_dir": str(out), "max_steps": 4, "per_device_train_batch_size": 8,
-        "eval_strategy": "no", "save_strategy": "no", "disable_tqdm": True, "reference_pairs": 16, "max_length": 64})
+        "model_name_or_path": str(sft), "output_dir": str(out), "use_peft": True, "max_steps": 4,
+        "per_device_train_batch_size": 8, "eval_strategy": "no", "save_strategy": "no", "disable_tqdm": True,
+        "reference_pairs": 16, "max_length": 64})
     return out
 
 

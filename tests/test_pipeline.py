@@ -128,7 +128,7 @@ def test_each_stage_runs_through_accelerate_launch_and_prints_its_summary(pipeli
     for stage in STAGES:
         assert f"== {stage} finished" in printed[stage], printed[stage][-3000:]
     assert "== reward model on 300 held-out pairs" in printed["reward"]  # the whole shipped test split
-    assert (config.stage_dir("reward") / "adapter_model.safetensors").is_file()
+    assert (config.stage_dir("reward") / "model.safetensors").is_file()  # fully fine-tuned, as the config says
     assert (config.stage_dir("reward") / EVAL_FILE).is_file()
     assert (config.stage_dir("ppo") / "adapter_model.safetensors").is_file()
     assert (config.stage_dir("ppo") / "critic/value_head.safetensors").is_file()

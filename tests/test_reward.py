@@ -30,7 +30,7 @@ from rlhf_kit.rewards import (
 )
 
 FAST = {
-    "max_steps": 250, "per_device_train_batch_size": 16, "logging_steps": 10, "eval_strategy": "no",
+    "use_peft": True, "max_steps": 250, "per_device_train_batch_size": 16, "logging_steps": 10, "eval_strategy": "no",
     "save_strategy": "no", "learning_rate": 1e-3, "warmup_steps": 0, "disable_tqdm": True, "report_to": "none",
 }
 TEST_PAIRS = read_jsonl(REPO / "data/preference/test.jsonl")

@@ -209,6 +209,35 @@ def test_preference_pairs_have_no_ties_and_teach_format():
     assert 0.35 < malformed < 0.55
 
 
+def test_wrong_item_pairs_differ_in_the_item_alone_and_carry_the_requested_noise():
+    pairs = task.wrong_item_pairs(random.Random(0), 4000, noise=0.1)
+    disagree = [not task.gold_prefers(p.prompt, p.chosen, p.rejected) for p in pairs]
+    assert disagree == [p.flipped for p in pairs]
+    assert abs(sum(disagree) / len(pairs) - 0.1) < 0.02
+    for p in pairs:
+        good, bad = (p.rejected, p.chosen) if p.flipped else (p.chosen, p.rejected)
+        assert good.split()[1] == task.item_of(p.prompt) != bad.split()[1]
+        assert good.split()[2:] == bad.split()[2:]  # the same review otherwise
+
+
+def test_shipped_preference_training_split_has_the_extra_wrong_item_pairs():
+    """The mixed pairs stay the generator's first draws; the wrong-item ones are added to train, never to test."""
+    make_datasets = load_make_datasets()
+    train, test = read_jsonl("preference/train.jsonl"), read_jsonl("preference/test.jsonl")
+    n_train, n_test = make_datasets.SIZES["preference"]
+    assert len(train) == n_train + make_datasets.WRONG_ITEM_PAIRS and len(test) == n_test
+
+    def only_item_differs(row):
+        a, b = row["chosen"][0]["content"].split(), row["rejected"][0]["content"].split()
+        return len(a) > 2 and len(b) > 2 and a[1] != b[1] and a[2:] == b[2:]
+
+    # The mix alone has about a fifth of them (the test split's share); train has the added ones on top.
+    assert 0.15 < sum(map(only_item_differs, test)) / n_test < 0.3
+    share = sum(map(only_item_differs, train)) / len(train)
+    expected = (0.2 * n_train + make_datasets.WRONG_ITEM_PAIRS) / len(train)
+    assert abs(share - expected) < 0.03
+
+
 # --- the shipped files -------------------------------------------------------
 def test_shipped_files_are_exactly_what_make_datasets_writes(tmp_path):
     written = load_make_datasets().write_datasets(tmp_path)

@@ -416,6 +416,28 @@ def preference_pairs(
     return pairs
 
 
+def wrong_item_pairs(rng: random.Random, n: int, split: Split = "train", noise: float = 0.1) -> list[PreferencePair]:
+    """`n` minimal pairs that differ only in the item: a review of the prompt's item against the same review of
+    another one ("The phone is great." to a prompt about the coffee).
+
+    In `preference_pairs` a fifth of the pairs are of this kind, too few for a reward model that reads one vector
+    at the end of the response to learn to compare the response's item with the prompt's: it stayed near chance on
+    them at any length of training or capacity (README, issue 20). Label noise as in `preference_pairs`.
+    """
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"noise must be in [0, 1], got {noise}")
+    pairs = []
+    for _ in range(n):
+        prompt = sample_prompt(rng, split)
+        item = item_of(prompt)
+        good = sample_response(rng, item)
+        bad = _review(rng.choice([i for i in ITEMS if i != item]), [w.rstrip(".") for w in good.split()[3::2]])
+        flipped = rng.random() < noise
+        chosen, rejected = (bad, good) if flipped else (good, bad)
+        pairs.append(PreferencePair(prompt, chosen, rejected, flipped))
+    return pairs
+
+
 def rl_prompts(rng: random.Random, n: int, split: Split = "train") -> list[str]:
     """`n` prompts for the RL stage, drawn uniformly (with repeats) from `split`."""
     return [sample_prompt(rng, split) for _ in range(n)]

@@ -6,7 +6,9 @@ accuracy the gate reads is the accuracy of the scores PPO will see.
 
 from __future__ import annotations
 
+import copy
 import glob
+import json
 import math
 import os
 import random
@@ -20,8 +22,19 @@ from transformers import PreTrainedTokenizerBase
 from trl import RewardConfig
 
 from rlhf_kit.model import ModelArguments, lora_config
+from rlhf_kit.runs import EVAL_FILE, REWARD_FILE
 from rlhf_kit.data.loading import parse_sources
-from rlhf_kit.rewards import DEFAULT_MIN_ACCURACY, IN_SAMPLE, QUANTIZATION_KEYS, RewardModel, Sample
+from rlhf_kit.rewards import (
+    AGGREGATES,
+    DEFAULT_MIN_ACCURACY,
+    ENSEMBLE_KEY,
+    IN_SAMPLE,
+    QUANTIZATION_KEYS,
+    RewardModel,
+    Sample,
+    aggregate_scores,
+    write_reward_files,
+)
 from rlhf_kit.training.settings import StageSettings, check_eval_data
 
 
@@ -55,8 +68,32 @@ class RewardArguments(StageSettings, RewardConfig):
                   "Data too small to spare them is scored in-sample, which the gate refuses. 0: never hold out."},
     )
 
+    ensemble_size: int = field(
+        default=1,
+        metadata={"help": "Train this many reward models as LoRA adapters (each with its own score head) on one base, "
+                  "with seeds seed, seed+1, ... (different head and adapter initialization and data order), saved "
+                  "in output_dir/member-<k> and scored together as an ensemble (rlhf_kit.rewards.RewardEnsemble). "
+                  "1: one reward model, as usual."},
+    )
+    ensemble_bootstrap: bool = field(
+        default=False,
+        metadata={"help": "Each ensemble member trains on its own bootstrap resample of the training pairs (drawn "
+                  "with replacement, with the member's seed) instead of all of them in its own order."},
+    )
+    ensemble_aggregate: str = field(
+        default="mean",
+        metadata={"help": f"How the ensemble's scores combine by default: one of {list(AGGREGATES)} (a stage that "
+                  "uses the ensemble can override it with reward_aggregate)."},
+    )
+    ensemble_coef: float = field(
+        default=1.0, metadata={"help": "lambda of the mean_minus_std aggregate: mean - lambda * std of the members."}
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        if self.ensemble_size < 1:
+            raise ValueError(f"ensemble_size must be >= 1, got {self.ensemble_size}")
+        aggregate_scores(torch.zeros(1, 1), self.ensemble_aggregate, self.ensemble_coef)
         if self.reference_pairs < 1:
             raise ValueError(f"reference_pairs must be >= 1, got {self.reference_pairs}")
         if self.calibration_buckets < 1:
@@ -73,6 +110,10 @@ def check_reward_setup(model_args: ModelArguments, args: RewardArguments, has_ev
         raise ValueError("chat_template_path is not supported for reward models: start from a model whose tokenizer "
                          "has the chat template (the SFT output), or from a base, which gets ChatML.")
     quantized = model_args.load_in_4bit or model_args.load_in_8bit
+    if args.ensemble_size > 1 and (not model_args.use_peft or quantized):
+        # K full models would cost K times the memory; sharing one base is the point of the ensemble.
+        raise ValueError(f"ensemble_size {args.ensemble_size} trains LoRA adapters on one shared base: set use_peft: "
+                         "true (and no 4/8-bit quantization), or ensemble_size: 1 for one fully fine-tuned model")
     if quantized and model_args.dtype != "bfloat16" and not (args.bf16 or args.fp16):
         # TRL 1.16 casts every trainable parameter of a quantized model to bfloat16, the new score head included;
         # float32 activations then cannot enter the head ("expected m1 and m2 to have the same dtype").
@@ -234,3 +275,45 @@ def format_report(report: dict[str, Any], min_accuracy: float = DEFAULT_MIN_ACCU
                      f"  {row['expected_accuracy']:8.3f}")
     lines.append(f"  calibration error {report['calibration_error']:.3f}")
     return "\n".join(lines)
+
+
+def member_arguments(args: RewardArguments) -> list[RewardArguments]:
+    """The training arguments of each model the stage trains: the stage's own for one reward model; for an ensemble
+    of K, K copies with seeds seed+k and output directories output_dir/member-k (each resumes on its own)."""
+    if args.ensemble_size == 1:
+        return [args]
+    members = []
+    for k in range(args.ensemble_size):
+        # A copy, not dataclasses.replace: that would run TrainingArguments' __post_init__ again on resolved values.
+        member = copy.copy(args)
+        member.seed, member.output_dir = args.seed + k, str(Path(args.output_dir) / f"member-{k}")
+        members.append(member)
+    return members
+
+
+def member_data(train_data, args: RewardArguments, member: RewardArguments):
+    """A member's training pairs: all of them (the trainer shuffles with the member's seed), or with
+    ensemble_bootstrap a resample of the same size drawn with replacement with the member's seed."""
+    if args.ensemble_size == 1 or not args.ensemble_bootstrap:
+        return train_data
+    rng = random.Random(member.seed)
+    return train_data.select([rng.randrange(len(train_data)) for _ in range(len(train_data))])
+
+
+def write_ensemble(args: RewardArguments, members: list[RewardArguments], tokenizer: PreTrainedTokenizerBase, *,
+                   conversational: bool) -> None:
+    """The ensemble's own files in output_dir: its tokenizer (the gate reads it) and rlhf_kit_reward.json naming
+    the members, the default aggregate and the shared base; `RewardEnsemble.from_pretrained` loads it."""
+    first = json.loads((Path(members[0].output_dir) / REWARD_FILE).read_text())
+    tokenizer.save_pretrained(args.output_dir)
+    spec = {"members": [Path(m.output_dir).name for m in members], "aggregate": args.ensemble_aggregate,
+            "coef": args.ensemble_coef, "bootstrap": args.ensemble_bootstrap}
+    write_reward_files(args.output_dir, {ENSEMBLE_KEY: spec, "conversational": conversational, "adapter": True,
+                                         "base_model": first["base_model"], "dtype": first["dtype"]}, None)
+
+
+def ensemble_report(report: dict[str, Any], members: list[RewardArguments]) -> dict[str, Any]:
+    """The ensemble's held-out report with each member's accuracy beside it."""
+    accuracies = [json.loads((Path(m.output_dir) / EVAL_FILE).read_text())["accuracy"] for m in members]
+    return {**report, "members": [{"member": Path(m.output_dir).name, "accuracy": a}
+                                  for m, a in zip(members, accuracies)]}

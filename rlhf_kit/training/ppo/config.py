@@ -116,6 +116,13 @@ class PPOConfig(StageSettings, TrainingArguments):
     cliprange_value: float = field(default=0.2, metadata={"help": "Value clip range, in units of the value head."})
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss in the total loss."})
     # --- health checks and logging
+    disagreement_guard: float | None = field(
+        default=None,
+        metadata={"help": "With a reward ensemble: stop training (saving a checkpoint) when the members' mean "
+                  "disagreement on the rollouts (reward/rm_std, logged at every update) exceeds this multiple of its "
+                  "value at the first update: the policy is reaching responses the reward models were not trained "
+                  "on, where over-optimization starts. E.g. 2.0. None: only logged."},
+    )
     health_check_tolerance: float | None = field(
         default=1e-2,
         metadata={"help": "At the first update, the mean |log-ratio| (policy vs rollout) and, on a fresh run, the mean "
@@ -142,6 +149,9 @@ class PPOConfig(StageSettings, TrainingArguments):
             (0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"gamma and lam must lie in [0, 1], got {self.gamma}, {self.lam}"),
             (self.cliprange > 0 and self.cliprange_value > 0, "cliprange and cliprange_value must be > 0"),
             (self.kl_coef >= 0 and self.vf_coef >= 0, "kl_coef and vf_coef must be >= 0"),
+            (self.disagreement_guard is None or self.disagreement_guard > 0,
+             f"disagreement_guard is a multiple of the first update's disagreement: give a number > 0 (e.g. 2.0), "
+             f"got {self.disagreement_guard}"),
             (not self.adaptive_kl or self.kl_coef > 0, "adaptive_kl needs kl_coef > 0: a zero coefficient never moves"),
             (self.save_strategy in ("steps", "no"),
              f"save_strategy {self.save_strategy.value!r}: PPO counts updates, use 'steps' (every save_steps) or 'no'"),

@@ -70,7 +70,11 @@ def reward_head(reward_model) -> nn.Linear | None:
         head = model.get_submodule("score")
     except AttributeError:
         return None
-    return getattr(head, "modules_to_save", {}).get("default", head)
+    copies = getattr(head, "modules_to_save", None)  # PEFT's wrapper: one trained copy per adapter
+    if copies is None:
+        return head
+    active = [name for name in getattr(head, "active_adapters", ["default"]) if name in copies]
+    return copies[active[0]] if active else head
 
 
 class PolicyAndCritic(nn.Module):

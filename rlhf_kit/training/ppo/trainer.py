@@ -67,7 +67,15 @@ from rlhf_kit.training.ppo.losses import (
     value_loss,
 )
 from rlhf_kit.model import stop_token_ids
-from rlhf_kit.rewards import Rewards, as_completions, call_reward_func, reward_weights
+from rlhf_kit.rewards import (
+    RewardEnsemble,
+    Rewards,
+    aggregate_scores,
+    as_completions,
+    call_reward_func,
+    disagreement,
+    reward_weights,
+)
 from rlhf_kit.training.ppo.rollout import Rollout, assemble_rewards, left_pad, right_pad, truncate_at_stop
 from rlhf_kit.training.ppo.config import PPOConfig
 from rlhf_kit.training.ppo.model import CRITIC, POLICY, build_policy_and_critic, eval_mode
@@ -120,8 +128,13 @@ class PPOTrainer(Trainer):
                              "load a second copy for the critic")
         if args.eval_on_start and eval_dataset is None:
             raise ValueError("eval_on_start needs an eval_dataset (held-out prompts)")
+        if args.disagreement_guard is not None and not isinstance(reward_model, RewardEnsemble):
+            raise UserError("disagreement_guard watches the disagreement of a reward ensemble's members: give "
+                            "reward_model_path a reward stage trained with ensemble_size > 1, or unset the guard")
+        # An ensemble's critic starts as its first member, as a single reward model's critic starts as that model.
+        critic_source = reward_model.critic_reference() if isinstance(reward_model, RewardEnsemble) else reward_model
         policy = build_policy_and_critic(
-            model, peft_config, critic=args.critic, reward_model=reward_model, critic_model=critic_model,
+            model, peft_config, critic=args.critic, reward_model=critic_source, critic_model=critic_model,
             activation_checkpointing=args.activation_checkpointing,
             activation_checkpointing_kwargs=args.activation_checkpointing_kwargs)
         if args.generation_backend == "vllm" and policy.quantization_method is not None:
@@ -150,6 +163,7 @@ class PPOTrainer(Trainer):
         self._engine: VLLMEngine | None = None  # generation_backend: vllm, built at the first rollout
         self._engine_holds: int | None = None  # the update whose weights the engine holds
         self._warned: set[str] = set()
+        self._disagreement_start: float | None = None  # the ensemble's disagreement at the first update
 
     # ------------------------------------------------------------------------------------------------ the loop
 
@@ -231,6 +245,8 @@ class PPOTrainer(Trainer):
                        learning_rate=self.lr_scheduler.get_last_lr()[0])
         self._warn_on_trends(metrics, rollout)
         self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+        if args.disagreement_guard is not None and self._disagreement_rose(metrics["reward/rm_std"]):
+            self.control.should_training_stop = self.control.should_save = self.control.should_log = True
         if self.control.should_log:
             self.log(metrics)
             self._log_samples(rollout)
@@ -360,7 +376,13 @@ class PPOTrainer(Trainer):
     def reward_components(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         """Each reward source's (B,) scores on CPU: the reward model raw and normalized, then each function."""
         out = {}
-        if self.reward_model is not None:
+        if isinstance(self.reward_model, RewardEnsemble):
+            # Members already normalized: their aggregate is the score, and their spread the over-optimization signal.
+            members = self.reward_model.score_members_for(rollout.prompts, rollout.completions,
+                                                          batch_size=self.rewards.batch_size)
+            out["rm_raw"] = out["rm"] = aggregate_scores(members, self.reward_model.aggregate, self.reward_model.coef)
+            out["rm_std"] = disagreement(members)
+        elif self.reward_model is not None:
             raw = self.reward_model.score_texts_for(rollout.prompts, rollout.completions, normalize=False,
                                                     batch_size=self.rewards.batch_size)
             out["rm_raw"] = raw
@@ -552,6 +574,20 @@ class PPOTrainer(Trainer):
                           "lower learning_rate, or look at completions.jsonl for a reward-model exploit.", RuntimeWarning,
                           stacklevel=2)
 
+    def _disagreement_rose(self, value: float) -> bool:
+        """Whether the ensemble's disagreement on this update's rollouts passed the guard (and say so once)."""
+        if self._disagreement_start is None:
+            self._disagreement_start = value
+        if not guard_fires(self._disagreement_start, value, self.args.disagreement_guard):
+            return False
+        warnings.warn(f"PPO: stopped at update {self.state.global_step}: the reward ensemble's disagreement on the "
+                      f"rollouts rose to {value:.3f}, over {self.args.disagreement_guard}x its {self._disagreement_start:.3f} "
+                      "at the first update (disagreement_guard). The policy is moving where the reward models were "
+                      "not trained, where gold quality usually starts to fall; the checkpoint of this update is saved. "
+                      "Raise kl_coef or use a conservative reward_aggregate to go further.", RuntimeWarning,
+                      stacklevel=2)
+        return True
+
     # ------------------------------------------------------------------------------------------------ evaluate
 
     @torch.no_grad()
@@ -665,7 +701,8 @@ class PPOTrainer(Trainer):
         epoch, index = divmod(self.state.global_step, self._batches_per_epoch())
         return {"kl_controller": self.kl_ctl.state_dict(), "data_epoch": epoch, "data_batch": index,
                 "dataset_size": len(self.train_dataset), "batch_size": self.args.batch_size,
-                "warned": sorted(self._warned), "trend": self._trend, "losses": self._losses}
+                "warned": sorted(self._warned), "trend": self._trend, "losses": self._losses,
+                "disagreement_start": self._disagreement_start}
 
     def _load_weights(self, ckpt: str) -> None:
         """The adapters and value head (or full critic) of a checkpoint, into the model before it is prepared."""
@@ -693,6 +730,7 @@ class PPOTrainer(Trainer):
         self.kl_ctl.load_state_dict(ppo_state["kl_controller"])
         self._warned, self._trend = set(ppo_state["warned"]), [tuple(t) for t in ppo_state["trend"]]
         self._losses = list(ppo_state.get("losses", []))  # absent in checkpoints saved before rlhf-kit recorded it
+        self._disagreement_start = ppo_state.get("disagreement_start")
         _set_rng_state(torch.load(os.path.join(ckpt, f"rng_state_{self.args.process_index}.pth"), weights_only=True))
         logger.info("resumed from %s at update %d", ckpt, self.state.global_step)
 
@@ -742,6 +780,12 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.random.set_rng_state(state["cuda"])
 
 
+def guard_fires(start: float, value: float, guard: float) -> bool:
+    """Whether disagreement `value` has risen past `guard` times its first value `start` (a start of 0, members that
+    agree exactly, fires on any disagreement at all)."""
+    return value > guard * start if start > 0 else value > 0
+
+
 def _func_name(func: Callable) -> str:
     return getattr(func, "__name__", type(func).__name__)
 
@@ -749,8 +793,8 @@ def _func_name(func: Callable) -> str:
 def _check_names(reward_funcs: list) -> None:
     # Each source's scores are logged and summed by name (reward/<name>), next to the reward model's rm / rm_raw.
     names = [_func_name(f) for f in reward_funcs]
-    if len(set(names)) != len(names) or "rm" in names or "rm_raw" in names:
-        raise ValueError(f"reward functions need distinct names, other than 'rm' / 'rm_raw': got {names}")
+    if len(set(names)) != len(names) or {"rm", "rm_raw", "rm_std"} & set(names):
+        raise ValueError(f"reward functions need distinct names, other than 'rm' / 'rm_raw' / 'rm_std': got {names}")
 
 
 def _stop_ids(tokenizer, stop_token: str, model) -> list[int]:
