@@ -102,14 +102,29 @@ def tiny_sft(tiny_base, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_reward(tiny_sft, tmp_path_factory) -> str:
-    """A LoRA reward model trained from `tiny_sft` by the reward recipe, as the pipeline does (held-out accuracy
-    about 0.8, so it passes the gate). About 14 s: 300 steps, since the shipped pairs became mostly wrong-item pairs."""
+    """A LoRA reward model trained from `tiny_sft` by the reward recipe (held-out accuracy about 0.8, so it passes
+    the gate). About 7 s.
+
+    It trains on the generator's mixed pairs alone (the shipped training split without the wrong-item pairs added
+    for issue 20, drawn as data/make_datasets.py draws them): the RL-stage tests measure learning in 20-25 updates,
+    and a reward model trained mostly on wrong-item pairs moves too little on sentiment for that.
+    """
+    import random
+
+    from rlhf_kit.tasks import review
+
     out = tmp_path_factory.mktemp("tiny-reward")
+    data = tmp_path_factory.mktemp("mixed-pairs")
+    pairs = review.preference_pairs(random.Random("0:preference/train"), 3000, "train", noise=0.1)
+    write_jsonl(data / "train.jsonl", [{"prompt": [user(p.prompt)], "chosen": [assistant(p.chosen)],
+                                        "rejected": [assistant(p.rejected)]} for p in pairs])
+    (data / "test.jsonl").write_text((REPO / "data/preference/test.jsonl").read_text())
     with trained_quietly():
         load_recipe("reward")(["--config", "recipes/configs/reward/tiny.yaml"], overrides={
-            "model_name_or_path": tiny_sft, "output_dir": str(out), "use_peft": True, "max_steps": 300,
-            "per_device_train_batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 0, "eval_strategy": "no",
-            "save_strategy": "no", "logging_steps": 50, "disable_tqdm": True, "report_to": "none"})
+            "model_name_or_path": tiny_sft, "output_dir": str(out), "dataset_name": str(data), "use_peft": True,
+            "max_steps": 150, "per_device_train_batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 0,
+            "eval_strategy": "no", "save_strategy": "no", "logging_steps": 50, "disable_tqdm": True,
+            "report_to": "none"})
     return str(out)
 
 
