@@ -720,7 +720,7 @@ def test_read_only_sft_adapter_feeds_the_reward_stage(tiny_base, tmp_path, monke
         with contextlib.redirect_stdout(io.StringIO()):
             load_recipe("reward")(["--config", "recipes/configs/reward/tiny.yaml"], overrides={
                 **quick, "model_name_or_path": str(sft), "output_dir": str(tmp_path / "reward"), "max_steps": 2,
-                "reference_pairs": 16})
+                "reference_pairs": 16, "use_peft": True})
     finally:
         for path in [sft, *sft.rglob("*")]:
             path.chmod(path.stat().st_mode | 0o200)
