@@ -25,6 +25,7 @@ from rlhf_kit.training.reward_model import (
     check_reward_setup,
     evaluate_reward_model,
     fit_normalization,
+    ensemble_metadata,
     ensemble_report,
     format_report,
     hold_out,
@@ -34,9 +35,8 @@ from rlhf_kit.training.reward_model import (
     reference_samples,
     reward_lora_config,
     reward_metadata,
-    write_ensemble,
 )
-from rlhf_kit.rewards import IN_SAMPLE, RewardModel, load_reward_model, read_reward_file, write_reward_files
+from rlhf_kit.rewards import IN_SAMPLE, RewardModel, load_reward_model, write_reward_files
 from rlhf_kit.publish.hub import publish_stage, take_over_push
 from rlhf_kit.data.lengths import count_over_length, length_metrics
 from rlhf_kit.runs import format_summary, resume_checkpoint, train_and_save, write_stage
@@ -81,7 +81,10 @@ def main(argv=None, overrides=None, callbacks=None):
     # TRL's RewardTrainer drops training pairs longer than max_length; counted here, with the rendering it uses.
     dropped = length_metrics(count_over_length(data_args.dataset_name, "preference", data_args.dataset_train_split,
                                                tokenizer, args.max_length), args.max_length, action="dropped")
-    losses = []
+    # Normalization reference, the same for every member.
+    batch_size = args.per_device_eval_batch_size
+    reference = reference_samples(reference_data, args.reference_pairs, args.seed)
+    losses, accuracies = [], []
     for member, resume in zip(members, resumes):
         if len(members) > 1:
             set_seed(member.seed)
@@ -103,36 +106,32 @@ def main(argv=None, overrides=None, callbacks=None):
         # Normalize and evaluate with the scoring code PPO uses. Every process scores (a sharded model needs all
         # of them in each forward); only the main one writes.
         reward_model = RewardModel(trainer.model, tokenizer, conversational=conversational)
-        batch_size = args.per_device_eval_batch_size
-        reference = reference_samples(reference_data, args.reference_pairs, args.seed)
         normalization = fit_normalization(reward_model.score(reference, batch_size=batch_size, normalize=False))
         reward_model.offset, reward_model.scale = normalization["offset"], normalization["scale"]
         report = evaluate_reward_model(reward_model, eval_data, buckets=args.calibration_buckets,
                                        batch_size=batch_size)
+        metadata = reward_metadata(model_args, base_model, normalization=normalization, report=report,
+                                   reference={"source": str(reference_source), "samples": len(reference)},
+                                   conversational=conversational)
+        accuracies.append(report["accuracy"])
         if len(members) > 1 and trainer.is_world_process_zero():
-            write_reward_files(member.output_dir, reward_metadata(
-                model_args, base_model, normalization=normalization, report=report,
-                reference={"source": str(reference_source), "samples": len(reference)}, conversational=conversational),
-                report)
+            write_reward_files(member.output_dir, metadata, report)
     if len(members) > 1:  # the ensemble's files, then its own report, scored as every stage after will score it
+        metadata = ensemble_metadata(args, members, metadata)
         if trainer.is_world_process_zero():
-            write_ensemble(args, members, tokenizer, conversational=conversational)
+            tokenizer.save_pretrained(args.output_dir)  # the gate reads it
+            write_reward_files(args.output_dir, metadata, None)
         trainer.accelerator.wait_for_everyone()
         report = ensemble_report(evaluate_reward_model(load_reward_model(args.output_dir), eval_data,
                                                        buckets=args.calibration_buckets, batch_size=batch_size),
-                                 members)
+                                 members, accuracies)
         normalization = {"offset": 0.0, "scale": 1.0}
+        metadata["accuracy"] = report["accuracy"]
     metrics = {"train_loss": sum(losses) / len(losses), **normalization, **dropped, "eval_accuracy": report["accuracy"],
                "eval_mean_margin": report["mean_margin"], "eval_calibration_error": report["calibration_error"]}
     if held_out is not None:  # not the data's own test split: pairs held out here, or none (the gate reads this)
         report["held_out"] = metrics["eval_held_out"] = held_out
     if trainer.is_world_process_zero():
-        if len(members) == 1:
-            metadata = reward_metadata(model_args, base_model, normalization=normalization, report=report,
-                                       reference={"source": str(reference_source), "samples": len(reference)},
-                                       conversational=conversational)
-        else:
-            metadata = {**read_reward_file(args.output_dir), "accuracy": report["accuracy"]}
         write_reward_files(args.output_dir, metadata, report)
         save_config(args.output_dir, data_args, model_args, args)
         write_stage(args.output_dir, "reward", model=model_args.model_name_or_path, data=data_args.dataset_name,

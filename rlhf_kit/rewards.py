@@ -236,21 +236,26 @@ def disagreement(members: Tensor) -> Tensor:
     return members.double().std(dim=0, correction=0).float()
 
 
+def check_aggregate(aggregate: str) -> None:
+    """Refuse an aggregate name `aggregate_scores` does not know, before anything is loaded or trained."""
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"reward ensemble aggregate must be one of {list(AGGREGATES)}, got {aggregate!r}")
+
+
 def aggregate_scores(members: Tensor, aggregate: str = "mean", coef: float = 1.0) -> Tensor:
     """(N,) ensemble score from K members' (K, N) normalized scores.
 
     mean: the members' average. mean_minus_std: the average less `coef` times their disagreement, so a response the
     members argue about scores low (the conservative objective of Coste et al. 2023). min: the worst member's score.
     """
+    check_aggregate(aggregate)
     if members.dim() != 2 or members.shape[0] < 1:
         raise ValueError(f"expected (K, N) member scores with K >= 1, got shape {tuple(members.shape)}")
     if aggregate == "mean":
         return members.mean(dim=0)
     if aggregate == "mean_minus_std":
         return members.mean(dim=0) - coef * disagreement(members)
-    if aggregate == "min":
-        return members.min(dim=0).values
-    raise ValueError(f"reward ensemble aggregate must be one of {list(AGGREGATES)}, got {aggregate!r}")
+    return members.min(dim=0).values  # "min"
 
 
 class RewardEnsemble(RewardModel):
@@ -267,7 +272,7 @@ class RewardEnsemble(RewardModel):
                  aggregate: str = "mean", coef: float = 1.0, conversational: bool = True,
                  metadata: dict[str, Any] | None = None):
         super().__init__(model, tokenizer, conversational=conversational, metadata=metadata)
-        aggregate_scores(torch.zeros(1, 1), aggregate, coef)  # an unknown aggregate fails here, not mid-training
+        check_aggregate(aggregate)  # an unknown aggregate fails here, not mid-training
         self.members = [dict(m) for m in members]  # adapter, offset, scale, source of each, in order
         self.aggregate, self.coef = aggregate, float(coef)
 
@@ -337,7 +342,11 @@ class RewardEnsemble(RewardModel):
 
     def score(self, samples: Sequence[Sample], *, batch_size: int = 16, normalize: bool = True) -> torch.Tensor:
         """(N,) aggregate of the members' normalized scores (`normalize` has no effect: see the class)."""
-        return aggregate_scores(self.score_members(samples, batch_size=batch_size), self.aggregate, self.coef)
+        return self.combine(self.score_members(samples, batch_size=batch_size))
+
+    def combine(self, members: torch.Tensor) -> torch.Tensor:
+        """(N,) ensemble scores from (K, N) member scores, with this ensemble's aggregate and coef."""
+        return aggregate_scores(members, self.aggregate, self.coef)
 
     def score_members_for(self, prompts: Sequence[Sample], completions: Sequence[str | list[dict[str, str]]], *,
                           batch_size: int = 16) -> torch.Tensor:
@@ -551,7 +560,7 @@ class RewardModelFunction:
         if isinstance(self.reward_model, RewardEnsemble):
             members = self.reward_model.score_members_for(prompts, completions, batch_size=self.batch_size)
             self.last = (list(prompts), list(completions), members)  # for EnsembleDisagreement, called next
-            return aggregate_scores(members, self.reward_model.aggregate, self.reward_model.coef).tolist()
+            return self.reward_model.combine(members).tolist()
         rewards = self.reward_model.score_texts_for(prompts, completions, batch_size=self.batch_size,
                                                     normalize=self.normalize)
         return rewards.tolist()
@@ -698,7 +707,7 @@ def load_rewards(sources: RewardSources, policy_tokenizer: PreTrainedTokenizerBa
     """Import the reward functions, check them against `weights` (the method's reward_weights), gate and load the
     reward model. Cheap checks (imports, weights, the gate) run before the reward model loads."""
     if sources.reward_aggregate is not None:
-        aggregate_scores(torch.zeros(1, 1), sources.reward_aggregate)  # an unknown name fails before any loading
+        check_aggregate(sources.reward_aggregate)  # an unknown name fails before any loading
     funcs = [import_reward_func(name) for name in sources.reward_funcs]
     measured = [import_reward_func(name) for name in sources.eval_reward_funcs]
     reward_weights(bool(sources.reward_model_path), funcs, weights)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import glob
-import json
 import math
 import os
 import random
@@ -22,7 +21,6 @@ from transformers import PreTrainedTokenizerBase
 from trl import RewardConfig
 
 from rlhf_kit.model import ModelArguments, lora_config
-from rlhf_kit.runs import EVAL_FILE, REWARD_FILE
 from rlhf_kit.data.loading import parse_sources
 from rlhf_kit.rewards import (
     AGGREGATES,
@@ -32,8 +30,7 @@ from rlhf_kit.rewards import (
     QUANTIZATION_KEYS,
     RewardModel,
     Sample,
-    aggregate_scores,
-    write_reward_files,
+    check_aggregate,
 )
 from rlhf_kit.training.settings import StageSettings, check_eval_data
 
@@ -93,7 +90,7 @@ class RewardArguments(StageSettings, RewardConfig):
         super().__post_init__()
         if self.ensemble_size < 1:
             raise ValueError(f"ensemble_size must be >= 1, got {self.ensemble_size}")
-        aggregate_scores(torch.zeros(1, 1), self.ensemble_aggregate, self.ensemble_coef)
+        check_aggregate(self.ensemble_aggregate)
         if self.reference_pairs < 1:
             raise ValueError(f"reference_pairs must be >= 1, got {self.reference_pairs}")
         if self.calibration_buckets < 1:
@@ -300,20 +297,19 @@ def member_data(train_data, args: RewardArguments, member: RewardArguments):
     return train_data.select([rng.randrange(len(train_data)) for _ in range(len(train_data))])
 
 
-def write_ensemble(args: RewardArguments, members: list[RewardArguments], tokenizer: PreTrainedTokenizerBase, *,
-                   conversational: bool) -> None:
-    """The ensemble's own files in output_dir: its tokenizer (the gate reads it) and rlhf_kit_reward.json naming
-    the members, the default aggregate and the shared base; `RewardEnsemble.from_pretrained` loads it."""
-    first = json.loads((Path(members[0].output_dir) / REWARD_FILE).read_text())
-    tokenizer.save_pretrained(args.output_dir)
+def ensemble_metadata(args: RewardArguments, members: list[RewardArguments], member_metadata: dict[str, Any]
+                      ) -> dict[str, Any]:
+    """The ensemble's rlhf_kit_reward.json: its members, default aggregate and the base they share (from a member's
+    own `reward_metadata`); `RewardEnsemble.from_pretrained` loads it. The stage also saves the tokenizer there,
+    which the gate reads."""
     spec = {"members": [Path(m.output_dir).name for m in members], "aggregate": args.ensemble_aggregate,
             "coef": args.ensemble_coef, "bootstrap": args.ensemble_bootstrap}
-    write_reward_files(args.output_dir, {ENSEMBLE_KEY: spec, "conversational": conversational, "adapter": True,
-                                         "base_model": first["base_model"], "dtype": first["dtype"]}, None)
+    return {ENSEMBLE_KEY: spec, "conversational": member_metadata["conversational"], "adapter": True,
+            "base_model": member_metadata["base_model"], "dtype": member_metadata["dtype"]}
 
 
-def ensemble_report(report: dict[str, Any], members: list[RewardArguments]) -> dict[str, Any]:
+def ensemble_report(report: dict[str, Any], members: list[RewardArguments], accuracies: list[float]
+                    ) -> dict[str, Any]:
     """The ensemble's held-out report with each member's accuracy beside it."""
-    accuracies = [json.loads((Path(m.output_dir) / EVAL_FILE).read_text())["accuracy"] for m in members]
     return {**report, "members": [{"member": Path(m.output_dir).name, "accuracy": a}
                                   for m, a in zip(members, accuracies)]}

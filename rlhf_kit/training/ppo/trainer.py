@@ -70,7 +70,6 @@ from rlhf_kit.model import stop_token_ids
 from rlhf_kit.rewards import (
     RewardEnsemble,
     Rewards,
-    aggregate_scores,
     as_completions,
     call_reward_func,
     disagreement,
@@ -380,7 +379,7 @@ class PPOTrainer(Trainer):
             # Members already normalized: their aggregate is the score, and their spread the over-optimization signal.
             members = self.reward_model.score_members_for(rollout.prompts, rollout.completions,
                                                           batch_size=self.rewards.batch_size)
-            out["rm_raw"] = out["rm"] = aggregate_scores(members, self.reward_model.aggregate, self.reward_model.coef)
+            out["rm_raw"] = out["rm"] = self.reward_model.combine(members)
             out["rm_std"] = disagreement(members)
         elif self.reward_model is not None:
             raw = self.reward_model.score_texts_for(rollout.prompts, rollout.completions, normalize=False,
