@@ -72,3 +72,26 @@ def test_eval_schedule_without_eval_data_fails_before_a_model_loads_in_every_sta
     schedule = yaml.safe_load((REPO / "recipes/configs" / stage / "tiny.yaml").read_text())["eval_strategy"]
     assert str(error.value) == (f"eval_strategy is '{schedule}' but no evaluation split was found; set "
                                 "eval_dataset_name / dataset_test_split, or eval_strategy: 'no'.")
+
+
+
+def test_wrapping_a_model_in_lora_prints_no_dependency_deprecation_warning():
+    """PEFT reads transformers' deprecated `is_gradient_checkpointing` on every adapter it wraps (TRL does around
+    generation): a process that imports rlhf_kit (every recipe and the CLI do, first) hides that one message, so a
+    LoRA stage's console stays quiet, and nothing else. A fresh process: pytest resets warning filters per test."""
+    import subprocess
+    import sys
+
+    script = """
+import warnings
+import rlhf_kit
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=2)
+get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj"]))
+warnings.warn("`is_gradient_checkpointing` is deprecated: raised elsewhere", FutureWarning)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    lines = [line for line in done.stderr.splitlines() if "is_gradient_checkpointing" in line]
+    assert len(lines) == 1 and "raised elsewhere" in lines[0], done.stderr  # only transformers' own is hidden
