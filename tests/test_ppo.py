@@ -323,51 +323,6 @@ def test_8_rows_at_once_and_4_rows_x_2_accumulated_give_the_same_update(tiny_sft
         torch.testing.assert_close(weights[1][name], value, atol=2e-6, rtol=1e-4, msg=name)
 
 
-def test_micro_batches_group_rows_by_length_and_give_the_same_update(tiny_sft, tmp_path, monkeypatch):
-    """Each mini-batch is cut into micro-batches shortest response first, so a micro-batch is padded to its own
-    longest row, not the rollout's; the update is the one the rows in sampling order give."""
-    from rlhf_kit.training.ppo import trainer as trainer_module
-
-    trainer = make_trainer(tiny_sft, tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=3,
-                           num_mini_batches=1, num_ppo_epochs=1)
-    tok = trainer.processing_class
-    stop, pad = trainer.stop_token_ids[0], tok.pad_token_id
-    a, b, c = tok.convert_tokens_to_ids(tok.tokenize("The tea is"))[:3]
-    rows = [[a, b, c, a, b, c],  # never stops: 6 tokens
-            [a, stop] + [pad] * 4,  # 2
-            [a, b, c, a, stop, pad],  # 5
-            [stop] + [pad] * 5,  # 1
-            [a, b, c, a, b, stop],  # 6
-            [a, b, stop] + [pad] * 3]  # 3
-    trainer._setup_training(None)
-    trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
-
-    def gradient(grouping):
-        """The widths of the micro-batches and the mini-batch's accumulated gradient, as the optimizer sees it."""
-        monkeypatch.setattr(trainer_module, "by_length", grouping)
-        rollout = hand_rollout(trainer, rows)
-        rollout.completions = trainer._decode(rollout)
-        with torch.no_grad():  # as train() runs the rollout
-            trainer._score_logprobs_and_values(rollout)
-            trainer.score(rollout)
-            trainer.compute_advantages(rollout)
-        widths, select = [], rollout.select
-        rollout.select = lambda index: widths.append(len(select(index).response_ids[0])) or select(index)
-        grads = {}
-        trainer.optimizer.step = lambda *a, **k: grads.update({n: p.grad.clone() for n, p in trainable.items()})
-        torch.manual_seed(0)  # the same mini-batch order both times
-        trainer.update(rollout)
-        return widths, grads
-
-    grouped_widths, grouped = gradient(trainer_module.by_length)
-    plain_widths, plain = gradient(lambda index, rollout: index)
-    assert grouped_widths == [2, 5, 6]  # (1, 2) (3, 5) (6, 6) response tokens, whatever order the shuffle gave
-    assert sum(plain_widths) > sum(grouped_widths)
-    assert max(float(g.abs().max()) for g in plain.values()) > 1e-3  # a real gradient
-    for name, value in plain.items():
-        torch.testing.assert_close(grouped[name], value, atol=1e-6, rtol=1e-4, msg=name)
-
-
 def test_update_takes_a_step_per_mini_batch_per_epoch_over_every_row_once(tiny_sft, tmp_path):
     """num_ppo_epochs x num_mini_batches optimizer steps per update; in each epoch the mini-batches (of
     batch_size / num_mini_batches rows, accumulated over micro-batches) split the rollout, each row used once."""

@@ -77,19 +77,6 @@ class Rollout:
         return Rollout(**out)
 
 
-def by_length(rows: Tensor, rollout: Rollout) -> Tensor:
-    """`rows` reordered shortest response first (then shortest prompt), so that the micro-batches cut from them in
-    order hold rows of similar length and `Rollout.select` cuts more padding off each.
-
-    A mini-batch's accumulated gradient is the same however its rows are grouped into micro-batches (each one's loss
-    is weighted by its share of the tokens), so this changes the cost of an update, not what it computes. Responses
-    that stop early and ones that run to response_length otherwise share micro-batches padded to the longest.
-    """
-    prompt = rollout.query_mask[rows].sum(1)
-    response = rollout.response_mask[rows].sum(1)
-    return rows[torch.argsort(response * (rollout.query_mask.shape[1] + 1) + prompt, stable=True)]
-
-
 def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
     """Token lists -> ``ids (B, P)`` left-padded with `pad_token_id`, and ``mask (B, P)``."""
     width = max(len(s) for s in sequences)

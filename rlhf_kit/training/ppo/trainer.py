@@ -75,7 +75,7 @@ from rlhf_kit.rewards import (
     disagreement,
     reward_weights,
 )
-from rlhf_kit.training.ppo.rollout import Rollout, assemble_rewards, by_length, left_pad, right_pad, truncate_at_stop
+from rlhf_kit.training.ppo.rollout import Rollout, assemble_rewards, left_pad, right_pad, truncate_at_stop
 from rlhf_kit.training.ppo.config import PPOConfig
 from rlhf_kit.training.ppo.model import CRITIC, POLICY, build_policy_and_critic, eval_mode
 from rlhf_kit.vllm_engine import VLLMEngine, merged_weights
@@ -347,8 +347,7 @@ class PPOTrainer(Trainer):
         old, ref, values = (torch.zeros(shape, device=device) for _ in range(3))
         temperature = self.args.temperature
         with eval_mode(self.model), self.accelerator.autocast():
-            rows = by_length(torch.arange(len(rollout), device=device), rollout)
-            for chunk in rows.split(self.args.rollout_forward_batch_size):
+            for chunk in torch.arange(len(rollout)).split(self.args.rollout_forward_batch_size):
                 part = rollout.select(chunk)
                 ids, mask, width = part.input_ids, part.attention_mask, part.response_ids.shape[1]
                 logits = self.model(ids, mask, width, part="policy")
@@ -434,7 +433,7 @@ class PPOTrainer(Trainer):
                 # DDP then averages the processes' gradients, so each divides by the processes' mean token count:
                 # the step is the token mean over all processes' mini-batches, as one process with all of them.
                 tokens = self._mean_over_processes({"tokens": rollout.response_mask[mini_batch].sum()})["tokens"]
-                micro_batches = by_length(mini_batch, rollout).split(args.per_device_train_batch_size)
+                micro_batches = mini_batch.split(args.per_device_train_batch_size)
                 for i, micro in enumerate(micro_batches):
                     part = rollout.select(micro)
                     sync = i == len(micro_batches) - 1
