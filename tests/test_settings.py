@@ -74,7 +74,6 @@ def test_eval_schedule_without_eval_data_fails_before_a_model_loads_in_every_sta
                                 "eval_dataset_name / dataset_test_split, or eval_strategy: 'no'.")
 
 
-
 def test_wrapping_a_model_in_lora_prints_no_dependency_deprecation_warning():
     """PEFT reads transformers' deprecated `is_gradient_checkpointing` on every adapter it wraps (TRL does around
     generation): a process that imports rlhf_kit (every recipe and the CLI do, first) hides that one message, so a
