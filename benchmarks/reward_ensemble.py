@@ -95,12 +95,13 @@ def measure(policy, prompts, monitor: RewardEnsemble, reference, *, step: int, s
     """Each column per prompt, averaged over `samples` responses (seeds 0..samples-1), then over prompts."""
     columns = {"gold": [], "kl": [], "ensemble_mean": [], "disagreement": []}
     for seed in range(samples):
-        result = evaluate_policy(policy, prompts, reward_model=monitor, reference=reference, task=review,
-                                 max_new_tokens=16, temperature=0.7, seed=seed)
+        result = evaluate_policy(policy, prompts, reference=reference, task=review, max_new_tokens=16,
+                                 temperature=0.7, seed=seed)
+        members = monitor.score_members_for(prompts, result.responses)  # scored once: mean and spread both from it
         columns["gold"].append(result.per_prompt["gold_score"])
         columns["kl"].append(result.per_prompt["kl_to_reference"])
-        columns["ensemble_mean"].append(result.per_prompt["reward_model_score"])
-        columns["disagreement"].append(disagreement(monitor.score_members_for(prompts, result.responses)).tolist())
+        columns["ensemble_mean"].append(monitor.combine(members).tolist())
+        columns["disagreement"].append(disagreement(members).tolist())
     per_prompt = {name: [sum(values) / samples for values in zip(*runs)] for name, runs in columns.items()}
     row = {"step": step, **{name: sum(values) / len(values) for name, values in per_prompt.items()}}
     return {**row, "gold_se": standard_error(per_prompt["gold"]),
