@@ -59,13 +59,16 @@ def sft_rows(rng: random.Random, n: int, split: task.Split) -> list[dict]:
     return rows
 
 
-def preference_rows(rng: random.Random, n: int, split: task.Split) -> list[dict]:
+def preference_rows(rng: random.Random, n: int, split: task.Split,
+                    wrong_item_pairs: int = WRONG_ITEM_PAIRS) -> list[dict]:
+    """`n` mixed pairs, then (train only) `wrong_item_pairs` more that differ only in the item; the tests' fast
+    reward model asks for none, and gets the shipped split's mixed pairs exactly."""
     # Label noise only in train: test measures agreement with the gold annotator itself, on the generator's own mix.
     noise = 0.1 if split == "train" else 0.0
     pairs = task.preference_pairs(rng, n, split, noise=noise)
-    if split == "train":
+    if split == "train" and wrong_item_pairs:
         # Drawn after the mixed pairs, so those stay what they were; shuffled in so a file read in order is mixed too.
-        pairs += task.wrong_item_pairs(rng, WRONG_ITEM_PAIRS, split, noise=noise)
+        pairs += task.wrong_item_pairs(rng, wrong_item_pairs, split, noise=noise)
         rng.shuffle(pairs)
     return [{"prompt": [user(p.prompt)], "chosen": [assistant(p.chosen)], "rejected": [assistant(p.rejected)]}
             for p in pairs]
@@ -300,12 +303,18 @@ EXAMPLES = (sft_prompt_completion, sft_prompt_completion_conversational, sft_tex
             preference_implicit, preference_standard, prompts_standard, sft_tool_calls)
 
 
+def file_rng(key: str, seed: int = 0) -> random.Random:
+    """The generator that draws the rows of file `key` ("preference/train"): each file has its own, so changing one
+    file's rows leaves every other file as it was."""
+    # Seeding with a string is stable across runs (hashed with sha512, not `hash`).
+    return random.Random(f"{seed}:{key}")
+
+
 def build_files(seed: int = 0) -> dict[str, str]:
     """Every shipped file: its path relative to data/ -> its text."""
 
     def rng(key: str) -> random.Random:
-        # Seeding with a string is stable across runs (hashed with sha512, not `hash`).
-        return random.Random(f"{seed}:{key}")
+        return file_rng(key, seed)
 
     files = {}
     for stage, (n_train, n_test) in SIZES.items():

@@ -13,10 +13,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 # Merged adapters are cached per session, not in the user's Hugging Face home.
 os.environ.setdefault("RLHF_KIT_CACHE", tempfile.mkdtemp(prefix="rlhf-kit-test-cache-"))
+# Under pytest-xdist each worker gets a core: one thread each, subprocesses included (before torch is imported), as
+# two processes' OpenMP threads spinning on the same 2 cores make both many times slower (see one_thread).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import contextlib
+import importlib.util
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -63,6 +69,33 @@ def trained_quietly():
         yield
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder that `build(folder)` fills, by the real recipes and quietly (see trained_quietly), once per test run.
+
+    Under pytest-xdist every worker would otherwise build each session fixture again, on the same cores as the
+    other's tests: the first worker to need it builds it under a file lock, and the others wait for it and read it.
+    A build that fails leaves no `<name>.built` marker, so the next worker to need it builds it again (and fails
+    alike).
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        path = tmp_path_factory.mktemp(name)
+        with trained_quietly():
+            build(path)
+        return path
+    from filelock import FileLock
+
+    path = tmp_path_factory.getbasetemp().parent / "built-once" / name  # the run's folder, above every worker's
+    path.parent.mkdir(exist_ok=True)
+    with FileLock(f"{path}.lock"):
+        if not path.with_suffix(".built").is_file():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            with trained_quietly():
+                build(path)
+            path.with_suffix(".built").touch()
+    return path
+
+
 TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
               "num_key_value_heads": 1, "vocab_size": 512, "max_position_embeddings": 256}
 
@@ -74,14 +107,14 @@ def tiny_base(tmp_path_factory) -> str:
     Briefly pretrained rather than random: LoRA on a random network barely moves its near-uniform outputs, so no
     later stage would have a learning signal to test.
     """
-    path = tmp_path_factory.mktemp("tiny-base")
-    with trained_quietly():
+    def build(path):
         load_recipe("pretrain")(["--config", "recipes/configs/pretrain/tiny.yaml"], overrides={
             **TINY_SHAPE, "output_dir": str(path), "max_steps": 60, "per_device_train_batch_size": 16,
             "learning_rate": 3e-3, "warmup_steps": 5, "logging_steps": 20, "eval_strategy": "no",
             "save_strategy": "no", "disable_tqdm": True, "report_to": "none",
         })
-    return str(path)
+
+    return str(built_once(tmp_path_factory, "tiny-base", build))
 
 
 @pytest.fixture(scope="session")
@@ -90,14 +123,14 @@ def tiny_sft(tiny_base, tmp_path_factory) -> str:
 
     The starting policy of the RL-stage tests (DPO, GRPO, RLOO, best-of-N). About 7 s.
     """
-    out = tmp_path_factory.mktemp("tiny-sft")
-    with trained_quietly():
+    def build(out):
         load_recipe("sft")(["--config", "recipes/configs/sft/tiny.yaml"], overrides={
             "model_name_or_path": tiny_base, "output_dir": str(out), "use_peft": False, "max_steps": 200,
             "per_device_train_batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 0,
             "lr_scheduler_type": "constant", "eval_strategy": "no", "save_strategy": "no", "logging_steps": 50,
             "max_length": 64, "disable_tqdm": True})
-    return str(out)
+
+    return str(built_once(tmp_path_factory, "tiny-sft", build))
 
 
 @pytest.fixture(scope="session")
@@ -106,26 +139,22 @@ def tiny_reward(tiny_sft, tmp_path_factory) -> str:
     the gate). About 7 s.
 
     It trains on the generator's mixed pairs alone (the shipped training split without the wrong-item pairs added
-    for issue 20, drawn as data/make_datasets.py draws them): the RL-stage tests measure learning in 20-25 updates,
-    and a reward model trained mostly on wrong-item pairs moves too little on sentiment for that.
+    for issue 20): the RL-stage tests measure learning in 20-25 updates, and a reward model trained mostly on
+    wrong-item pairs moves too little on sentiment for that.
     """
-    import random
-
-    from rlhf_kit.tasks import review
-
-    out = tmp_path_factory.mktemp("tiny-reward")
-    data = tmp_path_factory.mktemp("mixed-pairs")
-    pairs = review.preference_pairs(random.Random("0:preference/train"), 3000, "train", noise=0.1)
-    write_jsonl(data / "train.jsonl", [{"prompt": [user(p.prompt)], "chosen": [assistant(p.chosen)],
-                                        "rejected": [assistant(p.rejected)]} for p in pairs])
-    (data / "test.jsonl").write_text((REPO / "data/preference/test.jsonl").read_text())
-    with trained_quietly():
+    def build(out):
+        make_datasets = load_make_datasets()
+        data = tmp_path_factory.mktemp("mixed-pairs")
+        write_jsonl(data / "train.jsonl", make_datasets.preference_rows(
+            make_datasets.file_rng("preference/train"), 3000, "train", wrong_item_pairs=0))
+        (data / "test.jsonl").write_text((REPO / "data/preference/test.jsonl").read_text())
         load_recipe("reward")(["--config", "recipes/configs/reward/tiny.yaml"], overrides={
             "model_name_or_path": tiny_sft, "output_dir": str(out), "dataset_name": str(data), "use_peft": True,
             "max_steps": 150, "per_device_train_batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 0,
             "eval_strategy": "no", "save_strategy": "no", "logging_steps": 50, "disable_tqdm": True,
             "report_to": "none"})
-    return str(out)
+
+    return str(built_once(tmp_path_factory, "tiny-reward", build))
 
 
 # A short LoRA SFT run with a checkpoint every 2 steps: what the resume and cut-off-checkpoint tests run again.
@@ -139,11 +168,11 @@ SFT_SHORT = {"max_steps": 6, "save_strategy": "steps", "save_steps": 2, "save_to
 def sft_straight(tiny_base, tmp_path_factory) -> Path:
     """An uninterrupted SFT_SHORT run from `tiny_base`, with checkpoints at steps 2, 4 and 6: the run that an
     interrupted, cut-off or disk-full one must match once resumed."""
-    out = tmp_path_factory.mktemp("sft-straight")
-    with trained_quietly():
+    def build(out):
         load_recipe("sft")(["--config", "recipes/configs/sft/tiny.yaml"],
                            overrides={"model_name_or_path": tiny_base, "output_dir": str(out), **SFT_SHORT})
-    return out
+
+    return built_once(tmp_path_factory, "sft-straight", build)
 
 
 # A short PPO run from `tiny_sft` against `tiny_reward` with a checkpoint every 2 updates (evaluated on the 20
@@ -157,11 +186,11 @@ PPO_SHORT = {"max_steps": 4, "save_steps": 2, "save_total_limit": None, "per_dev
 def ppo_straight(tiny_sft, tiny_reward, tmp_path_factory) -> Path:
     """An uninterrupted PPO_SHORT run, with checkpoints at updates 2 and 4: the run that an interrupted or disk-full
     one must match once resumed."""
-    out = tmp_path_factory.mktemp("ppo-straight")
-    with trained_quietly():
+    def build(out):
         load_recipe("ppo")(["--config", "recipes/configs/ppo/tiny.yaml"], overrides={
             "model_name_or_path": tiny_sft, "reward_model_path": tiny_reward, "output_dir": str(out), **PPO_SHORT})
-    return out
+
+    return built_once(tmp_path_factory, "ppo-straight", build)
 
 
 class Interrupt(TrainerCallback):
@@ -189,6 +218,14 @@ class StepRecorder(TrainerCallback):
 @pytest.fixture
 def sft_rows():
     return read_jsonl(REPO / "data/sft/train.jsonl", limit=64)
+
+
+def load_make_datasets():
+    """data/make_datasets.py, the generator of the shipped files (a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("make_datasets", REPO / "data/make_datasets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_recipe(name: str):

@@ -2,14 +2,13 @@
 measured on them: evaluation's one-sample and vote rows, and the pipeline report's section."""
 
 import doctest
-import importlib.util
 import json
 import math
 import random
 from pathlib import Path
 
 import pytest
-from conftest import REPO, load_recipe, read_jsonl, trained_quietly
+from conftest import REPO, load_make_datasets, load_recipe, read_jsonl, trained_quietly
 
 from rlhf_kit.config import ConfigError
 from rlhf_kit.tasks import answers
@@ -88,10 +87,7 @@ def test_generators_are_reproducible_and_balanced():
 
 # --- the shipped files -------------------------------------------------------------
 def test_shipped_files_are_what_make_datasets_writes():
-    spec = importlib.util.spec_from_file_location("make_datasets", DATA / "make_datasets.py")
-    make_datasets = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_datasets)
-    files = make_datasets.build_files()
+    files = load_make_datasets().build_files()
     assert sorted(n for n in files if n.startswith("answers/")) == sorted(ANSWER_FILES)
     for name in ANSWER_FILES:
         assert (DATA / name).read_bytes() == files[name].encode("utf-8"), "run `python data/make_datasets.py`"

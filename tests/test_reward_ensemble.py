@@ -26,7 +26,7 @@ from rlhf_kit.rewards import (
 )
 from rlhf_kit.model import load_tokenizer
 from rlhf_kit.training.ppo.trainer import guard_fires
-from rlhf_kit.training.reward_model import pair_samples
+from rlhf_kit.training.reward_model import RewardArguments, member_arguments, member_data, pair_samples
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TEST_PAIRS = read_jsonl(REPO / "data/preference/test.jsonl")
@@ -71,6 +71,28 @@ def test_guard_fires_on_a_constructed_disagreement_rise():
     fired = [guard_fires(history[0], value, 2.0) for value in history]
     assert fired == [False, False, False, False, True, True]  # 0.41 > 2 x 0.20
     assert not guard_fires(0.0, 0.0, 2.0) and guard_fires(0.0, 0.01, 2.0)  # members that agreed exactly
+
+
+def test_each_member_gets_its_seed_and_with_bootstrap_its_own_resample(tmp_path):
+    from datasets import Dataset
+
+    pairs = Dataset.from_dict({"row": list(range(200))})
+    args = RewardArguments(output_dir=str(tmp_path), ensemble_size=3, seed=7, report_to="none")
+    members = member_arguments(args)
+    assert [m.seed for m in members] == [7, 8, 9]
+    assert [m.output_dir for m in members] == [str(tmp_path / f"member-{k}") for k in range(3)]
+    assert all(member_data(pairs, args, m) is pairs for m in members)  # plain ensemble: every pair, own order
+
+    args.ensemble_bootstrap = True
+    draws = [member_data(pairs, args, m)["row"] for m in members]
+    for draw in draws:
+        assert len(draw) == 200 and set(draw) <= set(range(200))
+        # Drawn with replacement: about 1 - 1/e = 63% of the pairs appear, some of them twice or more.
+        assert 0.55 < len(set(draw)) / 200 < 0.72
+    assert draws[0] != draws[1] != draws[2] != draws[0]
+    assert member_data(pairs, args, members[1])["row"] == draws[1]  # the member's seed decides its draw
+    args.ensemble_size = 1
+    assert member_data(pairs, args, members[0]) is pairs  # one model: nothing to resample
 
 
 # --- the ensemble trained by the recipe ------------------------------------------------------------------------

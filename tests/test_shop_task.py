@@ -2,13 +2,12 @@
 the training catalogs' facts from the test catalog's, and its shipped data."""
 
 import doctest
-import importlib.util
 import json
 import random
 import re
 
 import pytest
-from conftest import REPO, read_jsonl
+from conftest import REPO, load_make_datasets, read_jsonl
 
 from rlhf_kit.inference.calculator import calculator
 from rlhf_kit.tasks import shop
@@ -16,13 +15,6 @@ from rlhf_kit.tasks.shop import TEST_CATALOG
 
 DATA = REPO / "data"
 SHOP_FILES = [f"shop/{kind}/{split}.jsonl" for kind in ("pretrain", "sft", "prompts") for split in ("train", "test")]
-
-
-def load_make_datasets():
-    spec = importlib.util.spec_from_file_location("make_datasets", DATA / "make_datasets.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_doctests():

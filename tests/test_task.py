@@ -1,7 +1,6 @@
 """Tests of the synthetic review task, its gold annotator and the shipped datasets."""
 
 import doctest
-import importlib.util
 import json
 import random
 import re
@@ -10,18 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_make_datasets
 
 from rlhf_kit.tasks import review as task
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-
-
-def load_make_datasets():
-    """data/ is not a package, so import the script from its path."""
-    spec = importlib.util.spec_from_file_location("make_datasets", DATA / "make_datasets.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_jsonl(name: str) -> list[dict]:
