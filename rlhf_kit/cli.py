@@ -78,11 +78,14 @@ def _train(ns: argparse.Namespace) -> int:
 def _eval(ns: argparse.Namespace) -> int:
     import json
 
+    from rlhf_kit.tasks import load_task
+
+    task = load_task(ns.task)  # a typo fails in a second, before torch and the models load
+
     from rlhf_kit.data.loading import load_data
-    from rlhf_kit.inference.evaluation import SE, evaluate_policy, format_table, load_task, win_rate
+    from rlhf_kit.inference.evaluation import SE, evaluate_policy, format_table, win_rate
     from rlhf_kit.inference.generation import load_policy, merged_copy_note
 
-    task = load_task(ns.task)  # a typo fails before any model loads
     constraint = _constraint(ns)
     if ns.generation_backend == "vllm":
         from rlhf_kit.errors import UserError
@@ -282,10 +285,15 @@ def _plan(ns: argparse.Namespace) -> int:
 
 
 def _push(ns: argparse.Namespace) -> int:
-    from rlhf_kit.publish.hub import push
+    from rlhf_kit.runs import StageOutput
 
-    result = push(ns.path, ns.repo_id, formats=ns.formats, gguf_types=ns.gguf_types, base_model_id=ns.base_model_id,
-                  private=not ns.public, revision=ns.revision, commit_message=ns.commit_message, dry_run=ns.dry_run)
+    output = StageOutput.read(ns.path)  # a wrong path fails in a second, before export's torch loads
+
+    from rlhf_kit.publish.hub import push_output
+
+    result = push_output(output, ns.repo_id, formats=ns.formats, gguf_types=ns.gguf_types,
+                         base_model_id=ns.base_model_id, private=not ns.public, revision=ns.revision,
+                         commit_message=ns.commit_message, dry_run=ns.dry_run)
     print(result.summary())
     return 0
 

@@ -379,7 +379,8 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
     stage ran, at its n); write report.json, report.md and the PPO training plot."""
     import json
 
-    from rlhf_kit.inference.evaluation import evaluate_policy, format_table, load_task, win_rate
+    from rlhf_kit.inference.evaluation import evaluate_policy, format_table, win_rate
+    from rlhf_kit.tasks import load_task
     from rlhf_kit.inference.generation import load_policy
 
     settings = {**EVALUATION_DEFAULTS, **config.evaluation}

@@ -12,7 +12,6 @@ by T (the k1 estimator, unbiased for KL(pi_T || ref_T)).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -66,22 +65,6 @@ def task_per_prompt(task, prompts: list, responses: list[str]) -> dict[str, list
             if all(column in row for row in rows)} if rows else {}
 
 
-def load_task(name: str | None):
-    """The task module `name` names (see `rlhf_kit.tasks`), checked for what evaluation calls; None for none."""
-    if not name:
-        return None
-    try:
-        module = importlib.import_module(name)
-    except ImportError as e:
-        raise ValueError(f"task '{name}' cannot be imported ({e}); a task is a module path, such as "
-                         "rlhf_kit.tasks.review") from None
-    missing = [f for f in ("metrics", "gold_score") if not callable(getattr(module, f, None))]
-    if missing:
-        raise ValueError(f"task module '{name}' has no {' or '.join(missing)} function; a task provides "
-                         "metrics(prompts, responses) and gold_score(prompt, response) (see rlhf_kit.tasks)")
-    return module
-
-
 @dataclass
 class Assistance:
     """What a model is given besides the prompt: the top-k passages a retriever finds for it, and tools it may call
@@ -127,8 +110,9 @@ def evaluate_policy(policy: Policy, prompts: list, *, reward_model=None, referen
                     prompting: Prompting | None = None, stop: Sequence[str] = (), name: str | None = None,
                     constraint: Constraint | None = None, assistance: Assistance | None = None) -> EvalResult:
     """Sample one response per prompt and measure it: length and stops always, the reward model's score, the KL to
-    `reference` and the columns of `task` (`load_task`) when given, each with its standard error. `prompting` (a
-    system message, template, few-shot examples, raw document mode) and `stop` strings are generation's.
+    `reference` and the columns of `task` (`rlhf_kit.tasks.load_task`) when given, each with its standard error.
+    `prompting` (a system message, template, few-shot examples, raw document mode) and `stop` strings are
+    generation's.
 
     With a `constraint` (`Constraint.from_options`) every response is generated to match it, and
     `constraint_complete_rate` says how many do: those that max_new_tokens cut short do not. The KL is then that of
