@@ -78,7 +78,7 @@ def _train(ns: argparse.Namespace) -> int:
 def _eval(ns: argparse.Namespace) -> int:
     import json
 
-    from rlhf_kit.tasks import load_task
+    from rlhf_kit.inference.task_loading import load_task
 
     task = load_task(ns.task)  # a typo fails in a second, before torch and the models load
 

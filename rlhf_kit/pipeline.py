@@ -380,7 +380,7 @@ def report(config: PipelineConfig, log: Callable[[str], None] = lambda _: None) 
     import json
 
     from rlhf_kit.inference.evaluation import evaluate_policy, format_table, win_rate
-    from rlhf_kit.tasks import load_task
+    from rlhf_kit.inference.task_loading import load_task
     from rlhf_kit.inference.generation import load_policy
 
     settings = {**EVALUATION_DEFAULTS, **config.evaluation}

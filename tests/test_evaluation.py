@@ -5,7 +5,7 @@ import json
 import pytest
 
 from rlhf_kit.cli import main as cli
-from rlhf_kit.tasks import load_task
+from rlhf_kit.inference.task_loading import load_task
 
 OWN_PROMPTS = ["Summarize the meeting in one line.", "Name a colour.", "What is two plus two?", "Say hello.",
                "Give me a word that rhymes with cat.", "Suggest a name for a dog."]

@@ -112,15 +112,15 @@ def test_debug_flag_raises_the_user_error_and_passes_on_to_launched_recipes():
     assert os.environ[DEBUG_ENV] == "1"  # what `train` and `pipeline` hand to accelerate's processes
 
 
-def test_a_bug_keeps_its_traceback(monkeypatch):
+def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
     """Only the kit's own refusals are user errors: a ValueError from another library is a bug, as is anything else."""
     from rlhf_kit.publish import hub
 
-    argv = ["push", "outputs/x", "--repo_id", "me/model", "--dry_run"]
-    monkeypatch.setattr(hub, "push", lambda *a, **k: json.loads("{"))  # JSONDecodeError, a ValueError, in json
+    argv = ["push", str(tmp_path), "--repo_id", "me/model", "--dry_run"]  # a folder that exists: on to the upload
+    monkeypatch.setattr(hub, "push_output", lambda *a, **k: json.loads("{"))  # JSONDecodeError, a ValueError
     with pytest.raises(json.JSONDecodeError):
         cli.main(argv)
-    monkeypatch.setattr(hub, "push", lambda *a, **k: [][0])
+    monkeypatch.setattr(hub, "push_output", lambda *a, **k: [][0])
     with pytest.raises(IndexError):
         cli.main(argv)
 

@@ -197,7 +197,7 @@ def evaluate_best_of_n(policy: Policy, prompts: list, *, n: int, reward_model, m
     """Best-of-`n` of `policy` at inference, judged by `reward_model` (a RewardModel), as an evaluation row with
     the columns `evaluation.evaluate_policy` gives a trained policy. Its KL to `policy` is the analytic bound
     `kl_bound(n)`; its reward-model score is that of the picked completions, so it is optimistic by construction:
-    the gold score says what the picks are worth. `task` (`rlhf_kit.tasks.load_task`) adds its own columns."""
+    the gold score says what the picks are worth. `task` (`task_loading.load_task`) adds its own columns."""
     from rlhf_kit.inference.evaluation import EvalResult, task_per_prompt
     from rlhf_kit.model import stop_token_ids
     from rlhf_kit.rewards import MissingStopPenalty, RewardModelFunction

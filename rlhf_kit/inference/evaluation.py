@@ -110,7 +110,7 @@ def evaluate_policy(policy: Policy, prompts: list, *, reward_model=None, referen
                     prompting: Prompting | None = None, stop: Sequence[str] = (), name: str | None = None,
                     constraint: Constraint | None = None, assistance: Assistance | None = None) -> EvalResult:
     """Sample one response per prompt and measure it: length and stops always, the reward model's score, the KL to
-    `reference` and the columns of `task` (`rlhf_kit.tasks.load_task`) when given, each with its standard error.
+    `reference` and the columns of `task` (`task_loading.load_task`) when given, each with its standard error.
     `prompting` (a system message, template, few-shot examples, raw document mode) and `stop` strings are
     generation's.
 

@@ -10,21 +10,3 @@ A task is a module that evaluation names by its import path (`task: rlhf_kit.tas
 Nothing else in the library imports a task: evaluating a model on other prompts reports only the metrics that apply
 to any prompt (reward-model score, KL, length, stops, win rates by a reward model or a judge).
 """
-
-import importlib
-
-
-def load_task(name: str | None):
-    """The task module `name` names (see `rlhf_kit.tasks`), checked for what evaluation calls; None for none."""
-    if not name:
-        return None
-    try:
-        module = importlib.import_module(name)
-    except ImportError as e:
-        raise ValueError(f"task '{name}' cannot be imported ({e}); a task is a module path, such as "
-                         "rlhf_kit.tasks.review") from None
-    missing = [f for f in ("metrics", "gold_score") if not callable(getattr(module, f, None))]
-    if missing:
-        raise ValueError(f"task module '{name}' has no {' or '.join(missing)} function; a task provides "
-                         "metrics(prompts, responses) and gold_score(prompt, response) (see rlhf_kit.tasks)")
-    return module
