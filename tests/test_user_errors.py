@@ -49,21 +49,23 @@ def test_train_through_accelerate_prints_the_recipes_message_once(tmp_path):
     assert not (tmp_path / "sft").exists()
 
 
-@pytest.mark.parametrize("argv,prefix,fragments", [
-    (["pipeline", "no-such-pipeline.yaml"], "rlhf-kit pipeline: ", ["no-such-pipeline.yaml does not exist"]),
-    (["push", "outputs/no-such-export", "--repo_id", "me/model", "--dry_run"], "rlhf-kit push: ",
-     ["outputs/no-such-export does not exist"]),
-    (["eval", "outputs/no-such-sft", "--task", "no_such_task"], "rlhf-kit eval: ", ["task 'no_such_task'"]),
-], ids=["missing config", "missing export", "unknown task"])
+# Errors that need no model: (argv, the message's prefix, what it must say).
+NO_MODEL_ERRORS = {
+    "missing config": (["pipeline", "no-such-pipeline.yaml"], "rlhf-kit pipeline: ",
+                       ["no-such-pipeline.yaml does not exist"]),
+    "missing export": (["push", "outputs/no-such-export", "--repo_id", "me/model", "--dry_run"], "rlhf-kit push: ",
+                       ["outputs/no-such-export does not exist"]),
+    "unknown task": (["eval", "outputs/no-such-sft", "--task", "no_such_task"], "rlhf-kit eval: ",
+                     ["task 'no_such_task'"]),
+}
+
+
+@pytest.mark.parametrize("argv,prefix,fragments", list(NO_MODEL_ERRORS.values()), ids=list(NO_MODEL_ERRORS))
 def test_a_user_error_on_the_command_line_is_one_message(argv, prefix, fragments):
     assert_one_message(rlhf_kit_command(*argv), prefix, *fragments)
 
 
-@pytest.mark.parametrize("argv", [
-    ["pipeline", "no-such-pipeline.yaml"],
-    ["push", "outputs/no-such-export", "--repo_id", "me/model", "--dry_run"],
-    ["eval", "outputs/no-such-sft", "--task", "no_such_task"],
-], ids=["missing config", "missing export", "unknown task"])
+@pytest.mark.parametrize("argv", [argv for argv, _, _ in NO_MODEL_ERRORS.values()], ids=list(NO_MODEL_ERRORS))
 def test_a_user_error_that_needs_no_model_is_found_before_torch_loads(argv):
     """Checked first, it fails in a fraction of a second; behind the imports of torch, transformers and PEFT it took
     11 s (push and eval, before)."""
