@@ -260,6 +260,34 @@ def test_old_and_reference_logprobs_are_the_training_forward_at_the_sampling_tem
     torch.testing.assert_close(rollout.old_logprobs[real], expected[real], atol=1e-5, rtol=0)
 
 
+def test_rollout_logprobs_come_from_the_sampler_in_float32_and_from_a_forward_pass_otherwise(tiny_sft, tmp_path):
+    """'auto' in float32: the log-probs generate recorded are the rollout's old log-probs (one forward pass fewer),
+    equal to what the training forward gives ('recompute', which also logs how far the sampler's were). In bf16,
+    where cached decoding and a full forward differ by more than PPO's clipping should see, 'auto' recomputes."""
+    rollouts = {}
+    for mode in ("auto", "recompute"):
+        trainer = make_trainer(tiny_sft, tmp_path / mode, temperature=0.5, rollout_logprobs=mode)
+        assert trainer._recompute_logprobs == (mode == "recompute")
+        torch.manual_seed(0)
+        rollouts[mode] = trainer.rollout(PROMPTS[:8])
+    sampled, recomputed = rollouts["auto"], rollouts["recompute"]
+    assert torch.equal(sampled.response_ids, recomputed.response_ids)
+    real = sampled.response_mask.bool()
+    assert real.sum() > 40
+    assert torch.equal(sampled.old_logprobs, sampled.sampler_logprobs)
+    assert not torch.equal(recomputed.old_logprobs, recomputed.sampler_logprobs)  # two computations, not one copied
+    torch.testing.assert_close(sampled.old_logprobs[real], recomputed.old_logprobs[real], atol=1e-5, rtol=0)
+    recomputed.kl = torch.zeros_like(recomputed.old_logprobs)
+    recomputed.scores = torch.zeros(len(recomputed))
+    assert 0 < trainer._rollout_metrics(recomputed)["rollout/sampler_logprob_gap"] < 1e-5
+
+    tokenizer = load_tokenizer(tiny_sft)
+    bf16 = load_model(ModelArguments(model_name_or_path=tiny_sft, dtype="bfloat16"), tokenizer)
+    assert make_trainer(tiny_sft, tmp_path / "bf16", model=bf16)._recompute_logprobs
+    with pytest.raises(ValueError, match="rollout_logprobs: sampler"):
+        PPOConfig(output_dir=str(tmp_path), rollout_logprobs="sampler", generation_backend="vllm")
+
+
 # ------------------------------------------------------------------------------------------------ health checks
 
 

@@ -8,7 +8,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from rlhf_kit.training.ppo.rollout import left_pad
-from rlhf_kit.training.ppo.model import CRITIC, POLICY, PolicyAndCritic, build_policy_and_critic
+from rlhf_kit.training.ppo.losses import logprobs_from_logits
+from rlhf_kit.training.ppo.model import CRITIC, POLICY, PolicyAndCritic, SampledLogprobs, build_policy_and_critic
 
 SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
          "num_key_value_heads": 1, "vocab_size": 128, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
@@ -56,6 +57,31 @@ def test_policy_logprobs_are_what_generate_samples_from(family):
         reference = model(ids, mask, steps, part="reference").float().log_softmax(-1)
     assert (policy - sampled).abs().max() < 1e-4
     assert (reference - sampled).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_logprobs_recorded_while_sampling_are_the_training_forwards(family):
+    """PPO's rollout takes its old log-probs from `generate` (rollout_logprobs: sampler): at each step the recorder
+    must score the token that step sampled, with the adapter active, the head's transforms and the temperature, as
+    the training forward scores it; on left-padded rows of different lengths."""
+    lm = tiny_lm(family)
+    model = build_policy_and_critic(lm, lora(), critic="lora").eval()  # random B: the policy is not the base
+    query_ids, query_mask = left_pad([[5, 9, 17, 33, 7], [11, 4, 60], [8, 8, 90, 21]], pad_token_id=0)
+    steps, temperature = 7, 0.6
+    model.lm.generation_config = transformers.GenerationConfig(
+        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=steps, pad_token_id=0,
+        eos_token_id=None)  # as PPO's: no processor that bans a token (min_new_tokens would, and change the scores)
+    recorder = SampledLogprobs(temperature)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        new = model(query_ids, query_mask, part="generate", logits_processor=[recorder])[:, query_ids.shape[1]:]
+        recorded = recorder.logprobs(new)
+        mask = torch.cat([query_mask, torch.ones_like(new)], dim=1)
+        logits = model(torch.cat([query_ids, new], dim=1), mask, steps, part="policy")
+    assert recorded.shape == new.shape == (3, steps)
+    torch.testing.assert_close(recorded, logprobs_from_logits(logits, new, temperature), atol=1e-5, rtol=0)
+    # Scored at the wrong step, the log-probs would be far off: the check above can tell.
+    assert (recorded[:, 1:] - logprobs_from_logits(logits[:, :-1], new[:, 1:], temperature)).abs().max() > 0.1
 
 
 def gradients(model: PolicyAndCritic) -> dict[str, torch.Tensor]:

@@ -33,8 +33,10 @@ from peft import LoraConfig, PeftModel, PeftType, TaskType, get_peft_model, set_
 from peft.utils import load_peft_weights
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
+from transformers import LogitsProcessor
 
 from rlhf_kit.model import adapter_base, is_adapter_dir
+from rlhf_kit.training.ppo.losses import logprobs_from_logits
 from rlhf_kit.training.ppo.rollout import position_ids
 
 POLICY, CRITIC = "default", "critic"
@@ -206,11 +208,13 @@ class PolicyAndCritic(nn.Module):
         # (B, T, 1) -> (B, T), copied rather than viewed: FSDP2 warns of views returned by a root module's forward.
         return values.squeeze(-1).clone()
 
-    def generate(self, input_ids: Tensor, attention_mask: Tensor, gather_weights: bool = True) -> Tensor:
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, gather_weights: bool = True,
+                 logits_processor: list | None = None) -> Tensor:
         """Sample from the policy with ``self.lm.generation_config``; (B, P + T_new)."""
         self._use(POLICY)
         with gathered_for_generation(self) if gather_weights else contextlib.nullcontext():
-            return self.policy.generate(input_ids=input_ids, attention_mask=attention_mask)
+            return self.policy.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                        logits_processor=logits_processor)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, response_length: int | None = None,
                 part: str = "both", **kwargs):
@@ -241,6 +245,39 @@ def response_logits(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, re
     out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
              use_cache=False, logits_to_keep=keep)
     return out.logits
+
+
+class SampledLogprobs(LogitsProcessor):
+    """Records, during ``generate``, the log-probability of each token it samples, at the sampling temperature.
+
+    ``generate`` runs custom processors after its own (none under PPO's generation config: no minimum length,
+    banned words or penalties) and before the temperature warper, so this one sees the model's own logits (every
+    transform the architecture applies after ``lm_head`` included) and scores them exactly as
+    :func:`logprobs_from_logits` scores the training forward's. A step's token is only known at the next call (it is
+    the last column of ``input_ids`` then), so one (B, V) row of logits is kept between calls, never all T.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self._last: Tensor | None = None
+        self._steps: list[Tensor] = []
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self._last is not None:
+            self._steps.append(self._score(input_ids[:, -1]))
+        self._last = scores.detach().clone()  # a later processor may change `scores` in place
+        return scores
+
+    def _score(self, tokens: Tensor) -> Tensor:
+        # The B rows as one (1, B, V) row: one logsumexp call per step, not B (same per-row arithmetic).
+        return logprobs_from_logits(self._last[None], tokens[None], self.temperature).T  # (B, 1)
+
+    def logprobs(self, new_tokens: Tensor) -> Tensor:
+        """(B, T_new) log-probs of ``new_tokens``, the (B, T_new) tokens this ``generate`` call returned."""
+        if self._last is None or len(self._steps) + 1 != new_tokens.shape[1]:
+            raise RuntimeError(f"recorded {len(self._steps) + (self._last is not None)} sampling steps for "
+                               f"{new_tokens.shape[1]} new tokens")
+        return torch.cat([*self._steps, self._score(new_tokens[:, -1])], dim=1)
 
 
 def _reshards_after_forward(unit: FSDPModule) -> bool:

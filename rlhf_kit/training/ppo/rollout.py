@@ -32,8 +32,9 @@ class Rollout:
     response_mask: Tensor             # (B, T) 1 on real response tokens, the stop token included
     stopped: Tensor                   # (B,) bool: the response contains the stop token
     completions: list[str] = field(default_factory=list)  # B decoded responses, stop token removed
-    old_logprobs: Tensor | None = None   # (B, T) log-probs of the sampling policy, from the training forward
-    sampler_logprobs: Tensor | None = None  # (B, T) the same as the sampler (vLLM) computed them; only logged
+    old_logprobs: Tensor | None = None   # (B, T) log-probs of the sampling policy (rollout_logprobs: sampler's or
+                                         # the training forward's)
+    sampler_logprobs: Tensor | None = None  # (B, T) the same as the sampler (HF generate, vLLM) computed them
     ref_logprobs: Tensor | None = None   # (B, T) log-probs of the reference (adapter disabled)
     values: Tensor | None = None         # (B, T) critic values of the state before each response token
     reward_components: dict[str, Tensor] = field(default_factory=dict)  # (B,) CPU scores of each reward source

@@ -10,16 +10,17 @@ and the model card behave as in any other trainer.
                          peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     trainer.train()
 
-Each update (one ``global_step``): **rollout** (sample responses, truncate after the first stop token, recompute
-the log-probs with the training forward pass, reference log-probs and values), **score** (reward model and reward
+Each update (one ``global_step``): **rollout** (sample responses, truncate after the first stop token; their
+log-probs, reference log-probs and values), **score** (reward model and reward
 functions, weighted; missing-stop penalty; KL penalty per token, score on the last real token), **advantages**
 (GAE, whitened), **update** (``num_ppo_epochs`` over shuffled mini-batches, clipped policy and value losses).
 
 Departures from the paper recipe (Ouyang et al. 2022, https://arxiv.org/abs/2203.02155; Ziegler et al. 2019,
 https://arxiv.org/abs/1909.08593), all on purpose: the reference and the critic share the policy's frozen base
-(adapters), the value head starts from the reward head, old log-probs are recomputed rather than taken from
-``generate`` (whose scores can differ from the training forward in padding, precision and kernels), and micro-batch
-losses are weighted by their token counts so that gradient accumulation gives the same step as one big batch.
+(adapters), the value head starts from the reward head, old log-probs are taken from ``generate`` only where they
+equal the training forward's to float32 rounding and recomputed by a forward pass elsewhere (``rollout_logprobs``:
+in reduced precision cached decoding and a full forward differ by more than rounding), and micro-batch losses are
+weighted by their token counts so that gradient accumulation gives the same step as one big batch.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ from rlhf_kit.rewards import (
 )
 from rlhf_kit.training.ppo.rollout import Rollout, assemble_rewards, left_pad, right_pad, truncate_at_stop
 from rlhf_kit.training.ppo.config import PPOConfig
-from rlhf_kit.training.ppo.model import CRITIC, POLICY, build_policy_and_critic, eval_mode
+from rlhf_kit.training.ppo.model import CRITIC, POLICY, SampledLogprobs, build_policy_and_critic, eval_mode
 from rlhf_kit.vllm_engine import VLLMEngine, merged_weights
 
 logger = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ class PPOTrainer(Trainer):
         super().__init__(model=policy, args=args, processing_class=processing_class, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, callbacks=callbacks)
         shard_on_cpu(self)
+        self._recompute_logprobs = self._recomputes_logprobs()
         if args.adaptive_kl:
             self.kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
         else:
@@ -274,26 +276,42 @@ class PPOTrainer(Trainer):
         if self.args.generation_backend == "vllm":
             responses, sampler_logprobs = self._sample_with_vllm(query_ids, query_mask)
         else:
-            responses, sampler_logprobs = self._sample_with_hf(query_ids, query_mask), None
+            responses, sampler_logprobs = self._sample_with_hf(query_ids, query_mask)
         response_ids, response_mask, stopped = truncate_at_stop(responses, self.stop_token_ids, tokenizer.pad_token_id)
         rollout = Rollout(prompts, columns, query_ids, query_mask, response_ids, response_mask, stopped)
         rollout.completions = self._decode(rollout)
-        self._score_logprobs_and_values(rollout)
         if sampler_logprobs is not None:
             rollout.sampler_logprobs = sampler_logprobs[:, : response_ids.shape[1]] * response_mask
+        self._score_logprobs_and_values(rollout)
         return rollout
 
-    def _sample_with_hf(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) new tokens from the policy's own `generate`, right-padded."""
-        pieces = []
+    def _recomputes_logprobs(self) -> bool:
+        """``rollout_logprobs`` resolved: True when a forward pass gives the rollout's log-probs, False when the
+        sampler's are used. 'auto' trusts the sampler only where cached decoding is exact to float32 rounding: the
+        HF backend, float32 weights, no autocast, no TF32 matmuls, no quantized base."""
+        if self.args.rollout_logprobs != "auto":
+            return self.args.rollout_logprobs == "recompute"
+        lm = self.model.lm
+        float32 = all(p.dtype == torch.float32 for p in lm.parameters() if p.is_floating_point())
+        exact = (float32 and self.model.quantization_method is None and self.accelerator.mixed_precision == "no"
+                 and torch.get_float32_matmul_precision() == "highest")
+        return self.args.generation_backend != "hf" or not exact
+
+    def _sample_with_hf(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) new tokens from the policy's own `generate`, right-padded, and their (B, T) log-probs."""
+        pieces, logprobs = [], []
         with eval_mode(self.model), self.accelerator.autocast():
             for chunk in torch.arange(len(query_ids)).split(self.args.rollout_forward_batch_size):
+                recorder = SampledLogprobs(self.args.temperature)
                 generated = self.model(query_ids[chunk], query_mask[chunk], part="generate",
-                                       gather_weights=self.args.gather_weights_for_generation)
+                                       gather_weights=self.args.gather_weights_for_generation,
+                                       logits_processor=[recorder])
                 pieces.append(generated[:, query_ids.shape[1]:])  # (b, T_chunk): the new tokens only
+                logprobs.append(recorder.logprobs(pieces[-1]))
         width = max(p.shape[1] for p in pieces)
         pad = self.processing_class.pad_token_id
-        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad) for p in pieces])
+        return (torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad) for p in pieces]),
+                torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in logprobs]))
 
     def _sample_with_vllm(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) new tokens from this process's vLLM engine, right-padded, and vLLM's log-probs of them.
@@ -342,17 +360,20 @@ class PPOTrainer(Trainer):
             self._engine_holds = None  # its weights are gone: the next rollout pushes them again
 
     def _score_logprobs_and_values(self, rollout: Rollout) -> None:
-        """Old log-probs (the training forward pass at the sampling temperature), reference log-probs and values."""
+        """Reference log-probs, values and old log-probs: the sampler's, or (``rollout_logprobs`` resolved to
+        'recompute') the training forward pass's at the sampling temperature."""
         shape, device = rollout.response_ids.shape, rollout.response_ids.device
-        old, ref, values = (torch.zeros(shape, device=device) for _ in range(3))
+        ref, values = torch.zeros(shape, device=device), torch.zeros(shape, device=device)
+        old = torch.zeros(shape, device=device) if self._recompute_logprobs else rollout.sampler_logprobs
         temperature = self.args.temperature
         with eval_mode(self.model), self.accelerator.autocast():
             for chunk in torch.arange(len(rollout)).split(self.args.rollout_forward_batch_size):
                 part = rollout.select(chunk)
                 ids, mask, width = part.input_ids, part.attention_mask, part.response_ids.shape[1]
-                logits = self.model(ids, mask, width, part="policy")
-                old[chunk, :width] = logprobs_from_logits(logits, part.response_ids, temperature)
-                del logits
+                if self._recompute_logprobs:
+                    logits = self.model(ids, mask, width, part="policy")
+                    old[chunk, :width] = logprobs_from_logits(logits, part.response_ids, temperature)
+                    del logits
                 ref_logits = self.model(ids, mask, width, part="reference")
                 ref[chunk, :width] = logprobs_from_logits(ref_logits, part.response_ids, temperature)
                 del ref_logits
@@ -525,7 +546,7 @@ class PPOTrainer(Trainer):
         }
         for name, values in rollout.reward_components.items():
             metrics[f"reward/{name}"] = values.mean()
-        if rollout.sampler_logprobs is not None:
+        if rollout.sampler_logprobs is not None and self._recompute_logprobs:
             # How far the sampler's log-probs are from the trainer's: the importance-sampling gap between them.
             gap = (rollout.sampler_logprobs - rollout.old_logprobs).abs() * mask
             metrics["rollout/sampler_logprob_gap"] = gap.sum() / mask.sum().clamp(min=1)
