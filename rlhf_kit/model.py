@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +20,7 @@ from types import SimpleNamespace
 import torch
 from peft import LoraConfig, TaskType
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -365,7 +367,11 @@ def load_model(
     )
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if sequence_classification:
-        model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, num_labels=1, **kwargs)
+        config = AutoConfig.from_pretrained(args.model_name_or_path, revision=args.model_revision,
+                                            trust_remote_code=trust_remote_code)
+        from_causal_lm = not any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+        with _quiet_new_head_report(from_causal_lm):
+            model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, num_labels=1, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
@@ -378,6 +384,34 @@ def load_model(
         model.generation_config.eos_token_id = stops
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+@contextmanager
+def _quiet_new_head_report(active: bool):
+    """Hide transformers' load report when it only says what loading a causal LM as a classifier always does.
+
+    The checkpoint has no ``score`` head (it starts random: the reward stage trains it, or an adapter's trained head
+    replaces it and `RewardModel` checks that) and an ``lm_head`` the classifier does not use. The report prints that
+    as a warning table, "newly initialized" and all, the usual sign of a lost head. Any other key in it is still
+    shown. (A filter, not a logger level: transformers runs its tensor-parallel plan check, and warns, when the level
+    of transformers.modeling_utils is WARNING or above.)
+    """
+    log = logging.getLogger("transformers.modeling_utils")
+
+    def only_head_keys(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        keys = [line.split("|")[0].strip() for line in message.splitlines()[2:] if "|" in line]
+        rows = [k for k in keys if k and not set(k) <= set("-+")]
+        return not rows or not all(k.startswith(("score.", "lm_head.")) for k in rows)
+
+    if active:
+        log.addFilter(only_head_keys)
+    try:
+        yield
+    finally:
+        log.removeFilter(only_head_keys)
 
 
 def lora_config(

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,9 +145,8 @@ class RewardModel:
         adapter = is_adapter_dir(path)
         args = ModelArguments(model_name_or_path=_base_model(path, meta) if adapter else path, dtype=dtype,
                               use_peft=quantized, **(quant if adapter else {}))
-        with _quiet_head_report(adapter):
-            model = load_model(args, tokenizer, sequence_classification=True, trust_remote_code=trust_remote_code,
-                               device_map={"": _placement(device)} if quantized else None)
+        model = load_model(args, tokenizer, sequence_classification=True, trust_remote_code=trust_remote_code,
+                           device_map={"": _placement(device)} if quantized else None)
         if adapter:
             from peft import PeftModel
 
@@ -300,8 +297,7 @@ class RewardEnsemble(RewardModel):
         dtype = str(dtype if dtype is not None else metas[0].get("dtype") or "float32").removeprefix("torch.")
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         args = ModelArguments(model_name_or_path=bases.pop(), dtype=dtype)
-        with _quiet_head_report(True):
-            model = load_model(args, tokenizer, sequence_classification=True, trust_remote_code=trust_remote_code)
+        model = load_model(args, tokenizer, sequence_classification=True, trust_remote_code=trust_remote_code)
         from peft import PeftModel
 
         members = []
@@ -377,32 +373,6 @@ def load_reward_model(path: str, *, device=None, dtype=None, trust_remote_code: 
         raise ValueError(f"reward_aggregate {aggregate!r} needs a reward ensemble; {path} is a single reward model "
                          "(train one with ensemble_size > 1)")
     return RewardModel.from_pretrained(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-
-
-@contextmanager
-def _quiet_head_report(active: bool):
-    """Hide transformers' load report when it only says the base lacks the score head (and has an lm_head).
-
-    Loading an adapter RM first loads its causal-LM base as a seq-cls model, and the report then warns that
-    score.weight was "newly initialized": the classic sign of a lost head, though here the adapter's head replaces it
-    next and `_check_head` verifies that. Any other key in the report is still shown.
-    """
-    log = logging.getLogger("transformers.modeling_utils")
-
-    def only_head_keys(record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "LOAD REPORT" not in message:
-            return True
-        keys = [line.split("|")[0].strip() for line in message.splitlines()[2:] if "|" in line]
-        rows = [k for k in keys if k and not set(k) <= set("-+")]
-        return not rows or not all(k.startswith((f"{HEAD}.", "lm_head.")) for k in rows)
-
-    if active:
-        log.addFilter(only_head_keys)
-    try:
-        yield
-    finally:
-        log.removeFilter(only_head_keys)
 
 
 def _placement(device: torch.device) -> int | str:

@@ -456,3 +456,40 @@ def test_fit_normalization_by_hand():
         {"offset": 2.5, "scale": (5 / 3) ** 0.5})
     with pytest.raises(ValueError, match="same score"):
         fit_normalization(torch.full((6,), 0.3))
+
+
+def test_a_causal_lm_loads_as_a_reward_model_without_the_new_head_report_and_other_keys_still_show(
+        tiny_base, tmp_path):
+    """The reward stage loads its causal-LM base as a classifier: `score` is new and `lm_head` unused, by design, and
+    transformers printed a LOAD REPORT table about it ("newly initialized") on every run. Anything else it would say,
+    such as a weight the model does not know, is still shown."""
+    import logging
+
+    from rlhf_kit.model import ModelArguments, load_model, load_tokenizer
+
+    class Recorder(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    # On transformers' logger itself: it does not propagate to the root logger, so caplog would never see it.
+    recorder, log = Recorder(), logging.getLogger("transformers.modeling_utils")
+    log.addHandler(recorder)
+    try:
+        tokenizer = load_tokenizer(tiny_base)
+        load_model(ModelArguments(model_name_or_path=tiny_base), tokenizer, sequence_classification=True)
+        assert not [m for m in recorder.messages if "LOAD REPORT" in m]
+
+        odd = tmp_path / "odd-base"
+        shutil.copytree(tiny_base, odd)
+        weights = load_file(odd / "model.safetensors")
+        save_file({**weights, "model.stray.weight": torch.zeros(2)}, odd / "model.safetensors",
+                  metadata={"format": "pt"})
+        load_model(ModelArguments(model_name_or_path=str(odd)), tokenizer, sequence_classification=True)
+        reports = [m for m in recorder.messages if "LOAD REPORT" in m]
+        assert len(reports) == 1 and "model.stray.weight" in reports[0]
+    finally:
+        log.removeHandler(recorder)

@@ -24,7 +24,6 @@ import logging
 import math
 import re
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -319,25 +318,6 @@ def export_adapter(source: ExportSource, out: Path, tokenizer, base_model_id: st
     return out
 
 
-@contextmanager
-def _quiet_head_load(active: bool):
-    """Loading a causal-LM base as a reward model logs a load report saying `score` is newly initialized (and lm_head
-    unused); the adapter's trained head replaces it next and `load_merged` checks it, so here the report is noise.
-    (A filter, not a logger level: transformers 5.23 runs its tensor-parallel plan check, and warns, when the level
-    of transformers.modeling_utils is WARNING or above.)"""
-    log = logging.getLogger("transformers.modeling_utils")
-
-    def no_load_report(record: logging.LogRecord) -> bool:
-        return "LOAD REPORT" not in record.getMessage()
-
-    if active:
-        log.addFilter(no_load_report)
-    try:
-        yield
-    finally:
-        log.removeFilter(no_load_report)
-
-
 def load_merged(source: ExportSource, tokenizer, dtype: str = "auto", trust_remote_code: bool = False):
     """The stage's model as one set of 16/32-bit weights: the base reloaded unquantized with the adapter folded in.
 
@@ -346,8 +326,7 @@ def load_merged(source: ExportSource, tokenizer, dtype: str = "auto", trust_remo
     """
     path = _local_base(source) if source.adapter else str(source.path)
     args = ModelArguments(model_name_or_path=path, dtype=dtype)
-    with _quiet_head_load(source.reward and source.adapter):
-        model = load_model(args, tokenizer, sequence_classification=source.reward, trust_remote_code=trust_remote_code)
+    model = load_model(args, tokenizer, sequence_classification=source.reward, trust_remote_code=trust_remote_code)
     model.eval()
     if not source.adapter:
         return model
