@@ -59,8 +59,11 @@ def test_every_sample_of_an_untrained_model_matches_and_ends_with_its_stop_token
     option = {"regex": REVIEW, "json_schema": schema_file, "choices": CHOICES}[kind]
     valid = {"regex": has_review_shape, "json_schema": valid_json, "choices": CHOICES.__contains__}[kind]
     constraint = Constraint.from_options(**{kind: option})
-    # Temperature 1, 4 samples per prompt, prompts of different lengths in one left-padded batch.
-    sampling = Sampling(n=4, temperature=1.0, max_new_tokens=48)
+    # Temperature 1, 4 samples per prompt, prompts of different lengths in one left-padded batch. 96 new tokens hold
+    # any answer of the three: SCHEMA's longest is 90 bytes (two tags of 6 characters of up to 4 UTF-8 bytes each,
+    # which an untrained model does sample), and a byte-level token holds at least one byte. With 48, CI once cut
+    # {"item":"tea","stars":2,"tags":["w coԍ𛉹"," w soᣣ"]} short.
+    sampling = Sampling(n=4, temperature=1.0, max_new_tokens=96)
     gens = generate(untrained, PROMPTS, sampling=sampling, logits_processor=constraint.logits_processor(untrained))
 
     assert len(gens.responses) == 12 and len(set(gens.responses)) > 1  # sampled, not one forced string
