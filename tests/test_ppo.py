@@ -338,17 +338,24 @@ def test_warns_when_kl_climbs_without_reward_and_when_responses_collapse(tiny_sf
 
 
 def test_8_rows_at_once_and_4_rows_x_2_accumulated_give_the_same_update(tiny_sft, tmp_path):
-    """8 sequences x 1 micro-batch and 4 x 2 accumulated give the same update (token-weighted micro-batches)."""
-    weights = []
+    """8 sequences x 1 micro-batch and 4 x 2 accumulated give the same update (token-weighted micro-batches).
+
+    Plain SGD at learning rate 1, so each weight moves by exactly its gradient: the updates agree to about 1e-8 where
+    the largest is 0.1, and weighting the two micro-batches equally instead moves them apart by up to 7e-4. (Adam's
+    first step, g / (|g| + eps), turns float32 rounding in gradients that are all but 0 into steps of up to 4e-4 of
+    the learning rate, as large as the check itself.)"""
+    updates = []
     for size, accumulation in ((8, 1), (4, 2)):
         torch.manual_seed(0)
         trainer = make_trainer(tiny_sft, tmp_path / f"{size}", per_device_train_batch_size=size,
                                gradient_accumulation_steps=accumulation, num_mini_batches=1, num_ppo_epochs=1,
-                               max_steps=1, learning_rate=1e-2)
+                               max_steps=1, optim="sgd", learning_rate=1.0)
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
         quiet(trainer.train)
-        weights.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
-    for name, value in weights[0].items():
-        torch.testing.assert_close(weights[1][name], value, atol=2e-6, rtol=1e-4, msg=name)
+        updates.append({n: p.detach() - before[n] for n, p in trainer.model.named_parameters() if p.requires_grad})
+    assert max(update.abs().max() for update in updates[0].values()) > 0.01  # the update moved the weights
+    for name, update in updates[0].items():
+        torch.testing.assert_close(updates[1][name], update, atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_update_takes_a_step_per_mini_batch_per_epoch_over_every_row_once(tiny_sft, tmp_path):
