@@ -85,9 +85,20 @@ def _split_config_flag(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def looks_like_path(value: str) -> bool:
-    """True for a value that can only be a local path, never a Hub id (`name` or `namespace/name`)."""
-    return (value.startswith((".", "/", "~", "\\")) or value.count("/") > 1 or "\\" in value
-            or (os.sep != "/" and os.sep in value))
+    """True for a value read as a local path, not a Hub id (`name` or `namespace/name`): one that can only be a path,
+    or `dir/name` under an existing local directory `dir`.
+
+    The second kind is a Hub id in shape, but `outputs/sfr` next to an `outputs/` directory is a mistyped path far
+    more often than a Hub repository of a user named "outputs"; looked up on the Hub it costs a minute of connection
+    retries on an offline machine (huggingface_hub backs off between tries) before the same "not found".
+    """
+    return not hub_shaped(value) or ("/" in value and Path(value.split("/")[0]).is_dir())
+
+
+def hub_shaped(value: str) -> bool:
+    """True for a value shaped like a Hub id, `name` or `namespace/name` (it may still be a local path)."""
+    return not (value.startswith((".", "/", "~", "\\")) or value.count("/") > 1 or "\\" in value
+                or (os.sep != "/" and os.sep in value))
 
 
 class _Parser(HfArgumentParser):

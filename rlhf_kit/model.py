@@ -32,7 +32,7 @@ from transformers import (
 from trl import ModelConfig, get_peft_config, get_quantization_config
 from trl.chat_template_utils import add_response_schema, qwen3_template, supports_tool_calling
 
-from rlhf_kit.config import ConfigError, looks_like_path
+from rlhf_kit.config import ConfigError, hub_shaped, looks_like_path
 from rlhf_kit.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -190,7 +190,9 @@ class ModelNotFoundError(UserError, FileNotFoundError):
 def check_model_source(name_or_path: str, key: str = "model_name_or_path") -> None:
     """Refuse a local model path that does not exist: transformers would report it as an invalid Hub repo id."""
     if looks_like_path(name_or_path) and not Path(name_or_path).expanduser().exists():
-        raise ModelNotFoundError(f"{key}: {name_or_path} does not exist (working directory {os.getcwd()}). "
+        why = (f" It is read as a path because {name_or_path.split('/')[0]}/ is a directory here; for the Hub model "
+               f"{name_or_path}, run from another directory." if hub_shaped(name_or_path) else "")
+        raise ModelNotFoundError(f"{key}: {name_or_path} does not exist (working directory {os.getcwd()}).{why} "
                                  f"{_MAKE_A_MODEL}")
 
 

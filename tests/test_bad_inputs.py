@@ -231,9 +231,35 @@ def test_missing_local_model_path_says_it_does_not_exist(tmp_path):
         gate(str(tmp_path / "no-such-rm"), None)
     with pytest.raises(FileNotFoundError, match="no-such-rm does not exist"):
         RewardModel.from_pretrained(str(tmp_path / "no-such-rm"))
-    # `outputs/x` could be a Hub id too: the message says it is neither a local directory nor a loadable Hub model.
+
+
+def test_a_hub_shaped_path_under_a_local_directory_is_refused_as_a_path_before_any_hub_lookup(tmp_path, monkeypatch):
+    """`outputs/sfr` next to an `outputs/` directory is a mistyped path: looked up on the Hub it cost 58 s of
+    connection retries on an offline machine before the error. Without such a directory it is still a Hub id, and
+    the message says it is neither a local directory nor a loadable Hub model."""
+    import transformers
+
+    from rlhf_kit.data.errors import DataError
+    from rlhf_kit.data.loading import load_data
+    from rlhf_kit.model import load_tokenizer
+
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(OSError, match="outputs/no-such-sft is not a local directory .* Hub"):
         load_tokenizer("outputs/no-such-sft")
+
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "data").mkdir()
+
+    def looked_up(*args, **kwargs):
+        raise AssertionError(f"looked up {args[0]} on the Hub")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", looked_up)
+    with pytest.raises(FileNotFoundError) as error:
+        load_tokenizer("outputs/no-such-sft")
+    assert "outputs/no-such-sft does not exist" in str(error.value)
+    assert "read as a path because outputs/ is a directory here" in str(error.value)
+    with pytest.raises(DataError, match="data/no-such-set: file or directory not found"):
+        load_data("data/no-such-set", kind="text")
 
 
 @pytest.mark.parametrize("values,fragments", [

@@ -141,13 +141,15 @@ def test_recipe_user_error_exits_2_with_the_message(recipe, argv, fragments, cap
     assert err.startswith("error: ") and err.count("\n") == 1 and all(f in err for f in fragments), err
 
 
-def test_missing_model_path_says_what_it_is_and_how_to_make_it(tmp_path, capsys):
+def test_missing_model_path_says_what_it_is_and_how_to_make_it(tmp_path, capsys, monkeypatch):
     """Item 5: `outputs/tiny-base` before the pretrain stage ran (it could also be a Hub id, which is not found)."""
+    monkeypatch.chdir(tmp_path)  # no outputs/ here, so it is also a Hub id (with one it is a path: test_bad_inputs)
     main = load_recipe("sft")
     config = str(REPO / "recipes/configs/sft/tiny.yaml")
     with pytest.raises(SystemExit):
         run_main(functools.update_wrapper(lambda: main(["--config", config, "--model_name_or_path",
-                                                        "outputs/no-such-base", "--output_dir", str(tmp_path)]), main))
+                                                        "outputs/no-such-base", "--output_dir", str(tmp_path),
+                                                        "--dataset_name", str(REPO / "data/sft")]), main))
     err = capsys.readouterr().err
     assert "outputs/no-such-base is not a local directory" in err and "output_dir of an earlier stage" in err
     assert "rlhf-kit train pretrain recipes/configs/pretrain/tiny.yaml" in err and "rlhf-kit pipeline" in err

@@ -34,7 +34,7 @@ from huggingface_hub import constants
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_kit.config import CONFIG_FILE, ConfigError, save_config
+from rlhf_kit.config import CONFIG_FILE, ConfigError, looks_like_path, save_config
 from rlhf_kit.errors import UserError
 from rlhf_kit.model import (IM_END, ModelArguments, adapter_base, is_adapter_dir, load_model, merged_model_dir,
                     merged_source)
@@ -170,7 +170,7 @@ def check_stage_output(output: StageOutput, base_model_path: str | None = None) 
 def _resolve_base(output: StageOutput, override: str | None) -> str:
     """The adapter's base: `override`, else the recorded one (checked for availability only when it is needed)."""
     if override:
-        if not Path(override).is_dir() and _looks_local(override):
+        if not Path(override).is_dir() and looks_like_path(override):
             raise FileNotFoundError(f"base_model_path {override} does not exist.")
         return override
     recorded = output.adapter_config.get("base_model_name_or_path")
@@ -179,10 +179,6 @@ def _resolve_base(output: StageOutput, override: str | None) -> str:
     # The reward stage records its base as an absolute path; adapter_config.json may hold a relative one.
     absolute = output.reward_meta.get("base_model")
     return absolute if absolute and Path(absolute).is_dir() else recorded
-
-
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 class BaseModelUnavailable(ExportError):
@@ -209,7 +205,7 @@ def _base_config(source: ExportSource):
         raise BaseModelUnavailable(
             f"base model '{base}' of the adapter in {source.path} is not available: it is not a directory here, "
             f"and {where}. Pass base_model_path: <a local copy of the model the adapter was trained on>"
-            + ("" if _looks_local(base) else f", or download it while online (`hf download {base}`)") + ".") from err
+            + ("" if looks_like_path(base) else f", or download it while online (`hf download {base}`)") + ".") from err
 
 
 def _local_base(source: ExportSource) -> str:
@@ -300,7 +296,7 @@ def export_adapter(source: ExportSource, out: Path, tokenizer, base_model_id: st
     config = dict(source.output.adapter_config)
     if base_model_id:
         config["base_model_name_or_path"] = base_model_id
-    elif _looks_local(base := config["base_model_name_or_path"]) or Path(base).expanduser().is_dir():
+    elif looks_like_path(base := config["base_model_name_or_path"]) or Path(base).expanduser().is_dir():
         # A relative path with one slash (`outputs/tiny-sft`) reads as a Hub id to PEFT: it fails wherever the
         # adapter is downloaded, and even here from another working directory.
         where = "absolute" if Path(base).expanduser().is_absolute() else "relative (to the directory training ran in)"
