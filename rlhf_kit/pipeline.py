@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from rlhf_kit.config import SECRET_ENV, ConfigError, check_keys, is_secret, load_yaml, looks_like_path, parse_config
+from rlhf_kit.config import SECRET_ENV, ConfigError, check_keys, hub_shaped, is_secret, load_yaml, parse_config
 from rlhf_kit.data.loading import check_sources, load_data, row_char_limit
 from rlhf_kit.inference.selection import answer_extractor
 from rlhf_kit.resources import missing_shipped_file, recipe_path
@@ -221,7 +221,9 @@ def _check_models(values: dict[str, Any], produced: set[Path]) -> None:
     for key in MODEL_KEYS:
         value = values.get(key)
         if isinstance(value, str) and not _is_produced(value, produced):
-            if looks_like_path(value) and not Path(value).expanduser().exists():
+            # Only a value that can only be a path: whether `outputs/x` is one (`outputs/` exists) is for the stage
+            # to decide when it loads the model, after the stages before it have run.
+            if not hub_shaped(value) and not Path(value).expanduser().exists():
                 raise FileNotFoundError(f"{key}: {value} does not exist (working directory {Path.cwd()}), and no "
                                         "earlier stage of the pipeline writes it.")
 
