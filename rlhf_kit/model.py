@@ -36,6 +36,7 @@ from rlhf_kit.config import ConfigError, hub_shaped, looks_like_path
 from rlhf_kit.errors import UserError
 
 logger = logging.getLogger(__name__)
+HEAD = "score"  # the one-output linear layer of transformers' *ForSequenceClassification models: the reward head
 
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|pad|>"
 
@@ -406,7 +407,7 @@ def _quiet_new_head_report(active: bool):
             return True
         keys = [line.split("|")[0].strip() for line in message.splitlines()[2:] if "|" in line]
         rows = [k for k in keys if k and not set(k) <= set("-+")]
-        return not rows or not all(k.startswith(("score.", "lm_head.")) for k in rows)
+        return not rows or not all(k.startswith((f"{HEAD}.", "lm_head.")) for k in rows)
 
     if active:
         log.addFilter(only_head_keys)
@@ -448,8 +449,8 @@ def lora_config(
             trainable_tokens = {"embed_tokens": chat_token_ids(tokenizer)}
             if "lm_head" not in modules_to_save:
                 modules_to_save.append("lm_head")
-    if task_type == TaskType.SEQ_CLS and "score" not in modules_to_save:
-        modules_to_save.append("score")  # the new reward head must be trained and saved with the adapter
+    if task_type == TaskType.SEQ_CLS and HEAD not in modules_to_save:
+        modules_to_save.append(HEAD)  # the new reward head must be trained and saved with the adapter
     config = get_peft_config(dataclasses.replace(
         args, lora_task_type=task_type, lora_target_modules=args.lora_target_modules or "all-linear",
         lora_modules_to_save=modules_to_save or None))

@@ -36,10 +36,9 @@ from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhf_kit.errors import UserError
-from rlhf_kit.model import IM_END, ModelArguments, is_adapter_dir, load_model
+from rlhf_kit.model import HEAD, IM_END, ModelArguments, is_adapter_dir, load_model
 from rlhf_kit.runs import EVAL_FILE, REWARD_FILE
 
-HEAD = "score"  # the one-output linear layer of transformers' *ForSequenceClassification models
 # How a reward ensemble's members combine (`aggregate_scores`), and its key in rlhf_kit_reward.json:
 # {"members": [member directories], "aggregate", "coef"}.
 AGGREGATES = ("mean", "mean_minus_std", "min")

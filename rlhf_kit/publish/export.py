@@ -36,7 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from rlhf_kit.config import CONFIG_FILE, ConfigError, looks_like_path, save_config
 from rlhf_kit.errors import UserError
-from rlhf_kit.model import (IM_END, ModelArguments, adapter_base, is_adapter_dir, load_model, merged_model_dir,
+from rlhf_kit.model import (HEAD, IM_END, ModelArguments, adapter_base, is_adapter_dir, load_model, merged_model_dir,
                     merged_source)
 from rlhf_kit.publish.model_card import write_card
 from rlhf_kit.rewards import write_reward_files
@@ -358,7 +358,7 @@ def _check_reward_head(model, path: Path) -> None:
     from safetensors import safe_open
 
     with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
-        saved = {k.split(".")[-1]: f.get_tensor(k) for k in f.keys() if k.split(".")[-2:-1] == ["score"]}
+        saved = {k.split(".")[-1]: f.get_tensor(k) for k in f.keys() if k.split(".")[-2:-1] == [HEAD]}
     if not saved:
         raise ExportError(f"{path} has no trained `score` head in its adapter; merging would keep a random head.")
     for name, tensor in saved.items():

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from transformers import LogitsProcessor
 
-from rlhf_kit.model import adapter_base, is_adapter_dir
+from rlhf_kit.model import HEAD, adapter_base, is_adapter_dir
 from rlhf_kit.training.ppo.losses import logprobs_from_logits
 from rlhf_kit.training.ppo.rollout import position_ids
 
@@ -69,7 +69,7 @@ def reward_head(reward_model) -> nn.Linear | None:
     if model is None:
         return None
     try:
-        head = model.get_submodule("score")
+        head = model.get_submodule(HEAD)
     except AttributeError:
         return None
     copies = getattr(head, "modules_to_save", None)  # PEFT's wrapper: one trained copy per adapter
