@@ -9,7 +9,8 @@ continues pretraining that model instead (same packing, its own tokenizer).
 
 
 import rlhf_kit  # noqa: F401  before transformers: bitsandbytes then never reaches the Hub (rlhf_kit/hub_kernels.py)
-from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, LlamaForCausalLM, Trainer, set_seed
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, Trainer, set_seed
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from rlhf_kit.config import parse_config, save_config, to_dict
 from rlhf_kit.errors import run_main
@@ -40,14 +41,16 @@ def main(argv=None, overrides=None):
         tokenizer = load_tokenizer(resume) if resume else train_tokenizer(train_data["text"], args.vocab_size)
         model = LlamaForCausalLM(tiny_llama_config(args, tokenizer))
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # raw-text blocks carry no padding except the last, short one
+        tokenizer.pad_token = tokenizer.eos_token  # pads short blocks: the last one, and most with bfd_split packing
 
     trainer = Trainer(
         model=model,
         args=training_args,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-        train_dataset=pack_blocks(train_data, tokenizer, args.block_size),
-        eval_dataset=pack_blocks(eval_data, tokenizer, args.block_size) if eval_data is not None else None,
+        # TRL's collator ignores only the padding in the loss; transformers' ignores every token equal to the pad token,
+        # which for a base whose pad is its EOS would be every document's end.
+        data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id),
+        train_dataset=pack_blocks(train_data, tokenizer, args.block_size, args.packing),
+        eval_dataset=None if eval_data is None else pack_blocks(eval_data, tokenizer, args.block_size, args.packing),
         processing_class=tokenizer,
     )
     train_loss = train_and_save(trainer, resume, out)  # the whole run's loss, a resume's start included

@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast, TrainingArguments
+from trl import pack_dataset
 
 from rlhf_kit.model import IM_END, IM_START, PAD
 from rlhf_kit.training.settings import StageSettings
 
 EOS = "<|endoftext|>"
 SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
+PACKINGS = ("wrapped", "bfd_split")
 
 
 @dataclass
@@ -29,6 +31,13 @@ class PretrainArguments:
         default=None, metadata={"help": "Continue pretraining this model instead of building a new one."}
     )
     block_size: int = field(default=128, metadata={"help": "Tokens per packed training block."})
+    packing: str = field(
+        default="wrapped",
+        metadata={"help": "How documents become blocks (TRL's pack_dataset): `wrapped` joins them and cuts every "
+                  "block_size tokens, so a document may start in one block and end in the next; `bfd_split` keeps "
+                  "each document that fits whole in one block (best-fit decreasing, blocks padded), so text that "
+                  "refers back to its own document always sees what it refers to."},
+    )
     vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size (new tokenizer only)."})
     hidden_size: int = field(default=128)
     intermediate_size: int = field(default=384)
@@ -52,6 +61,8 @@ class PretrainArguments:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
                 f"({self.num_key_value_heads})."
             )
+        if self.packing not in PACKINGS:
+            raise ValueError(f"packing must be one of {PACKINGS}, got {self.packing!r}.")
         if self.block_size > self.max_position_embeddings:
             raise ValueError(
                 f"block_size ({self.block_size}) exceeds max_position_embeddings ({self.max_position_embeddings})."
@@ -99,10 +110,13 @@ def tiny_llama_config(args: PretrainArguments, tokenizer: PreTrainedTokenizerBas
     )
 
 
-def pack_blocks(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, block_size: int) -> Dataset:
-    """Tokenize `text`, join documents with EOS and cut into `block_size` blocks.
+def pack_blocks(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, block_size: int,
+                packing: str = "wrapped") -> Dataset:
+    """Tokenize `text`, end each document with EOS and pack the documents into blocks of at most `block_size`.
 
-    The final partial block is kept (shorter) rather than dropped, so every token of the corpus is trained on.
+    `wrapped` cuts the joined corpus every `block_size` tokens; `bfd_split` puts whole documents into blocks (a
+    document longer than a block is cut into block-sized pieces first). Either way every token of the corpus is trained
+    on: the final partial block is kept, and the collator pads short blocks with labels the loss ignores.
     """
     eos = tokenizer.eos_token_id
 
@@ -111,6 +125,7 @@ def pack_blocks(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, block_size
         return {"input_ids": [x + [eos] for x in ids]}
 
     tokenized = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
-    stream = [t for row in tokenized["input_ids"] for t in row]
-    blocks = [stream[i : i + block_size] for i in range(0, len(stream), block_size)]
-    return Dataset.from_dict({"input_ids": blocks})
+    # One batch for the whole corpus: packing works within a map batch, and a wrapped cut must run across all of it.
+    packed = pack_dataset(tokenized, block_size, strategy=packing,
+                          map_kwargs={"batch_size": len(tokenized) or None, "desc": "Packing"})
+    return packed.remove_columns([c for c in packed.column_names if c != "input_ids"])
