@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlhf_kit.inference.generation import documents_message
 from rlhf_kit.tasks import shop
 
 
 def documents(catalog: shop.Catalog, items: list[str]) -> str:
-    return "Documents:\n" + "\n".join(f"[{i}] {shop.passage(item, catalog[item])}" for i, item in enumerate(items, 1))
+    return documents_message([shop.passage(item, catalog[item]) for item in items])
 
 
 def lookups(model_dir: str, sizes: tuple[int, ...], prompts: int, question: bool) -> dict[int, list[tuple[int, int]]]:

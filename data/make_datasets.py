@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rlhf_kit.tasks import answers  # noqa: E402
 from rlhf_kit.tasks import review as task  # noqa: E402
 from rlhf_kit.inference.calculator import calculator  # noqa: E402
+from rlhf_kit.inference.generation import documents_message  # noqa: E402
 from rlhf_kit.model import TOOLS_INSTRUCTIONS, TOOLS_PREAMBLE  # noqa: E402
 from rlhf_kit.tasks import shop  # noqa: E402
 
@@ -103,7 +104,7 @@ SHOP_TOOLS_LISTING = TOOLS_PREAMBLE + json.dumps(shop.CALCULATOR_SCHEMA) + TOOLS
 
 def shop_documents(texts: list[str]) -> dict[str, str]:
     # The shared format of retrieved passages: a system message, numbered from 1, as inference renders them.
-    return {"role": "system", "content": "Documents:\n" + "\n".join(f"[{i}] {t}" for i, t in enumerate(texts, 1))}
+    return {"role": "system", "content": documents_message(texts)}
 
 
 def shop_calculator_call(question: str, catalog: shop.Catalog) -> tuple[dict, str]:
