@@ -53,12 +53,14 @@ def _train(ns: argparse.Namespace) -> int:
     one `--accelerate_config` names), stopped with this command as the pipeline's stages are."""
     import os
 
-    from rlhf_kit.config import ConfigError
+    from rlhf_kit.config import ConfigError, load_yaml
     from rlhf_kit.pipeline import StageStopped, launch_command, printable, run_stage
     from rlhf_kit.resources import DEFAULT_ACCELERATE_CONFIG, missing_shipped_file
 
-    if missing_shipped_file(ns.config):  # before accelerate starts, which takes seconds to say the same less clearly
-        raise ConfigError(f"config file {ns.config} does not exist.{missing_shipped_file(ns.config)}")
+    try:  # a missing or unreadable config: said now, not by the recipe after accelerate takes seconds to start it
+        load_yaml(ns.config)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{missing_shipped_file(ns.config)}") from e
     args, profile = list(ns.args), str(DEFAULT_ACCELERATE_CONFIG)
     if "--accelerate_config" in args:
         at = args.index("--accelerate_config")

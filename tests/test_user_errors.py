@@ -53,6 +53,8 @@ def test_train_through_accelerate_prints_the_recipes_message_once(tmp_path):
 NO_MODEL_ERRORS = {
     "missing config": (["pipeline", "no-such-pipeline.yaml"], "rlhf-kit pipeline: ",
                        ["no-such-pipeline.yaml does not exist"]),
+    "missing train config": (["train", "sft", "no-such-sft.yaml"], "rlhf-kit train: ",
+                             ["Config file no-such-sft.yaml does not exist"]),
     "missing export": (["push", "outputs/no-such-export", "--repo_id", "me/model", "--dry_run"], "rlhf-kit push: ",
                        ["outputs/no-such-export does not exist"]),
     "unknown task": (["eval", "outputs/no-such-sft", "--task", "no_such_task"], "rlhf-kit eval: ",
