@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from rlhf_kit.config import check_model_source
 from rlhf_kit.errors import DEBUG_ENV, USER_ERROR_EXIT, debugging, is_user_error
 from rlhf_kit.stages import TRAINING
 
@@ -83,6 +84,9 @@ def _eval(ns: argparse.Namespace) -> int:
     from rlhf_kit.inference.task_loading import load_task
 
     task = load_task(ns.task)  # a typo fails in a second, before torch and the models load
+    for key in ("model", "against", "reference"):
+        if getattr(ns, key):
+            check_model_source(getattr(ns, key), key)
 
     from rlhf_kit.data.loading import load_data
     from rlhf_kit.inference.evaluation import SE, evaluate_policy, format_table, win_rate
@@ -142,6 +146,7 @@ def _eval(ns: argparse.Namespace) -> int:
 
 
 def _chat(ns: argparse.Namespace) -> int:
+    check_model_source(ns.model, "model")  # before torch loads, which takes seconds
     from rlhf_kit.inference.chat import chat
 
     constraint = _constraint(ns)  # a bad regex or schema file fails before the model loads
@@ -228,6 +233,7 @@ def _run_recipe(recipe: str, argv: list[str], first_key: str, prog: str) -> int:
         print(HfArgumentParser(recipe_arguments(recipe), prog=prog).format_help())
         return 0
     if argv and not argv[0].startswith("-"):
+        check_model_source(argv[0], first_key.lstrip("-"))  # before the recipe imports torch, which takes seconds
         argv = [first_key, *argv]
     runpy.run_path(str(recipe_path(recipe)), run_name=f"recipe_{recipe}")["main"](argv)
     return 0
@@ -244,6 +250,7 @@ def _best_of_n(ns: argparse.Namespace) -> int:
 
 def _generate(ns: argparse.Namespace) -> int:
     """`rlhf_kit.inference.batch.generate_file` on a prompt dataset: everything is checked before a model loads."""
+    check_model_source(ns.model, "model")  # before torch loads, which takes seconds
     from rlhf_kit.data.loading import load_data
     from rlhf_kit.errors import UserError
     from rlhf_kit.inference.batch import generate_file, make_job, read_template

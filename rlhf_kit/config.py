@@ -101,6 +101,26 @@ def hub_shaped(value: str) -> bool:
                 or (os.sep != "/" and os.sep in value))
 
 
+# What a missing model directory is and how to make one: the tiny configs start from outputs/tiny-base.
+MAKE_A_MODEL = ("A local model is the output_dir of an earlier stage: run that stage first (a base model from scratch: "
+                "rlhf-kit train pretrain recipes/configs/pretrain/tiny.yaml; every stage in turn: rlhf-kit pipeline "
+                "recipes/configs/pipeline/tiny.yaml), or give a Hub model id <namespace>/<name>.")
+
+
+class ModelNotFoundError(UserError, FileNotFoundError):
+    """A model path or id that is neither a local directory nor a loadable Hub model."""
+
+
+def check_model_source(name_or_path: str, key: str = "model_name_or_path") -> None:
+    """Refuse a local model path that does not exist: transformers would report it as an invalid Hub repo id. Here,
+    not in rlhf_kit.model, so that the command line can check before it imports torch (seconds)."""
+    if looks_like_path(name_or_path) and not Path(name_or_path).expanduser().exists():
+        why = (f" It is read as a path because {name_or_path.split('/')[0]}/ is a directory here; for the Hub model "
+               f"{name_or_path}, run from another directory." if hub_shaped(name_or_path) else "")
+        raise ModelNotFoundError(f"{key}: {name_or_path} does not exist (working directory {os.getcwd()}).{why} "
+                                 f"{MAKE_A_MODEL}")
+
+
 class _Parser(HfArgumentParser):
     def error(self, message):  # argparse would print usage and exit; a library raises.
         raise ConfigError(f"Invalid command-line value: {message}")

@@ -32,7 +32,7 @@ from transformers import (
 from trl import ModelConfig, get_peft_config, get_quantization_config
 from trl.chat_template_utils import add_response_schema, qwen3_template, supports_tool_calling
 
-from rlhf_kit.config import ConfigError, hub_shaped, looks_like_path
+from rlhf_kit.config import MAKE_A_MODEL, ConfigError, ModelNotFoundError, check_model_source
 from rlhf_kit.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -178,25 +178,6 @@ class ModelArguments(ModelConfig):
             self.lora_target_parameters = [self.lora_target_parameters]
 
 
-# What a missing model directory is and how to make one: the tiny configs start from outputs/tiny-base.
-_MAKE_A_MODEL = ("A local model is the output_dir of an earlier stage: run that stage first (a base model from scratch: "
-                 "rlhf-kit train pretrain recipes/configs/pretrain/tiny.yaml; every stage in turn: rlhf-kit pipeline "
-                 "recipes/configs/pipeline/tiny.yaml), or give a Hub model id <namespace>/<name>.")
-
-
-class ModelNotFoundError(UserError, FileNotFoundError):
-    """A model path or id that is neither a local directory nor a loadable Hub model."""
-
-
-def check_model_source(name_or_path: str, key: str = "model_name_or_path") -> None:
-    """Refuse a local model path that does not exist: transformers would report it as an invalid Hub repo id."""
-    if looks_like_path(name_or_path) and not Path(name_or_path).expanduser().exists():
-        why = (f" It is read as a path because {name_or_path.split('/')[0]}/ is a directory here; for the Hub model "
-               f"{name_or_path}, run from another directory." if hub_shaped(name_or_path) else "")
-        raise ModelNotFoundError(f"{key}: {name_or_path} does not exist (working directory {os.getcwd()}).{why} "
-                                 f"{_MAKE_A_MODEL}")
-
-
 def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     check_model_source(name_or_path)
     try:
@@ -206,7 +187,7 @@ def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code:
             raise
         # `outputs/sft` is both a relative path and a Hub id: say that neither was found.
         raise ModelNotFoundError(f"{name_or_path} is not a local directory (working directory {os.getcwd()}) and "
-                                 f"could not be loaded from the Hub either: {error}\n{_MAKE_A_MODEL}") from error
+                                 f"could not be loaded from the Hub either: {error}\n{MAKE_A_MODEL}") from error
 
 
 def load_model_tokenizer(args: ModelArguments, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

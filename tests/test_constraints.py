@@ -143,7 +143,9 @@ def test_no_option_is_no_constraint():
 
 
 def test_the_commands_refuse_a_bad_constraint_before_loading_the_model(tmp_path, capsys):
-    """The model path does not exist: the constraint's error comes first, and the exit status is a user error's."""
+    """An empty model directory, which would fail to load: the constraint's error comes first, and the exit status
+    is a user error's. (A model path that does not exist is refused even before the constraint: test_user_errors.)"""
+    (tmp_path / "no-model").mkdir()
     missing = str(tmp_path / "no-model")
     assert cli(["eval", missing, "--regex", "(("]) == 2
     assert "rlhf-kit eval: regex '((' cannot constrain generation" in capsys.readouterr().err

@@ -243,8 +243,9 @@ def test_a_bad_flag_or_file_is_one_line_before_any_model_loads(flags, message, t
     shots = write_jsonl(tmp_path / "shots.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c"}])
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Review the tea."}])
     fill = lambda s: s.format(tpl=tpl, shots=shots)  # noqa: E731
-    # The model does not exist: an error about it would mean the flags were checked only after loading it.
-    argv = ["generate", str(tmp_path / "no-such-model"), "--prompts", prompts, "--output", str(tmp_path / "o.jsonl"),
+    # An empty directory, no model: an error about loading it would mean the flags were checked only after loading.
+    (tmp_path / "empty-model").mkdir()
+    argv = ["generate", str(tmp_path / "empty-model"), "--prompts", prompts, "--output", str(tmp_path / "o.jsonl"),
             *map(fill, flags)]
     assert cli(argv) == 2
     err = capsys.readouterr().err

@@ -52,7 +52,8 @@ def test_asking_for_vllm_without_it_is_one_message_before_any_model_loads(tmp_pa
         PPOConfig(output_dir=str(tmp_path), generation_backend="vllm")
     with pytest.raises(UserError, match=r"rlhf-kit\[vllm\]"):
         make_job(generation_backend="vllm")
-    done = rlhf_kit_command("generate", "outputs/no-such-model", "--prompts", str(REPO / "data/prompts"),
+    (tmp_path / "no-model").mkdir()  # there but empty: loading it would fail, so an error about it comes too late
+    done = rlhf_kit_command("generate", str(tmp_path / "no-model"), "--prompts", str(REPO / "data/prompts"),
                             "--output", str(tmp_path / "out.jsonl"), "--generation_backend", "vllm")
     assert_one_message(done, "rlhf-kit generate: ", "rlhf-kit[vllm]")
 

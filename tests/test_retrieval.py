@@ -328,6 +328,7 @@ def test_a_bad_corpus_is_one_message_before_any_model_loads(tmp_path, capsys):
 
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hi"}])
     write_jsonl(tmp_path / "corpus.jsonl", [{"text": "ok"}, {"body": "x"}])
+    (tmp_path / "no-model").mkdir()  # there but empty: loading it would fail, so an error about it comes too late
     for corpus, message in [("nope", "corpus .*nope does not exist"), ("corpus.jsonl", "row 2: field 'text'")]:
         argv = ["generate", str(tmp_path / "no-model"), "--prompts", str(tmp_path / "prompts.jsonl"), "--output",
                 str(tmp_path / "out.jsonl"), "--retrieve", str(tmp_path / corpus)]

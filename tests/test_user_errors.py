@@ -57,6 +57,17 @@ NO_MODEL_ERRORS = {
                              ["Config file no-such-sft.yaml does not exist"]),
     "missing export": (["push", "outputs/no-such-export", "--repo_id", "me/model", "--dry_run"], "rlhf-kit push: ",
                        ["outputs/no-such-export does not exist"]),
+    # A model path that does not exist, on each command that takes one ("./": a path even without an outputs/ here).
+    "missing model, generate": (["generate", "./outputs/no-such-sft", "--prompts", "data/prompts", "--output",
+                                 "no-such.jsonl"], "rlhf-kit generate: ", ["model: ./outputs/no-such-sft does not exist"]),
+    "missing model, eval": (["eval", "./outputs/no-such-sft"], "rlhf-kit eval: ",
+                            ["model: ./outputs/no-such-sft does not exist"]),
+    "missing model, chat": (["chat", "./outputs/no-such-sft"], "rlhf-kit chat: ",
+                            ["model: ./outputs/no-such-sft does not exist"]),
+    "missing model, export": (["export", "./outputs/no-such-sft"], "rlhf-kit export: ",
+                              ["model_path: ./outputs/no-such-sft does not exist"]),
+    "missing model, best-of-n": (["best-of-n", "./outputs/no-such-sft"], "rlhf-kit best-of-n: ",
+                                 ["model_name_or_path: ./outputs/no-such-sft does not exist"]),
     "unknown task": (["eval", "outputs/no-such-sft", "--task", "no_such_task"], "rlhf-kit eval: ",
                      ["task 'no_such_task'"]),
 }
