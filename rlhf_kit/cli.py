@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 
-from rlhf_kit.config import check_model_source
 from rlhf_kit.errors import DEBUG_ENV, USER_ERROR_EXIT, debugging, is_user_error
 from rlhf_kit.stages import TRAINING
 
@@ -81,6 +80,7 @@ def _train(ns: argparse.Namespace) -> int:
 def _eval(ns: argparse.Namespace) -> int:
     import json
 
+    from rlhf_kit.config import check_model_source
     from rlhf_kit.inference.task_loading import load_task
 
     task = load_task(ns.task)  # a typo fails in a second, before torch and the models load
@@ -146,6 +146,8 @@ def _eval(ns: argparse.Namespace) -> int:
 
 
 def _chat(ns: argparse.Namespace) -> int:
+    from rlhf_kit.config import check_model_source
+
     check_model_source(ns.model, "model")  # before torch loads, which takes seconds
     from rlhf_kit.inference.chat import chat
 
@@ -223,6 +225,7 @@ def _run_recipe(recipe: str, argv: list[str], first_key: str, prog: str) -> int:
     """
     import runpy
 
+    from rlhf_kit.config import check_model_source
     from rlhf_kit.resources import recipe_path
 
     if argv[:1] in (["-h"], ["--help"]):
@@ -250,6 +253,8 @@ def _best_of_n(ns: argparse.Namespace) -> int:
 
 def _generate(ns: argparse.Namespace) -> int:
     """`rlhf_kit.inference.batch.generate_file` on a prompt dataset: everything is checked before a model loads."""
+    from rlhf_kit.config import check_model_source
+
     check_model_source(ns.model, "model")  # before torch loads, which takes seconds
     from rlhf_kit.data.loading import load_data
     from rlhf_kit.errors import UserError
