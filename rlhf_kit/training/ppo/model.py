@@ -36,6 +36,7 @@ from torch.distributed.fsdp import FSDPModule
 from transformers import LogitsProcessor
 
 from rlhf_kit.model import HEAD, adapter_base, is_adapter_dir
+from rlhf_kit.training.fused_lora import fuse_lora
 from rlhf_kit.training.ppo.losses import logprobs_from_logits
 from rlhf_kit.training.ppo.rollout import position_ids
 
@@ -325,7 +326,8 @@ def critic_lora_config(policy_config: LoraConfig) -> LoraConfig:
 
 def build_policy_and_critic(model, peft_config: LoraConfig | None, *, critic: str, reward_model=None,
                             critic_model: nn.Module | None = None, activation_checkpointing: bool = False,
-                            activation_checkpointing_kwargs: dict | None = None) -> PolicyAndCritic:
+                            activation_checkpointing_kwargs: dict | None = None,
+                            fused_lora: bool = False) -> PolicyAndCritic:
     """Put the policy adapter (and the critic adapter + value head) on `model`, or wrap an existing PeftModel."""
     if isinstance(model, PeftModel):
         policy = model
@@ -348,6 +350,8 @@ def build_policy_and_critic(model, peft_config: LoraConfig | None, *, critic: st
     for part in (policy, critic_model):
         if part is not None:
             disable_dropout(part)
+    if fused_lora:
+        fuse_lora(policy)
     model = PolicyAndCritic(policy, value_head=value_head, critic=critic_model)
     if activation_checkpointing:
         model.enable_activation_checkpointing(activation_checkpointing_kwargs)

@@ -136,7 +136,7 @@ class PPOTrainer(Trainer):
         policy = build_policy_and_critic(
             model, peft_config, critic=args.critic, reward_model=critic_source, critic_model=critic_model,
             activation_checkpointing=args.activation_checkpointing,
-            activation_checkpointing_kwargs=args.activation_checkpointing_kwargs)
+            activation_checkpointing_kwargs=args.activation_checkpointing_kwargs, fused_lora=args.fused_lora)
         if args.generation_backend == "vllm" and policy.quantization_method is not None:
             raise UserError("generation_backend: vllm samples from the policy with its LoRA merged, which a quantized "
                             "(QLoRA) base cannot hold; use generation_backend: hf, or LoRA on an unquantized base")
