@@ -393,6 +393,28 @@ def test_update_takes_a_step_per_mini_batch_per_epoch_over_every_row_once(tiny_s
     assert len({tuple(order) for order in orders}) > 1  # reshuffled between epochs
 
 
+def test_micro_batches_of_a_mini_batch_take_rows_of_like_length(tiny_sft, tmp_path):
+    """Each micro-batch is cut to its longest row, so the update groups the mini-batch's rows by length: shortest
+    first. Grouped as they were shuffled, the short rows would be padded to the long ones in every micro-batch."""
+    trainer = make_trainer(tiny_sft, tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                           num_mini_batches=1, num_ppo_epochs=4, rollout_logprobs="recompute")
+    tok = trainer.processing_class
+    stop, a = trainer.stop_token_ids[0], tok.convert_tokens_to_ids(tok.tokenize("The tea"))[0]
+    trainer._setup_training(None)
+    rollout = hand_rollout(trainer, [[a] * n + [stop] + [a] * (7 - n) for n in (5, 1, 7, 2)])
+    lengths = rollout.response_mask.sum(1).tolist()
+    assert lengths == [6, 2, 8, 3]
+    rollout.completions = trainer._decode(rollout)
+    with torch.no_grad():
+        trainer._score_logprobs_and_values(rollout)
+    trainer.score(rollout)
+    trainer.compute_advantages(rollout)
+    taken, select = [], rollout.select
+    rollout.select = lambda rows: taken.append(sorted(rows.tolist())) or select(rows)
+    trainer.update(rollout)
+    assert taken == [[1, 3], [0, 2]] * 4  # every epoch: the two short rows (widths 3), then the two long (8)
+
+
 def test_logs_every_health_metric_and_sample_completions(tiny_sft, tmp_path, reward_model):
     trainer = make_trainer(tiny_sft, tmp_path, reward_model=reward_model, reward_funcs=[], adaptive_kl=True,
                            kl_target=0.01, kl_horizon=100, max_steps=3)

@@ -74,9 +74,9 @@ class PPOConfig(StageSettings, TrainingArguments):
         metadata={"help": "Compute the policy's and critic's LoRA layers without PEFT's full-size temporaries (the "
                   "scale on the rank-r activations, the low-rank product added in place, the same in backward): the "
                   "same function and gradients up to float rounding. At the PPO benchmark's 512x8 shape on a CPU: "
-                  "8% less time per forward and backward, 3-6% more episodes/s, 20% less peak memory. Layers it does "
-                  "not cover (quantized base, adapters in another dtype than the base, autocast) run PEFT's forward. "
-                  "Set false to run PEFT's forward everywhere."},
+                  "about 3% more episodes/s and 20% less peak memory. Layers it does not cover (quantized base, "
+                  "adapters in another dtype than the base, autocast) run PEFT's forward. Set false to run PEFT's "
+                  "forward everywhere."},
     )
     generation_backend: str = field(
         default="hf",

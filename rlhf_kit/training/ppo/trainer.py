@@ -446,9 +446,15 @@ class PPOTrainer(Trainer):
         """``num_ppo_epochs`` passes over shuffled mini-batches; one optimizer step per mini-batch."""
         args = self.args
         totals: dict[str, list[float]] = defaultdict(list)
+        lengths = rollout.query_mask.sum(1) + rollout.response_mask.sum(1)
         for _ in range(args.num_ppo_epochs):
             order = torch.randperm(len(rollout), device=rollout.response_ids.device)
             for mini_batch in order.split(args.mini_batch_size):
+                if len(mini_batch) > args.per_device_train_batch_size:
+                    # Shortest rows first: each micro-batch is cut to its longest row (Rollout.select), so rows of
+                    # like length together compute less padding. Which rows share a micro-batch does not change the
+                    # step (the token-weighted sum below is the mini-batch's token mean however it is split).
+                    mini_batch = mini_batch[lengths[mini_batch].argsort(stable=True)]
                 # Each micro-batch's token-mean loss is weighted by its share of the mini-batch's tokens, so the
                 # accumulated gradient is that of the token mean over the whole mini-batch, however it is split.
                 # DDP then averages the processes' gradients, so each divides by the processes' mean token count:
