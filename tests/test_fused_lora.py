@@ -127,3 +127,14 @@ def test_ppo_fuses_by_default_and_not_when_asked(tiny_sft, tmp_path):
     assert {type(m) for m in fused.modules() if isinstance(m, LoraLinear)} == {FusedLoraLinear}
     plain = make_trainer(tiny_sft, tmp_path / "plain", fused_lora=False).model
     assert {type(m) for m in plain.modules() if isinstance(m, LoraLinear)} == {LoraLinear}
+
+
+def test_the_output_can_be_changed_in_place_downstream():
+    """Some architectures scale a projection's output in place; a view made inside the autograd Function could not be."""
+    fused, peft = fused_and_peft_layer()
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    out = fused(x)
+    out.mul_(2.0)
+    out.sum().backward()
+    want = peft(x.detach().requires_grad_()) * 2.0
+    torch.testing.assert_close(out, want)

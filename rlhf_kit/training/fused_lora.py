@@ -30,13 +30,14 @@ class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
                 scaling: float) -> Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        low_rank = (rows @ lora_a.t()).mul_(scaling)  # (N, r)
-        out = F.linear(rows, weight, bias)
-        out.addmm_(low_rank, lora_b.t())
+        low_rank = (x.reshape(-1, x.shape[-1]) @ lora_a.t()).mul_(scaling)  # (N, r)
+        out = F.linear(x, weight, bias)
+        # Through a view, so the output itself is a fresh tensor (not a view made inside a Function, which autograd
+        # would forbid modifying in place downstream).
+        out.view(-1, out.shape[-1]).addmm_(low_rank, lora_b.t())
         ctx.save_for_backward(x, weight, lora_a, lora_b, low_rank)
         ctx.scaling = scaling
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -49,7 +50,7 @@ class _LoRALinear(torch.autograd.Function):
             grad_x = (grad_rows @ weight).addmm_(grad_low_rank, lora_a).view(x.shape)
         grad_a = grad_low_rank.t() @ rows if ctx.needs_input_grad[3] else None
         grad_b = grad_rows.t() @ low_rank if ctx.needs_input_grad[4] else None
-        # The base weight and bias are frozen: PEFT sets requires_grad=False on them, and fuse_lora refuses others.
+        # The base weight and bias are frozen: PEFT freezes them, and _fusable hands trainable ones to PEFT.
         return grad_x, None, None, grad_a, grad_b, None
 
 
