@@ -11,21 +11,9 @@ from peft.tuners.lora import Linear as LoraLinear
 
 from rlhf_kit.training.fused_lora import FusedLoraLinear, fuse_lora, unfuse_lora
 from rlhf_kit.training.ppo.model import POLICY, build_policy_and_critic
-from test_ppo_model import FAMILIES, gradients, lora, policy_and_critic, tiny_lm
+from test_ppo_model import forward_and_backward, gradients, lora, policy_and_critic, tiny_lm
 
 FUSED_NODE = "_LoRALinearBackward"
-
-
-def outputs_and_gradients(model):
-    model.train()
-    torch.manual_seed(3)
-    ids = torch.randint(3, 128, (3, 12))
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0
-    logits, values = model(ids, mask, 5)
-    (logits.float().logsumexp(-1).sum() + values.sum()).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return logits.detach(), values.detach(), grads
 
 
 def assert_same_up_to_rounding(got: dict, want: dict, scale: float = 1e-5):
@@ -48,8 +36,8 @@ def test_fused_policy_and_critic_compute_what_peft_computes(family):
         peft.value_head.weight.normal_()  # the zero-initialized head would give the critic adapter no gradient
     fused = copy.deepcopy(peft)
     assert fuse_lora(fused) == 2 * 7  # 7 linear layers in each of 2 blocks, each holding both adapters
-    want_logits, want_values, want = outputs_and_gradients(peft)
-    got_logits, got_values, got = outputs_and_gradients(fused)
+    want_logits, want_values, want = forward_and_backward(peft)
+    got_logits, got_values, got = forward_and_backward(fused)
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_values, want_values, rtol=1e-5, atol=1e-6)
     assert sum(".lora_A." in n for n in got) == 2 * 2 * 7  # both adapters

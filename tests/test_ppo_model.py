@@ -84,8 +84,9 @@ def test_the_logprobs_recorded_while_sampling_are_the_training_forwards(family):
     assert (recorded[:, 1:] - logprobs_from_logits(logits[:, :-1], new[:, 1:], temperature)).abs().max() > 0.1
 
 
-def gradients(model: PolicyAndCritic) -> dict[str, torch.Tensor]:
-    """One forward + backward of a loss that depends on both the policy logits and the critic values."""
+def forward_and_backward(model: PolicyAndCritic) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward + backward of a loss that depends on both the policy logits and the critic values: the logits,
+    the values and the gradients."""
     model.train()
     torch.manual_seed(3)
     ids = torch.randint(3, 128, (2, 12))
@@ -93,7 +94,12 @@ def gradients(model: PolicyAndCritic) -> dict[str, torch.Tensor]:
     mask[1, :3] = 0  # a left-padded row
     logits, values = model(ids, mask, 5)
     (logits.float().logsumexp(-1).sum() + values.sum()).backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), values.detach(), grads
+
+
+def gradients(model: PolicyAndCritic) -> dict[str, torch.Tensor]:
+    return forward_and_backward(model)[2]
 
 
 def policy_and_critic(critic_rank: int, checkpointing: bool) -> PolicyAndCritic:
