@@ -415,6 +415,50 @@ def test_micro_batches_of_a_mini_batch_take_rows_of_like_length(tiny_sft, tmp_pa
     assert taken == [[1, 3], [0, 2]] * 4  # every epoch: the two short rows (widths 3), then the two long (8)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_first_micro_batch_gets_its_rollout_values_from_its_training_forward_pass(tiny_sft, tmp_path,
+                                                                                      reward_model, checkpointing):
+    """Until the first optimizer step the policy is the one that sampled, so the training forward pass of an
+    update's first micro-batch also gives that micro-batch's rollout values: the critic runs without gradients only
+    on the other rows. The step is the one computed with a pass of its own for every value (plain SGD at rate 1, as
+    in the accumulation test above: the updates agree to rounding), with activation checkpointing too: its backward
+    pass, which replays the forward, comes after the rollout's other passes."""
+    updates = {}
+    for shared in (True, False):
+        torch.manual_seed(0)
+        # The value head starts from the reward model's head: values that are not all 0 from the start.
+        trainer = make_trainer(tiny_sft, tmp_path / str(shared), reward_model=reward_model,
+                               per_device_train_batch_size=2, gradient_accumulation_steps=2, num_mini_batches=2,
+                               num_ppo_epochs=2, max_steps=1, optim="sgd", learning_rate=1.0,
+                               activation_checkpointing=checkpointing)
+        calls, forward = [], trainer.model.forward
+
+        def counted(ids, mask, width=None, part="both", **kwargs):
+            calls.append((part, len(ids), torch.is_grad_enabled()))
+            return forward(ids, mask, width, part=part, **kwargs)
+
+        trainer.model.forward = counted
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        if shared:
+            quiet(trainer.train)
+        else:  # the same steps, every value from a pass without gradients
+            trainer._setup_training(None)
+            rollout = trainer.sample(trainer._prompt_batch(0))
+            plan = trainer._update_plan(rollout)
+            trainer._score_logprobs_and_values(rollout)
+            trainer.score(rollout)
+            trainer.compute_advantages(rollout)
+            trainer.update(rollout, plan)
+        updates[shared] = {n: p.detach() - before[n] for n, p in trainer.model.named_parameters() if p.requires_grad}
+        passes = {(part, grad): sum(rows for p, rows, g in calls if (p, g) == (part, grad))
+                  for part, grad in (("values", False), ("both", True))}
+        # 8 rows: 2 epochs x 2 optimizer steps x 2 micro-batches of 2 rows, each with a training forward pass.
+        assert passes == {("values", False): 6 if shared else 8, ("both", True): 16}
+    assert max(update.abs().max() for update in updates[False].values()) > 0.01  # the update moved the weights
+    for name, update in updates[False].items():
+        torch.testing.assert_close(updates[True][name], update, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_logs_every_health_metric_and_sample_completions(tiny_sft, tmp_path, reward_model):
     trainer = make_trainer(tiny_sft, tmp_path, reward_model=reward_model, reward_funcs=[], adaptive_kl=True,
                            kl_target=0.01, kl_horizon=100, max_steps=3)

@@ -11,9 +11,10 @@ and the model card behave as in any other trainer.
     trainer.train()
 
 Each update (one ``global_step``): **rollout** (sample responses, truncate after the first stop token; their
-log-probs, reference log-probs and values), **score** (reward model and reward
-functions, weighted; missing-stop penalty; KL penalty per token, score on the last real token), **advantages**
-(GAE, whitened), **update** (``num_ppo_epochs`` over shuffled mini-batches, clipped policy and value losses).
+log-probs, reference log-probs and values, the first micro-batch's values from the update's own training forward pass),
+**score** (reward model and reward functions, weighted; missing-stop penalty; KL penalty per token, score on the last
+real token), **advantages** (GAE, whitened), **update** (``num_ppo_epochs`` over shuffled mini-batches, clipped
+policy and value losses).
 
 Departures from the paper recipe (Ouyang et al. 2022, https://arxiv.org/abs/2203.02155; Ziegler et al. 2019,
 https://arxiv.org/abs/1909.08593), all on purpose: the reference and the critic share the policy's frozen base
@@ -179,11 +180,16 @@ class PPOTrainer(Trainer):
         updates = 0
         while self.state.global_step < self.state.max_steps and not self.control.should_training_stop:
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
-            rollout = self.rollout(self._prompt_batch(self.state.global_step))
+            rollout = self.sample(self._prompt_batch(self.state.global_step))
             self._release_engine()
-            self.score(rollout)
+            # The reward model runs first: the training forward pass below holds its activations until the update.
+            components = self.reward_components(rollout)
+            plan = self._update_plan(rollout)
+            # The first micro-batch's training forward pass also gives its rollout values (see _update_plan).
+            first = self._score_logprobs_and_values(rollout, first_step=plan[0][0])
+            self.score(rollout, components)
             self.compute_advantages(rollout)
-            stats = self.update(rollout)
+            stats = self.update(rollout, plan, first)
             self._losses.append(stats["loss/total"])
             updates += 1
             self._end_step(rollout, stats)
@@ -262,12 +268,18 @@ class PPOTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------------ rollout
 
-    @torch.no_grad()
     def rollout(self, batch: dict[str, list]) -> Rollout:
         """Sample one response per prompt and compute what PPO needs about it, without gradients.
 
         `batch` holds dataset columns (`prompt` and any others), one list entry per prompt.
         """
+        rollout = self.sample(batch)
+        self._score_logprobs_and_values(rollout)
+        return rollout
+
+    @torch.no_grad()
+    def sample(self, batch: dict[str, list]) -> Rollout:
+        """One response per prompt, truncated after its first stop token, and its decoded text; not yet scored."""
         prompts = list(batch["prompt"])
         columns = {k: list(v) for k, v in batch.items() if k != "prompt"}
         tokenizer, device = self.processing_class, self.args.device
@@ -282,7 +294,6 @@ class PPOTrainer(Trainer):
         rollout.completions = self._decode(rollout)
         if sampler_logprobs is not None:
             rollout.sampler_logprobs = sampler_logprobs[:, : response_ids.shape[1]] * response_mask
-        self._score_logprobs_and_values(rollout)
         return rollout
 
     def _recomputes_logprobs(self) -> bool:
@@ -359,14 +370,24 @@ class PPOTrainer(Trainer):
             self._engine.sleep()
             self._engine_holds = None  # its weights are gone: the next rollout pushes them again
 
-    def _score_logprobs_and_values(self, rollout: Rollout) -> None:
+    def _score_logprobs_and_values(self, rollout: Rollout, first_step: list[torch.Tensor] | None = None
+                                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Reference log-probs, values and old log-probs: the sampler's, or (``rollout_logprobs`` resolved to
-        'recompute') the training forward pass's at the sampling temperature."""
+        'recompute') the training forward pass's at the sampling temperature.
+
+        With `first_step` (the micro-batches of the update's first optimizer step, from `_update_plan`), the values
+        of its first micro-batch come from the training forward pass that step needs anyway, run here with
+        gradients: its (logits, values) are returned for `update`, and no pass without gradients computes them.
+        """
         shape, device = rollout.response_ids.shape, rollout.response_ids.device
         ref, values = torch.zeros(shape, device=device), torch.zeros(shape, device=device)
         old = torch.zeros(shape, device=device) if self._recompute_logprobs else rollout.sampler_logprobs
+        skip = torch.zeros(len(rollout), dtype=torch.bool)
+        train_rows = first_step[0] if first_step else None
+        if train_rows is not None:
+            skip[train_rows.cpu()] = True
         temperature = self.args.temperature
-        with eval_mode(self.model), self.accelerator.autocast():
+        with torch.no_grad(), eval_mode(self.model), self.accelerator.autocast():
             for chunk in torch.arange(len(rollout)).split(self.args.rollout_forward_batch_size):
                 part = rollout.select(chunk)
                 ids, mask, width = part.input_ids, part.attention_mask, part.response_ids.shape[1]
@@ -377,8 +398,20 @@ class PPOTrainer(Trainer):
                 ref_logits = self.model(ids, mask, width, part="reference")
                 ref[chunk, :width] = logprobs_from_logits(ref_logits, part.response_ids, temperature)
                 del ref_logits
-                values[chunk, :width] = self.model(ids, mask, width, part="values")
+                rows = chunk[~skip[chunk]]  # not the first micro-batch's: its training forward pass gives those
+                if len(rows):
+                    part = part if len(rows) == len(chunk) else rollout.select(rows)
+                    width = part.response_ids.shape[1]
+                    values[rows, :width] = self.model(part.input_ids, part.attention_mask, width, part="values")
         rollout.old_logprobs, rollout.ref_logprobs, rollout.values = old, ref, values
+        if train_rows is None:
+            return None
+        # Last of the policy model's passes, so that nothing runs it between this forward and its backward.
+        part = rollout.select(train_rows.to(device))
+        with self._gradient_sync(len(first_step) == 1):  # DDP decides at the forward pass (see update)
+            logits, train_values = self._training_forward(part)
+        values[train_rows.to(device), : part.response_ids.shape[1]] = train_values.detach()
+        return logits, train_values
 
     def _decode(self, rollout: Rollout) -> list[str]:
         """Response texts without the stop token and padding: what reward models and functions judge.
@@ -412,9 +445,10 @@ class PPOTrainer(Trainer):
             out[_func_name(func)] = call_reward_func(func, rollout.prompts, completions, rollout.columns)
         return out
 
-    def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        """Fill ``scores``, ``rewards`` and ``kl`` of the rollout; return the per-source scores."""
-        components = self.reward_components(rollout)
+    def score(self, rollout: Rollout, components: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Fill ``scores``, ``rewards`` and ``kl`` of the rollout; return the per-source scores (`components`:
+        `reward_components` of this rollout, when already computed)."""
+        components = self.reward_components(rollout) if components is None else components
         total = sum(w * components[s] for w, s in zip(self.reward_weights, self._sources()))
         rollout.reward_components = components
         self.assemble_rewards(rollout, total.to(rollout.response_ids.device))
@@ -442,31 +476,53 @@ class PPOTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------------ update
 
-    def update(self, rollout: Rollout) -> dict[str, float]:
-        """``num_ppo_epochs`` passes over shuffled mini-batches; one optimizer step per mini-batch."""
+    def _update_plan(self, rollout: Rollout) -> list[list[list[torch.Tensor]]]:
+        """The rows of each micro-batch of each optimizer step of each PPO epoch: ``plan[epoch][step][micro]``.
+
+        Each epoch shuffles the rows into mini-batches (one optimizer step each) and splits a mini-batch into
+        micro-batches of ``per_device_train_batch_size`` rows, shortest rows first: each micro-batch is cut to its
+        longest row (`Rollout.select`), so rows of like length together compute less padding. Which rows share a
+        micro-batch does not change the step (`update` accumulates the mini-batch's token mean however it is split).
+
+        Drawn before the rollout is scored: until the first optimizer step the policy is the one that sampled, so
+        the first micro-batch's training forward pass also gives its rollout values (`_score_logprobs_and_values`).
+        """
         args = self.args
-        totals: dict[str, list[float]] = defaultdict(list)
         lengths = rollout.query_mask.sum(1) + rollout.response_mask.sum(1)
+        plan = []
         for _ in range(args.num_ppo_epochs):
             order = torch.randperm(len(rollout), device=rollout.response_ids.device)
+            steps = []
             for mini_batch in order.split(args.mini_batch_size):
                 if len(mini_batch) > args.per_device_train_batch_size:
-                    # Shortest rows first: each micro-batch is cut to its longest row (Rollout.select), so rows of
-                    # like length together compute less padding. Which rows share a micro-batch does not change the
-                    # step (the token-weighted sum below is the mini-batch's token mean however it is split).
                     mini_batch = mini_batch[lengths[mini_batch].argsort(stable=True)]
+                steps.append(list(mini_batch.split(args.per_device_train_batch_size)))
+            plan.append(steps)
+        return plan
+
+    def update(self, rollout: Rollout, plan: list[list[list[torch.Tensor]]] | None = None,
+               first: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+        """``num_ppo_epochs`` passes over shuffled mini-batches; one optimizer step per mini-batch.
+
+        `plan` is `_update_plan`'s (drawn here if not given); `first` the (logits, values) of its first micro-batch
+        already computed with gradients by `_score_logprobs_and_values`.
+        """
+        args = self.args
+        totals: dict[str, list[float]] = defaultdict(list)
+        for steps in plan if plan is not None else self._update_plan(rollout):
+            for micro_batches in steps:
+                mini_batch = torch.cat(micro_batches)
                 # Each micro-batch's token-mean loss is weighted by its share of the mini-batch's tokens, so the
                 # accumulated gradient is that of the token mean over the whole mini-batch, however it is split.
                 # DDP then averages the processes' gradients, so each divides by the processes' mean token count:
                 # the step is the token mean over all processes' mini-batches, as one process with all of them.
                 tokens = self._mean_over_processes({"tokens": rollout.response_mask[mini_batch].sum()})["tokens"]
-                micro_batches = mini_batch.split(args.per_device_train_batch_size)
                 for i, micro in enumerate(micro_batches):
                     part = rollout.select(micro)
-                    sync = i == len(micro_batches) - 1
-                    with nullcontext() if sync else self.accelerator.no_sync(self.model_wrapped):
-                        loss, metrics = self._ppo_loss(part, rollout)
+                    with self._gradient_sync(i == len(micro_batches) - 1):
+                        loss, metrics = self._ppo_loss(part, rollout, first)
                         self.accelerator.backward(loss * part.response_mask.sum() / tokens)
+                    first = None
                     for key, value in metrics.items():
                         totals[key].append(float(value))
                 max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else math.inf
@@ -476,9 +532,20 @@ class PPOTrainer(Trainer):
                 self.optimizer.zero_grad(set_to_none=True)
         return {key: float(np.nanmean(values)) for key, values in totals.items()}
 
-    def _ppo_loss(self, part: Rollout, rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mask, width = part.response_mask, part.response_ids.shape[1]
-        logits, values = self.model_wrapped(part.input_ids, part.attention_mask, width)
+    def _gradient_sync(self, sync: bool):
+        """Gradient accumulation: no all-reduce until the last micro-batch of a step. The context must hold both
+        that micro-batch's forward pass (DDP decides there) and its backward pass (FSDP2 decides there)."""
+        return nullcontext() if sync else self.accelerator.no_sync(self.model_wrapped)
+
+    def _training_forward(self, part: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, values) of the response positions of `part`, with gradients: the update's forward pass."""
+        return self.model_wrapped(part.input_ids, part.attention_mask, part.response_ids.shape[1])
+
+    def _ppo_loss(self, part: Rollout, rollout: Rollout, outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The clipped PPO loss of micro-batch `part`; `outputs`: its training forward pass's, when already run."""
+        mask = part.response_mask
+        logits, values = outputs if outputs is not None else self._training_forward(part)
         logprobs = logprobs_from_logits(logits, part.response_ids, self.args.temperature)
         if not self._health_checked:
             self._health_check(logprobs.detach(), part, rollout)
