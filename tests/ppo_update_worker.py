@@ -56,10 +56,10 @@ def update_once(sft: str, output_dir: str) -> tuple[dict[str, torch.Tensor], dic
     mine = rollout.select(torch.arange(args.process_index * share, (args.process_index + 1) * share))
     # As in train(): the first micro-batch's values come from its training forward pass, run before the scoring.
     plan = trainer._update_plan(mine)
-    first = trainer._score_logprobs_and_values(mine, first_step=plan[0][0])
+    trainer._score_logprobs_and_values(mine, plan)
     trainer.score(mine)
     trainer.compute_advantages(mine)
-    trainer.update(mine, plan, first)
+    trainer.update(mine, plan)
     return start, trainer._trainable_state()
 
 

@@ -5,6 +5,7 @@ policy saves as a standard PEFT adapter, and an interrupted run resumes where it
 import contextlib
 import io
 import json
+import weakref
 
 import pytest
 import torch
@@ -422,7 +423,8 @@ def test_the_first_micro_batch_gets_its_rollout_values_from_its_training_forward
     update's first micro-batch also gives that micro-batch's rollout values: the critic runs without gradients only
     on the other rows. The step is the one computed with a pass of its own for every value (plain SGD at rate 1, as
     in the accumulation test above: the updates agree to rounding), with activation checkpointing too: its backward
-    pass, which replays the forward, comes after the rollout's other passes."""
+    pass, which replays the forward, comes after the rollout's other passes. Once the update has used that pass's
+    outputs nothing keeps them alive: with a real vocabulary the logits alone can take a gigabyte."""
     updates = {}
     for shared in (True, False):
         torch.manual_seed(0)
@@ -440,7 +442,20 @@ def test_the_first_micro_batch_gets_its_rollout_values_from_its_training_forward
         trainer.model.forward = counted
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
         if shared:
+            score, update, logits, alive = trainer._score_logprobs_and_values, trainer.update, [], []
+
+            def scoring(rollout, plan=None):
+                score(rollout, plan)
+                logits.append(weakref.ref(plan.first_outputs[0]))
+
+            def updating(rollout, plan=None):
+                stats = update(rollout, plan)
+                alive.append(logits[-1]() is not None)  # still inside train(), which called both
+                return stats
+
+            trainer._score_logprobs_and_values, trainer.update = scoring, updating
             quiet(trainer.train)
+            assert alive == [False]
         else:  # the same steps, every value from a pass without gradients
             trainer._setup_training(None)
             rollout = trainer.sample(trainer._prompt_batch(0))

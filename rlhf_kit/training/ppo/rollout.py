@@ -78,6 +78,21 @@ class Rollout:
         return Rollout(**out)
 
 
+
+@dataclass
+class UpdatePlan:
+    """How one PPO update walks a rollout: the rows of each micro-batch, ``steps[epoch][step][micro]`` (one
+    optimizer step per mini-batch), and the first micro-batch's training forward outputs (logits, values) when the
+    rollout already ran that pass. The update takes those outputs over (`take_first_outputs`), so that once it has
+    used them nothing else keeps them, and their memory, alive."""
+
+    steps: list[list[list[Tensor]]]
+    first_outputs: tuple[Tensor, Tensor] | None = None
+
+    def take_first_outputs(self) -> tuple[Tensor, Tensor] | None:
+        outputs, self.first_outputs = self.first_outputs, None
+        return outputs
+
 def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
     """Token lists -> ``ids (B, P)`` left-padded with `pad_token_id`, and ``mask (B, P)``."""
     width = max(len(s) for s in sequences)

@@ -77,7 +77,14 @@ from rlhf_kit.rewards import (
     disagreement,
     reward_weights,
 )
-from rlhf_kit.training.ppo.rollout import Rollout, assemble_rewards, left_pad, right_pad, truncate_at_stop
+from rlhf_kit.training.ppo.rollout import (
+    Rollout,
+    UpdatePlan,
+    assemble_rewards,
+    left_pad,
+    right_pad,
+    truncate_at_stop,
+)
 from rlhf_kit.training.ppo.config import PPOConfig
 from rlhf_kit.training.ppo.model import CRITIC, POLICY, SampledLogprobs, build_policy_and_critic, eval_mode
 from rlhf_kit.vllm_engine import VLLMEngine, merged_weights
@@ -186,10 +193,10 @@ class PPOTrainer(Trainer):
             components = self.reward_components(rollout)
             plan = self._update_plan(rollout)
             # The first micro-batch's training forward pass also gives its rollout values (see _update_plan).
-            first = self._score_logprobs_and_values(rollout, first_step=plan[0][0])
+            self._score_logprobs_and_values(rollout, plan)
             self.score(rollout, components)
             self.compute_advantages(rollout)
-            stats = self.update(rollout, plan, first)
+            stats = self.update(rollout, plan)
             self._losses.append(stats["loss/total"])
             updates += 1
             self._end_step(rollout, stats)
@@ -370,19 +377,19 @@ class PPOTrainer(Trainer):
             self._engine.sleep()
             self._engine_holds = None  # its weights are gone: the next rollout pushes them again
 
-    def _score_logprobs_and_values(self, rollout: Rollout, first_step: list[torch.Tensor] | None = None
-                                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _score_logprobs_and_values(self, rollout: Rollout, plan: UpdatePlan | None = None) -> None:
         """Reference log-probs, values and old log-probs: the sampler's, or (``rollout_logprobs`` resolved to
         'recompute') the training forward pass's at the sampling temperature.
 
-        With `first_step` (the micro-batches of the update's first optimizer step, from `_update_plan`), the values
-        of its first micro-batch come from the training forward pass that step needs anyway, run here with
-        gradients: its (logits, values) are returned for `update`, and no pass without gradients computes them.
+        With the update's `plan`, the values of its first micro-batch come from the training forward pass the
+        update needs anyway, run here with gradients; its outputs go into ``plan.first_outputs`` for `update`, and no
+        pass without gradients computes those values.
         """
         shape, device = rollout.response_ids.shape, rollout.response_ids.device
         ref, values = torch.zeros(shape, device=device), torch.zeros(shape, device=device)
         old = torch.zeros(shape, device=device) if self._recompute_logprobs else rollout.sampler_logprobs
         skip = torch.zeros(len(rollout), dtype=torch.bool)
+        first_step = plan.steps[0][0] if plan is not None else None  # the micro-batches of the first optimizer step
         train_rows = first_step[0] if first_step else None
         if train_rows is not None:
             skip[train_rows.cpu()] = True
@@ -405,13 +412,12 @@ class PPOTrainer(Trainer):
                     values[rows, :width] = self.model(part.input_ids, part.attention_mask, width, part="values")
         rollout.old_logprobs, rollout.ref_logprobs, rollout.values = old, ref, values
         if train_rows is None:
-            return None
+            return
         # Last of the policy model's passes, so that nothing runs it between this forward and its backward.
         part = rollout.select(train_rows.to(device))
         with self._gradient_sync(len(first_step) == 1):  # DDP decides at the forward pass (see update)
-            logits, train_values = self._training_forward(part)
-        values[train_rows.to(device), : part.response_ids.shape[1]] = train_values.detach()
-        return logits, train_values
+            plan.first_outputs = self._training_forward(part)
+        values[train_rows.to(device), : part.response_ids.shape[1]] = plan.first_outputs[1].detach()
 
     def _decode(self, rollout: Rollout) -> list[str]:
         """Response texts without the stop token and padding: what reward models and functions judge.
@@ -476,8 +482,8 @@ class PPOTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------------ update
 
-    def _update_plan(self, rollout: Rollout) -> list[list[list[torch.Tensor]]]:
-        """The rows of each micro-batch of each optimizer step of each PPO epoch: ``plan[epoch][step][micro]``.
+    def _update_plan(self, rollout: Rollout) -> UpdatePlan:
+        """The rows of each micro-batch of each optimizer step of each PPO epoch: ``plan.steps[epoch][step][micro]``.
 
         Each epoch shuffles the rows into mini-batches (one optimizer step each) and splits a mini-batch into
         micro-batches of ``per_device_train_batch_size`` rows, shortest rows first: each micro-batch is cut to its
@@ -489,7 +495,7 @@ class PPOTrainer(Trainer):
         """
         args = self.args
         lengths = rollout.query_mask.sum(1) + rollout.response_mask.sum(1)
-        plan = []
+        epochs = []
         for _ in range(args.num_ppo_epochs):
             order = torch.randperm(len(rollout), device=rollout.response_ids.device)
             steps = []
@@ -497,19 +503,16 @@ class PPOTrainer(Trainer):
                 if len(mini_batch) > args.per_device_train_batch_size:
                     mini_batch = mini_batch[lengths[mini_batch].argsort(stable=True)]
                 steps.append(list(mini_batch.split(args.per_device_train_batch_size)))
-            plan.append(steps)
-        return plan
+            epochs.append(steps)
+        return UpdatePlan(epochs)
 
-    def update(self, rollout: Rollout, plan: list[list[list[torch.Tensor]]] | None = None,
-               first: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
-        """``num_ppo_epochs`` passes over shuffled mini-batches; one optimizer step per mini-batch.
-
-        `plan` is `_update_plan`'s (drawn here if not given); `first` the (logits, values) of its first micro-batch
-        already computed with gradients by `_score_logprobs_and_values`.
-        """
+    def update(self, rollout: Rollout, plan: UpdatePlan | None = None) -> dict[str, float]:
+        """``num_ppo_epochs`` passes over shuffled mini-batches; one optimizer step per mini-batch, as `plan` (from
+        `_update_plan`, drawn here if not given) lays them out."""
         args = self.args
         totals: dict[str, list[float]] = defaultdict(list)
-        for steps in plan if plan is not None else self._update_plan(rollout):
+        plan = plan if plan is not None else self._update_plan(rollout)
+        for steps in plan.steps:
             for micro_batches in steps:
                 mini_batch = torch.cat(micro_batches)
                 # Each micro-batch's token-mean loss is weighted by its share of the mini-batch's tokens, so the
@@ -520,9 +523,8 @@ class PPOTrainer(Trainer):
                 for i, micro in enumerate(micro_batches):
                     part = rollout.select(micro)
                     with self._gradient_sync(i == len(micro_batches) - 1):
-                        loss, metrics = self._ppo_loss(part, rollout, first)
+                        loss, metrics = self._ppo_loss(part, rollout, plan.take_first_outputs())
                         self.accelerator.backward(loss * part.response_mask.sum() / tokens)
-                    first = None
                     for key, value in metrics.items():
                         totals[key].append(float(value))
                 max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else math.inf
