@@ -2,6 +2,8 @@
 
     python benchmarks/ppo_answers.py --sft outputs/tiny/sft --policy outputs/tiny/ppo --policy /tmp/ppo-180
 
+Run it from the repository root: the main job's adapters name their base model by a path relative to it.
+
 Every malformed answer scores -2 with the gold annotator, every well-formed one between -1 and +1, so a policy's
 mean gold is (share well-formed) x (their gold) - 2 x (share malformed). This splits the two: for the SFT model and
 each `--policy` (PPO stage outputs or checkpoints), `--samples` responses to each of the first `--prompts` held-out
