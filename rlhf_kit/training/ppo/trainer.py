@@ -189,7 +189,8 @@ class PPOTrainer(Trainer):
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             rollout = self.sample(self._prompt_batch(self.state.global_step))
             self._release_engine()
-            # The reward model runs first: the training forward pass below holds its activations until the update.
+            # The reward model runs first, so that its activations never share memory with those that the training
+            # forward pass below keeps for the update.
             components = self.reward_components(rollout)
             plan = self._update_plan(rollout)
             # The first micro-batch's training forward pass also gives its rollout values (see _update_plan).
