@@ -78,7 +78,6 @@ class Rollout:
         return Rollout(**out)
 
 
-
 @dataclass
 class UpdatePlan:
     """How one PPO update walks a rollout: the rows of each micro-batch, ``steps[epoch][step][micro]`` (one
@@ -92,6 +91,7 @@ class UpdatePlan:
     def take_first_outputs(self) -> tuple[Tensor, Tensor] | None:
         outputs, self.first_outputs = self.first_outputs, None
         return outputs
+
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
     """Token lists -> ``ids (B, P)`` left-padded with `pad_token_id`, and ``mask (B, P)``."""

@@ -415,10 +415,10 @@ class PPOTrainer(Trainer):
         if train_rows is None:
             return
         # Last of the policy model's passes, so that nothing runs it between this forward and its backward.
-        part = rollout.select(train_rows.to(device))
+        part = rollout.select(train_rows)  # the plan's rows are on the rollout's device already
         with self._gradient_sync(len(first_step) == 1):  # DDP decides at the forward pass (see update)
             plan.first_outputs = self._training_forward(part)
-        values[train_rows.to(device), : part.response_ids.shape[1]] = plan.first_outputs[1].detach()
+        values[train_rows, : part.response_ids.shape[1]] = plan.first_outputs[1].detach()
 
     def _decode(self, rollout: Rollout) -> list[str]:
         """Response texts without the stop token and padding: what reward models and functions judge.
