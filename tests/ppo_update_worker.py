@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from rlhf_kit.data.loading import load_data
-from rlhf_kit.training.distributed import apply_global_batch_size
+from rlhf_kit.training.distributed import apply_global_batch_size, end_processes
 from rlhf_kit.model import ModelArguments, load_model, load_tokenizer, lora_config
 from rlhf_kit.rewards import Rewards
 from rlhf_kit.training.ppo.trainer import PPOTrainer
@@ -72,3 +72,4 @@ if __name__ == "__main__":
             save_file({**weights, "world_size": torch.tensor(world)}, out_file)
     else:
         save_file({**weights, "world_size": torch.tensor(1)}, out_file)
+    end_processes()  # as every launched recipe ends: no gloo worker frees FSDP2's last all-gathers at exit

@@ -139,13 +139,22 @@ def parallelism(trainer) -> str:
 def end_processes() -> None:
     """Wait for every process, then tear the process group down: the last line of a launched recipe.
 
-    A process that exits with its gloo group still alive can abort in the interpreter's finalization ("terminate
-    called without an active exception", SIGABRT; pytorch/pytorch#190489): gloo's worker threads still hold work
-    whose tensors reach back into Python. Seen on CI as one rank of a finished FSDP2 run dying while the other still
-    saved. The barrier first, so no process leaves while another still needs it. Does nothing in a single process.
+    The barrier first, so no process leaves while another still needs it. Does nothing in a single process.
+
+    The barrier's work is kept until the process ends. gloo's barrier holds every collective still queued or running
+    when it was issued (FSDP2's last all-gathers among them), and with them tensors whose Python objects only the
+    holder can free, which takes the GIL. Released on a gloo worker thread once the interpreter has begun to finalize,
+    that GIL acquire ends the thread inside a C++ destructor and aborts the whole process ("terminate called without
+    an active exception", SIGABRT; pytorch/pytorch#190489): a finished run that exits as failed. Core dumps of such
+    aborts showed exactly that path, the worker freeing this barrier's work. Kept alive, no worker ever frees it.
     """
+    import ctypes
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        barrier = dist.barrier(async_op=True)
+        barrier.wait()
+        # A reference nobody releases (a module global would be released during finalization, maybe still first).
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(barrier))
         dist.destroy_process_group()
