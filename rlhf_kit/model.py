@@ -32,7 +32,7 @@ from transformers import (
 from trl import ModelConfig, get_peft_config, get_quantization_config
 from trl.chat_template_utils import add_response_schema, qwen3_template, supports_tool_calling
 
-from rlhf_kit.config import MAKE_A_MODEL, ConfigError, ModelNotFoundError, check_model_source
+from rlhf_kit.config import MAKE_A_MODEL, ConfigError, ModelNotFoundError, check_model_source, looks_like_path
 from rlhf_kit.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -448,6 +448,14 @@ def adapter_base(adapter_dir: str | Path) -> str:
     base = config.get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path.")
+    # A relative path means the directory the adapter was trained in; from anywhere else transformers would read it
+    # as a Hub id and fail with "Repo id must be in the form ...". (A missing absolute path may be a merged cache
+    # that available_base rebuilds.)
+    if looks_like_path(base) and not Path(base).expanduser().is_absolute() and not Path(base).exists():
+        raise ModelNotFoundError(
+            f"{adapter_dir}/adapter_config.json names its base model by the relative path {base}, which does not "
+            f"exist from the working directory {os.getcwd()}. It is relative to the directory the adapter was "
+            f"trained in: run from there, or write the base's absolute path into base_model_name_or_path.")
     return base
 
 

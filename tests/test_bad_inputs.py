@@ -233,6 +233,45 @@ def test_missing_local_model_path_says_it_does_not_exist(tmp_path):
         RewardModel.from_pretrained(str(tmp_path / "no-such-rm"))
 
 
+
+def test_an_adapter_whose_relative_base_is_not_found_from_here_says_so(tiny_base, tmp_path, monkeypatch, capsys):
+    """The main job's adapters name their base as the stage was given it, `outputs/tiny/pretrain`: relative to the
+    directory they were trained in. From anywhere else transformers read that as a Hub id and failed with "Repo id
+    must be in the form 'repo_name' or 'namespace/repo_name'"; the command now says which file names which path,
+    and loads the adapter from the directory it was trained in."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_kit.cli import main as cli
+    from rlhf_kit.errors import DEBUG_ENV
+
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    trained_in = tmp_path / "project"
+    (trained_in / "outputs/tiny").mkdir(parents=True)
+    (trained_in / "outputs/tiny/pretrain").symlink_to(tiny_base)
+    adapter = trained_in / "outputs/tiny/sft"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "outputs/tiny/pretrain"}))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Review the tea."}) + "\n")
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    argv = ["generate", str(adapter), "--prompts", str(prompts), "--output", str(tmp_path / "out.jsonl"),
+            "--max_new_tokens", "4"]
+    capsys.readouterr()  # the setup's own loading bars
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("rlhf-kit generate: "), err
+    assert (f"{adapter}/adapter_config.json names its base model by the relative path outputs/tiny/pretrain, which "
+            f"does not exist from the working directory {elsewhere}") in err, err
+    monkeypatch.chdir(trained_in)
+    assert cli(argv) == 0 and len(read_jsonl(tmp_path / "out.jsonl")) == 1
+
 def test_a_hub_shaped_path_under_a_local_directory_is_refused_as_a_path_before_any_hub_lookup(tmp_path, monkeypatch):
     """`outputs/sfr` next to an `outputs/` directory is a mistyped path: looked up on the Hub it cost 58 s of
     connection retries on an offline machine before the error. Without such a directory it is still a Hub id, and
