@@ -47,19 +47,14 @@ def update_once(sft: str, output_dir: str) -> tuple[dict[str, torch.Tensor], dic
     trainer._setup_training(None)
     start = trainer._trainable_state()  # gathered from the shards under FSDP2
     torch.manual_seed(0)
-    rollout = trainer.rollout(prompts[:GLOBAL_BATCH])  # the same global rollout on every process
+    rollout = trainer.sample(prompts[:GLOBAL_BATCH])  # the same global rollout on every process
     # Responses of 2, 3, ... 9 tokens: the processes' halves then hold different token counts (a briefly trained
     # policy rarely stops early by itself), which the loss's token weighting must see across processes.
     keep = torch.arange(rollout.response_mask.shape[1]) < 2 + torch.arange(GLOBAL_BATCH)[:, None]
     rollout.response_mask = rollout.response_mask * keep
     share = GLOBAL_BATCH // args.world_size
     mine = rollout.select(torch.arange(args.process_index * share, (args.process_index + 1) * share))
-    # As in train(): the first micro-batch's values come from its training forward pass, run before the scoring.
-    plan = trainer._update_plan(mine)
-    trainer._score_logprobs_and_values(mine, plan)
-    trainer.score(mine)
-    trainer.compute_advantages(mine)
-    trainer.update(mine, plan)
+    trainer.train_on(mine)  # as train() does with each rollout
     return start, trainer._trainable_state()
 
 

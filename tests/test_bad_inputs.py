@@ -233,7 +233,6 @@ def test_missing_local_model_path_says_it_does_not_exist(tmp_path):
         RewardModel.from_pretrained(str(tmp_path / "no-such-rm"))
 
 
-
 def test_an_adapter_whose_relative_base_is_not_found_from_here_says_so(tiny_base, tmp_path, monkeypatch, capsys):
     """The main job's adapters name their base as the stage was given it, `outputs/tiny/pretrain`: relative to the
     directory they were trained in. From anywhere else transformers read that as a Hub id and failed with "Repo id
@@ -271,6 +270,7 @@ def test_an_adapter_whose_relative_base_is_not_found_from_here_says_so(tiny_base
             f"does not exist from the working directory {elsewhere}") in err, err
     monkeypatch.chdir(trained_in)
     assert cli(argv) == 0 and len(read_jsonl(tmp_path / "out.jsonl")) == 1
+
 
 def test_a_hub_shaped_path_under_a_local_directory_is_refused_as_a_path_before_any_hub_lookup(tmp_path, monkeypatch):
     """`outputs/sfr` next to an `outputs/` directory is a mistyped path: looked up on the Hub it cost 58 s of

@@ -86,7 +86,6 @@ def test_a_launched_recipe_tears_its_process_group_down(tmp_path):
         assert calls == ["run_main(main)", "end_processes()"], recipe.name
 
 
-
 def test_end_processes_keeps_what_its_barrier_holds_from_the_gloo_worker_threads():
     """The barrier's work holds the collectives still in flight when it was issued. Freed by a gloo worker thread
     after the interpreter began finalizing, their tensors aborted finished runs (SIGABRT, about 1 launch in 60 of

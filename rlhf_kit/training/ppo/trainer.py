@@ -189,15 +189,7 @@ class PPOTrainer(Trainer):
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             rollout = self.sample(self._prompt_batch(self.state.global_step))
             self._release_engine()
-            # The reward model runs first, so that its activations never share memory with those that the training
-            # forward pass below keeps for the update.
-            components = self.reward_components(rollout)
-            plan = self._update_plan(rollout)
-            # The first micro-batch's training forward pass also gives its rollout values (see _update_plan).
-            self._score_logprobs_and_values(rollout, plan)
-            self.score(rollout, components)
-            self.compute_advantages(rollout)
-            stats = self.update(rollout, plan)
+            stats = self.train_on(rollout)
             self._losses.append(stats["loss/total"])
             updates += 1
             self._end_step(rollout, stats)
@@ -207,6 +199,19 @@ class PPOTrainer(Trainer):
         # The mean over every update of the run: a resumed run restores the losses of the updates before it.
         train_loss = float(np.mean(self._losses)) if self._losses else float("nan")
         return TrainOutput(self.state.global_step, train_loss, metrics)
+
+    def train_on(self, rollout: Rollout) -> dict[str, float]:
+        """One PPO update on a freshly sampled rollout (`sample`): its rewards, reference log-probs and values, its
+        advantages, then ``num_ppo_epochs`` over its mini-batches. Returns the update's statistics."""
+        # The reward model runs first, so that its activations never share memory with those that the training
+        # forward pass below keeps for the update.
+        components = self.reward_components(rollout)
+        plan = self._update_plan(rollout)
+        # The first micro-batch's training forward pass also gives its rollout values (see _update_plan).
+        self._score_logprobs_and_values(rollout, plan)
+        self.score(rollout, components)
+        self.compute_advantages(rollout)
+        return self.update(rollout, plan)
 
     def _setup_training(self, resume_from_checkpoint) -> None:
         args = self.args
